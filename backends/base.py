@@ -1,0 +1,178 @@
+"""The engine interface every backend implements.
+
+A backend receives a `GenerationRequest` (prompt token ids + `SamplingParams`)
+and yields typed events: `TextDelta` for text (with optional logprobs) and one
+final `Finished`. Closing the async iterator early cancels the request and
+frees its resources. Nothing untyped crosses this seam.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.sampling import SamplingParams
+
+_request_ids = itertools.count(1)
+
+
+def next_request_id() -> str:
+    return f"req-{next(_request_ids)}"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, stop token or stop string
+    LENGTH = "length"  # max_tokens or context end
+    CANCELLED = "cancelled"  # the client went away or aborted
+    UNLOAD = "unload"  # the model was unloaded while generating
+    ERROR = "error"  # the engine failed
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    token_id: int
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, int, float]] = field(default_factory=list)  # (text, id, logprob)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    queue_seconds: float = 0.0
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    usage: Usage
+    stop_string: str | None = None
+    error: str | None = None
+
+
+Event = TextDelta | Finished
+
+
+@dataclass
+class GenerationRequest:
+    prompt_tokens: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=next_request_id)
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: str
+    backend: str
+    n_ctx: int  # longest sequence (prompt + output) one request may use
+    n_ctx_train: int
+    n_vocab: int
+    bos_token: str
+    eos_token: str
+    bos_token_id: int
+    eos_token_id: int
+    add_bos_token: bool
+    chat_template: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    load_options: dict[str, Any] = field(default_factory=dict)
+    size_bytes: int = 0
+    parameter_count: int = 0
+    quantization: str = ""
+    architecture: str = ""
+
+
+@dataclass
+class EngineStats:
+    slots_total: int
+    slots_active: int
+    queue_depth: int
+    kv_cells_total: int
+    kv_cells_used: int
+    cached_prefix_tokens: int = 0
+    requests_finished: int = 0
+    tokens_generated: int = 0
+
+
+class GenerationHandle(abc.ABC):
+    """One submitted request: read its events once; cancel() at any time."""
+
+    request: GenerationRequest
+
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[Event]:
+        """TextDelta events then one Finished; leaving the iterator early cancels."""
+
+    @abc.abstractmethod
+    def cancel(self) -> None: ...
+
+
+class Engine(abc.ABC):
+    """One loaded model, able to serve many requests at once."""
+
+    info: ModelInfo
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]: ...
+
+    @abc.abstractmethod
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str: ...
+
+    @abc.abstractmethod
+    def token_piece(self, token: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        """Queue a request now (raising at once when busy or closed)."""
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Submit and yield its events; closing the iterator cancels the request."""
+        handle = self.submit(request)
+        async for event in handle.events():
+            yield event
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish every pending request with FinishReason.UNLOAD and free the model."""
+
+
+@dataclass
+class LoadOptions:
+    """What a model load may set; None means the backend's default for that model."""
+
+    max_seq_len: int | None = None
+    cache_size: int | None = None
+    max_batch_size: int = 16
+    chunk_size: int = 512
+    max_queue: int = 256
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    cache_mode: str = "FP16"
+    flash_attention: str = "auto"
+    prompt_template: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)

@@ -1,0 +1,503 @@
+"""Continuous-batching scheduler over one llama.cpp context.
+
+One thread owns the context. Each step it
+1. drops cancelled jobs and admits waiting ones into free sequence slots,
+   reusing the longest cached prefix (the slot's own, or another slot's via
+   llama_memory_seq_cp, which shares KV cells in the unified cache);
+2. builds one batch: one token for every decoding sequence, then prefill
+   chunks for new ones up to n_batch, so a long prompt delays running streams
+   by at most one chunk;
+3. runs one llama_decode;
+4. samples every sequence that produced logits with its own native chain;
+5. assembles text (UTF-8 and stop strings), and hands each job's events to its
+   event loop in one call per loop per step.
+
+Prefill and decode are one mechanism: a job's `context` holds every token it
+needs in the KV cache (prompt, then sampled tokens); `n_cached` counts those
+already decoded. Whatever lies between is fed next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import llama_cpp as lc
+from loguru import logger
+
+from backends.base import (
+    Engine,
+    EngineStats,
+    Event,
+    Finished,
+    FinishReason,
+    GenerationHandle,
+    GenerationRequest,
+    LoadOptions,
+    TextDelta,
+    Usage,
+)
+from backends.llamacpp.native import NativeBatch, NativeModel
+from backends.llamacpp.sampler import UNSUPPORTED, SamplerChain, build_chain
+from common.errors import ModelNotLoadedError, ServiceUnavailableError
+from common.stopping import StopHit, TextAssembler
+
+# A waiting job holds back for a prefilling job whose prompt it shares when
+# that saves at least this many tokens of prefill.
+_SHARE_MIN_TOKENS = 32
+
+
+class _Job(GenerationHandle):
+    __slots__ = ("engine",
+        "request", "loop", "queue", "cancelled", "finished", "context", "n_prompt",
+        "n_cached", "n_generated", "max_new", "assembler", "chain", "slot",
+        "cached_tokens", "t_submit", "t_admit", "t_first", "stop_ids", "params",
+    )
+
+    def __init__(
+        self, engine: LlamaCppEngine, request: GenerationRequest, loop: asyncio.AbstractEventLoop, n_ctx: int
+    ) -> None:
+        self.engine = engine
+        self.request = request
+        self.params = request.params
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = False
+        self.finished = False
+        self.context = list(request.prompt_tokens)
+        self.n_prompt = len(self.context)
+        self.n_cached = 0
+        self.n_generated = 0
+        limit = n_ctx - self.n_prompt
+        self.max_new = min(self.params.max_tokens or limit, limit)
+        self.assembler = TextAssembler(self.params.stop)
+        self.chain: SamplerChain | None = None
+        self.slot: _Slot | None = None
+        self.cached_tokens = 0
+        self.t_submit = time.perf_counter()
+        self.t_admit = 0.0
+        self.t_first = 0.0
+        self.stop_ids = frozenset(self.params.stop_token_ids)
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            while True:
+                event = await self.queue.get()
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            if not self.finished:
+                self.cancel()
+
+    def cancel(self) -> None:
+        self.engine._cancel(self)
+
+
+class _Slot:
+    __slots__ = ("seq", "tokens", "job", "last_used")
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.tokens: list[int] = []  # tokens whose KV this sequence holds, in order
+        self.job: _Job | None = None
+        self.last_used = 0.0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    # Compare in blocks first: prompts share long prefixes, Python loops are slow.
+    step = 64
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class LlamaCppEngine(Engine):
+    def __init__(self, native: NativeModel, name: str, options: LoadOptions) -> None:
+        self.native = native
+        self.info = native.model_info(name)
+        self._options = options
+        self._max_queue = options.max_queue
+        self._slots = [_Slot(i) for i in range(native.n_slots)]
+        self._batch = NativeBatch(native.n_batch)
+        self._cv = threading.Condition()
+        self._waiting: deque[_Job] = deque()
+        self._wake = False
+        self._stopping = False
+        self._closed = False
+        self._finished_count = 0
+        self._generated_count = 0
+        self._thread = threading.Thread(target=self._run, name=f"llamacpp-{name}", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        name: str,
+        options: LoadOptions,
+        progress: Callable[[float], None] | None = None,
+    ) -> LlamaCppEngine:
+        """Blocking: call from a worker thread."""
+        return cls(NativeModel(path, options, progress), name, options)
+
+    # -- Engine interface -------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        return self.native.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        return self.native.detokenize(tokens, special=special)
+
+    def token_piece(self, token: int) -> bytes:
+        return self.native.piece(token, special=True)
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        return self._submit(request)
+
+    def stats(self) -> EngineStats:
+        active = [s for s in self._slots if s.job is not None]
+        return EngineStats(
+            slots_total=len(self._slots),
+            slots_active=len(active),
+            queue_depth=len(self._waiting),
+            kv_cells_total=self.native.n_ctx,
+            kv_cells_used=self._kv_used(),
+            cached_prefix_tokens=sum(len(s.tokens) for s in self._slots if s.job is None),
+            requests_finished=self._finished_count,
+            tokens_generated=self._generated_count,
+        )
+
+    async def close(self) -> None:
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._stopping = True
+            self._cv.notify()
+        await asyncio.to_thread(self._thread.join)
+        self.native.free()
+
+    # -- submission (event loop side) ---------------------------------------
+    def _submit(self, request: GenerationRequest) -> _Job:
+        unsupported = UNSUPPORTED & request.params.active_knobs()
+        if unsupported:
+            logger.warning(
+                "llama.cpp has no sampler for {}; accepted but not applied (request {})",
+                ", ".join(sorted(unsupported)), request.request_id,
+            )
+        job = _Job(self, request, asyncio.get_running_loop(), self.info.n_ctx)
+        with self._cv:
+            if self._closed:
+                raise ModelNotLoadedError(
+                    f"Model '{self.info.name}' is unloading. Load a model and retry."
+                )
+            if len(self._waiting) >= self._max_queue and self._all_slots_busy():
+                raise ServiceUnavailableError(
+                    f"The server is busy: {len(self._waiting)} requests are waiting for a slot. Retry shortly.",
+                    retry_after=1,
+                    code="server_busy",
+                )
+            self._waiting.append(job)
+            self._wake = True
+            self._cv.notify()
+        return job
+
+    def _cancel(self, job: _Job) -> None:
+        with self._cv:
+            job.cancelled = True
+            self._wake = True
+            self._cv.notify()
+
+    def _all_slots_busy(self) -> bool:
+        return all(s.job is not None for s in self._slots)
+
+    # -- scheduler thread ---------------------------------------------------
+    def _run(self) -> None:
+        outbox: dict[_Job, list[Event]] = {}
+        try:
+            while True:
+                with self._cv:
+                    while not self._stopping and not self._wake and not self._has_active():
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    self._wake = False
+                    self._reap_cancelled(outbox)
+                    self._admit(outbox)
+                if self._has_active():
+                    self._step(outbox)
+                self._deliver(outbox)
+        except Exception as exc:  # noqa: BLE001 - the engine must report, not vanish
+            logger.exception("llama.cpp scheduler failed")
+            self._fail_all(outbox, FinishReason.ERROR, f"The engine failed: {exc}. Reload the model.")
+            with self._cv:
+                self._closed = True
+        else:
+            self._fail_all(outbox, FinishReason.UNLOAD, "The model was unloaded.")
+        self._deliver(outbox)
+
+    def _has_active(self) -> bool:
+        return any(s.job is not None for s in self._slots)
+
+    def _fail_all(self, outbox: dict[_Job, list[Event]], reason: FinishReason, message: str) -> None:
+        with self._cv:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for job in waiting + [s.job for s in self._slots if s.job is not None]:
+            self._finish(job, reason, outbox, error=message)
+
+    def _reap_cancelled(self, outbox: dict[_Job, list[Event]]) -> None:
+        if any(j.cancelled for j in self._waiting):
+            keep = deque()
+            for job in self._waiting:
+                if job.cancelled:
+                    self._finish(job, FinishReason.CANCELLED, outbox)
+                else:
+                    keep.append(job)
+            self._waiting = keep
+        for slot in self._slots:
+            if slot.job is not None and slot.job.cancelled:
+                self._finish(slot.job, FinishReason.CANCELLED, outbox)
+
+    def _kv_used(self) -> int:
+        # Upper bound: cells shared between sequences are counted once per sequence.
+        return sum(len(s.tokens) for s in self._slots)
+
+    def _admit(self, outbox: dict[_Job, list[Event]]) -> None:
+        deferred: list[_Job] = []
+        while self._waiting:
+            free = [s for s in self._slots if s.job is None]
+            if not free:
+                break
+            job = self._waiting.popleft()
+            if self._should_wait_for_sharer(job):
+                deferred.append(job)
+                continue
+            slot, own, source, shared = self._choose_slot(job.context, free)
+            need = len(job.context) - max(own, shared)
+            if not self._make_room(need, slot):
+                self._waiting.appendleft(job)
+                break
+            self._place(job, slot, own, source, shared)
+        self._waiting.extendleft(reversed(deferred))
+
+    def _should_wait_for_sharer(self, job: _Job) -> bool:
+        """True when a job still prefilling shares a long prefix with this one: wait, then copy its KV."""
+        cached = max((_common_prefix(s.tokens, job.context) for s in self._slots), default=0)
+        for s in self._slots:
+            other = s.job
+            if other is None or other.n_cached >= other.n_prompt:
+                continue
+            shared = _common_prefix(other.context[: other.n_prompt], job.context)
+            if shared - cached >= _SHARE_MIN_TOKENS:
+                return True
+        return False
+
+    def _choose_slot(self, context: list[int], free: list[_Slot]) -> tuple[_Slot, int, _Slot | None, int]:
+        """Pick a free slot and the best KV to reuse: (slot, own prefix, source slot, shared prefix)."""
+        limit = len(context) - 1  # at least one token must be decoded for logits
+        best_free, best_own = None, -1
+        for s in free:
+            own = min(_common_prefix(s.tokens, context), limit)
+            better = own > best_own or (own == best_own and best_free is not None and s.last_used < best_free.last_used)
+            if better:
+                best_free, best_own = s, own
+        assert best_free is not None
+        source, shared = None, best_own
+        for s in self._slots:
+            if s is best_free:
+                continue
+            n = min(_common_prefix(s.tokens, context), limit)
+            if n > shared:
+                source, shared = s, n
+        return best_free, best_own, source, shared
+
+    def _make_room(self, need: int, target: _Slot) -> bool:
+        """Evict idle cached prefixes (least recently used first) until `need` cells fit."""
+        capacity = self.native.n_ctx
+        if self._kv_used() + need <= capacity:
+            return True
+        idle = sorted(
+            (s for s in self._slots if s.job is None and s.tokens and s is not target),
+            key=lambda s: s.last_used,
+        )
+        for s in idle:
+            lc.llama_memory_seq_rm(self.native.mem, s.seq, -1, -1)
+            s.tokens = []
+            if self._kv_used() + need <= capacity:
+                return True
+        return self._kv_used() + need <= capacity or not self._has_active()
+
+    def _place(self, job: _Job, slot: _Slot, own: int, source: _Slot | None, shared: int) -> None:
+        mem = self.native.mem
+        if source is not None and shared > own:
+            lc.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+            lc.llama_memory_seq_cp(mem, source.seq, slot.seq, 0, shared)
+            reuse = shared
+        else:
+            if not lc.llama_memory_seq_rm(mem, slot.seq, own, -1):
+                lc.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+                own = 0
+            reuse = own
+        slot.tokens = job.context[:reuse]
+        slot.job = job
+        job.slot = slot
+        job.n_cached = reuse
+        job.cached_tokens = reuse
+        job.t_admit = time.perf_counter()
+        n = self.native
+        job.chain = build_chain(
+            job.params, vocab=n.vocab, n_vocab=n.n_vocab, n_ctx=n.n_ctx, eog_tokens=n.eog_tokens
+        )
+
+    def _step(self, outbox: dict[_Job, list[Event]]) -> None:
+        batch = self._batch
+        batch.clear()
+        budget = batch.capacity
+        sample_at: list[tuple[_Job, int]] = []
+        active = [s.job for s in self._slots if s.job is not None]
+        # Decoding sequences first (one token each), then prefill in admission order.
+        active.sort(key=lambda j: (len(j.context) - j.n_cached > 1, j.t_admit))
+        fed: list[tuple[_Job, int]] = []
+        for job in active:
+            pending = len(job.context) - job.n_cached
+            if pending <= 0 or budget <= 0:
+                continue
+            take = min(pending, budget)
+            last = job.n_cached + take == len(job.context)
+            idx = batch.add(job.context[job.n_cached : job.n_cached + take], job.n_cached, job.slot.seq, last)
+            budget -= take
+            fed.append((job, take))
+            if last:
+                sample_at.append((job, idx))
+        if batch.n == 0:
+            return
+        rc = lc.llama_decode(self.native.ctx, batch.finalize())
+        if rc != 0:
+            self._on_decode_failure(rc, fed, outbox)
+            return
+        for job, take in fed:
+            job.slot.tokens.extend(job.context[job.n_cached : job.n_cached + take])
+            job.n_cached += take
+        for job, idx in sample_at:
+            self._sample(job, idx, outbox)
+
+    def _on_decode_failure(self, rc: int, fed: list[tuple[_Job, int]], outbox: dict[_Job, list[Event]]) -> None:
+        if rc == 1 and len(fed) > 0:
+            # KV full: free idle caches first; else preempt the newest job and recompute it later.
+            idle = [s for s in self._slots if s.job is None and s.tokens]
+            if idle:
+                for s in idle:
+                    lc.llama_memory_seq_rm(self.native.mem, s.seq, -1, -1)
+                    s.tokens = []
+                return
+            victim = max((j for j, _ in fed), key=lambda j: j.t_admit)
+            if len(fed) > 1:
+                self._preempt(victim)
+                return
+            self._finish(victim, FinishReason.LENGTH, outbox)
+            return
+        for job, _ in fed:
+            self._finish(job, FinishReason.ERROR, outbox, error=f"llama_decode failed with code {rc}.")
+
+    def _preempt(self, job: _Job) -> None:
+        slot = job.slot
+        assert slot is not None
+        lc.llama_memory_seq_rm(self.native.mem, slot.seq, -1, -1)
+        slot.tokens = []
+        slot.job = None
+        job.slot = None
+        job.n_cached = 0
+        with self._cv:
+            self._waiting.appendleft(job)
+        logger.debug("KV cache full: preempted {} to recompute later", job.request.request_id)
+
+    def _sample(self, job: _Job, idx: int, outbox: dict[_Job, list[Event]]) -> None:
+        assert job.chain is not None
+        token = lc.llama_sampler_sample(job.chain.ptr, self.native.ctx, idx)
+        now = time.perf_counter()
+        if job.n_generated == 0:
+            job.t_first = now
+        job.n_generated += 1
+        self._generated_count += 1
+        params = job.params
+        if (lc.llama_vocab_is_eog(self.native.vocab, token) and not params.ignore_eos) or token in job.stop_ids:
+            self._finish(job, FinishReason.STOP, outbox)
+            return
+        job.context.append(token)
+        piece = self.native.piece(token, special=not params.skip_special_tokens)
+        got = job.assembler.feed(piece)
+        if isinstance(got, StopHit):
+            if got.text:
+                outbox.setdefault(job, []).append(TextDelta(got.text, (token,)))
+            self._finish(job, FinishReason.STOP, outbox, stop_string=got.stop)
+            return
+        # Empty deltas still carry the token id: usage and logprobs count every token.
+        outbox.setdefault(job, []).append(TextDelta(got, (token,)))
+        if job.n_generated >= job.max_new:
+            self._finish(job, FinishReason.LENGTH, outbox)
+
+    def _finish(
+        self,
+        job: _Job,
+        reason: FinishReason,
+        outbox: dict[_Job, list[Event]],
+        *,
+        stop_string: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        if job.finished:
+            return
+        job.finished = True
+        tail = job.assembler.flush() if reason in (FinishReason.STOP, FinishReason.LENGTH) else ""
+        if tail:
+            outbox.setdefault(job, []).append(TextDelta(tail))
+        slot = job.slot
+        if slot is not None:
+            slot.job = None
+            slot.last_used = time.perf_counter()
+            # slot.tokens keeps what is in KV: a later request may reuse it.
+            job.slot = None
+        if job.chain is not None:
+            job.chain.free()
+            job.chain = None
+        end = time.perf_counter()
+        admitted = job.t_admit or end
+        first = job.t_first or end
+        usage = Usage(
+            prompt_tokens=job.n_prompt,
+            completion_tokens=job.n_generated,
+            cached_tokens=job.cached_tokens,
+            queue_seconds=admitted - job.t_submit,
+            prompt_seconds=max(0.0, first - admitted),
+            generation_seconds=max(0.0, end - first),
+        )
+        self._finished_count += 1
+        outbox.setdefault(job, []).append(Finished(reason, usage, stop_string=stop_string, error=error))
+
+    def _deliver(self, outbox: dict[_Job, list[Event]]) -> None:
+        if not outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, list[Event]]]] = {}
+        for job, events in outbox.items():
+            by_loop.setdefault(job.loop, []).append((job, events))
+        outbox.clear()
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                pass
+
+
+def _put_all(items: list[tuple[_Job, list[Event]]]) -> None:
+    for job, events in items:
+        for event in events:
+            job.queue.put_nowait(event)

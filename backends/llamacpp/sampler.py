@@ -1,0 +1,149 @@
+"""SamplingParams -> a native llama.cpp sampler chain (C code, one per sequence).
+
+Every knob is mapped here and nowhere else. Knobs llama.cpp has no sampler for
+are listed in UNSUPPORTED; the engine logs them once per request and the README
+sampler table says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+
+import llama_cpp as lc
+
+from common.sampling import SamplingParams
+
+# Knobs with no native llama.cpp sampler: accepted, logged, not applied.
+UNSUPPORTED: frozenset[str] = frozenset({"top_a", "tfs", "smoothing_factor"})
+
+
+class SamplerChain:
+    """Owns one llama_sampler chain; free() releases the C memory."""
+
+    __slots__ = ("ptr", "seed", "_keepalive")
+
+    def __init__(self, ptr: int, seed: int, keepalive: list[object]) -> None:
+        self.ptr = ptr
+        self.seed = seed
+        self._keepalive = keepalive
+
+    def accept(self, token: int) -> None:
+        lc.llama_sampler_accept(self.ptr, token)
+
+    def free(self) -> None:
+        if self.ptr:
+            lc.llama_sampler_free(self.ptr)
+            self.ptr = 0
+
+
+def build_chain(
+    params: SamplingParams,
+    *,
+    vocab: int,
+    n_vocab: int,
+    n_ctx: int,
+    eog_tokens: tuple[int, ...],
+    extra_bias: dict[int, float] | None = None,
+) -> SamplerChain:
+    """Build the chain in llama.cpp's default order (penalties, DRY, truncation, temperature)."""
+    seed = params.seed if params.seed is not None else random.getrandbits(32)
+    seed &= 0xFFFFFFFF
+    keep: list[object] = []
+    cparams = lc.llama_sampler_chain_default_params()
+    cparams.no_perf = True
+    chain = lc.llama_sampler_chain_init(cparams)
+
+    def add(sampler: int) -> None:
+        lc.llama_sampler_chain_add(chain, sampler)
+
+    bias = dict(params.logit_bias)
+    for tok in params.banned_tokens:
+        bias[tok] = float("-inf")
+    if params.ban_eos_token:
+        for tok in eog_tokens:
+            bias[tok] = float("-inf")
+    if params.allowed_tokens:
+        allowed = set(params.allowed_tokens)
+        for tok in range(n_vocab):
+            if tok not in allowed:
+                bias[tok] = float("-inf")
+    if extra_bias:
+        bias.update(extra_bias)
+    if bias:
+        arr = (lc.llama_logit_bias * len(bias))()
+        for i, (tok, b) in enumerate(bias.items()):
+            arr[i].token = int(tok)
+            arr[i].bias = float(b)
+        keep.append(arr)
+        add(lc.llama_sampler_init_logit_bias(n_vocab, len(bias), arr))
+
+    if (
+        params.repetition_penalty != 1.0
+        or params.frequency_penalty != 0.0
+        or params.presence_penalty != 0.0
+    ):
+        add(
+            lc.llama_sampler_init_penalties(
+                n_vocab,
+                n_ctx if params.penalty_range < 0 else params.penalty_range,
+                params.repetition_penalty,
+                params.frequency_penalty,
+                params.presence_penalty,
+            )
+        )
+    if params.dry_multiplier > 0.0:
+        breakers = [s.encode("utf-8") for s in params.dry_sequence_breakers]
+        arr_b = (ctypes.c_char_p * max(1, len(breakers)))(*breakers)
+        keep.append(arr_b)
+        add(
+            lc.llama_sampler_init_dry(
+                vocab,
+                params.dry_multiplier,
+                params.dry_base,
+                params.dry_allowed_length,
+                n_ctx if params.dry_range <= 0 else params.dry_range,  # 0 = whole context
+                arr_b,
+                len(breakers),
+            )
+        )
+
+    if params.greedy:
+        add(lc.llama_sampler_init_greedy())
+        return SamplerChain(chain, seed, keep)
+
+    def add_temperature() -> None:
+        if params.dynamic_temperature:
+            mid = (params.min_temp + params.max_temp) / 2.0
+            delta = (params.max_temp - params.min_temp) / 2.0
+            add(lc.llama_sampler_init_temp_ext(mid, delta, params.temp_exponent))
+        else:
+            add(lc.llama_sampler_init_temp(params.temperature))
+
+    if params.mirostat_mode == 1:
+        add_temperature()
+        add(lc.llama_sampler_init_mirostat(n_vocab, seed, params.mirostat_tau, params.mirostat_eta, 100))
+        return SamplerChain(chain, seed, keep)
+    if params.mirostat_mode == 2:
+        add_temperature()
+        add(lc.llama_sampler_init_mirostat_v2(seed, params.mirostat_tau, params.mirostat_eta))
+        return SamplerChain(chain, seed, keep)
+
+    if not params.temperature_last:
+        add_temperature()
+    if params.top_n_sigma > 0.0:
+        add(lc.llama_sampler_init_top_n_sigma(params.top_n_sigma))
+    if params.top_k > 0:
+        add(lc.llama_sampler_init_top_k(params.top_k))
+    if params.typical < 1.0:
+        add(lc.llama_sampler_init_typical(params.typical, 1))
+    if params.top_p < 1.0:
+        add(lc.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0.0:
+        add(lc.llama_sampler_init_min_p(params.min_p, 1))
+    if params.xtc_probability > 0.0:
+        add(lc.llama_sampler_init_xtc(params.xtc_probability, params.xtc_threshold, 1, seed))
+    if params.temperature_last:
+        add_temperature()
+    add(lc.llama_sampler_init_dist(seed))
+    return SamplerChain(chain, seed, keep)

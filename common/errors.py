@@ -1,0 +1,164 @@
+"""One error hierarchy for every dialect.
+
+Routers and services raise `APIError`s; `endpoints/app.py` renders them in the
+shape of the dialect the request arrived in (OpenAI envelope, KoboldAI
+`detail`, Ollama `error` string). A mid-stream failure becomes the final frame
+of that dialect's stream (see `common/streaming.py`).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+
+class Dialect(str, Enum):
+    OPENAI = "openai"
+    KOBOLD = "kobold"
+    OLLAMA = "ollama"
+
+
+class APIError(Exception):
+    """A failure with a status, a machine-readable code and a helpful message.
+
+    `message` should tell the user what to do next, not only what went wrong.
+    `param` names the offending request field when there is one.
+    """
+
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers = headers or {}
+
+    def openai_body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def kobold_body(self) -> dict[str, Any]:
+        # KoboldCpp/KoboldAI clients read detail.msg and detail.type.
+        return {"detail": {"msg": self.message, "type": self.code, "param": self.param}}
+
+    def ollama_body(self) -> dict[str, Any]:
+        return {"error": self.message}
+
+    def body(self, dialect: Dialect) -> dict[str, Any]:
+        if dialect is Dialect.KOBOLD:
+            return self.kobold_body()
+        if dialect is Dialect.OLLAMA:
+            return self.ollama_body()
+        return self.openai_body()
+
+
+class BadRequestError(APIError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ContextLengthExceededError(BadRequestError):
+    code = "context_length_exceeded"
+
+
+class AuthenticationError(APIError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(APIError):
+    status = 403
+    type = "permission_error"
+    code = "insufficient_permissions"
+
+
+class NotFoundError(APIError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+
+class ConflictError(APIError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class PayloadTooLargeError(APIError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class ClientClosedError(APIError):
+    """The client went away before the answer was ready (nginx's 499)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
+
+
+class RateLimitError(APIError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class ServiceUnavailableError(APIError):
+    """Busy, loading, draining or no model: the client may retry."""
+
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        if retry_after is not None:
+            self.headers.setdefault("Retry-After", str(max(1, int(round(retry_after)))))
+
+
+class ModelNotLoadedError(ServiceUnavailableError):
+    code = "model_not_loaded"
+
+
+class EngineError(APIError):
+    """The engine failed while serving a request (not the client's fault)."""
+
+    status = 500
+    type = "server_error"
+    code = "engine_error"
+
+
+def dialect_for_path(path: str) -> Dialect:
+    """Which dialect's error shape a request path expects."""
+    if path.startswith("/api/v1/") or path.startswith("/api/extra/") or path == "/api/latest":
+        return Dialect.KOBOLD
+    if path.startswith("/api/"):
+        return Dialect.OLLAMA
+    return Dialect.OPENAI

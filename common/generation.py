@@ -1,0 +1,230 @@
+"""The pipeline every dialect shares: prompt -> tokens -> engine -> events.
+
+Dialects differ only in how they map their request into a prompt and
+`SamplingParams` (their mapping.py) and how they frame the events (their
+serving.py). Context checks, `n` choices, and cancellation live here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.base import Event, Finished, FinishReason, GenerationHandle, GenerationRequest, TextDelta, Usage
+from common.errors import BadRequestError, ContextLengthExceededError
+from common.models import LoadedModel
+from common.sampling import SamplingParams
+
+
+@dataclass
+class Prompt:
+    tokens: list[int]
+    text: str | None = None
+    stop: tuple[str, ...] = ()  # stop strings the chat template declares
+
+
+def _text_of(content: Any, where: str) -> str | None:
+    """OpenAI content: a string, None, or a list of parts; text parts are joined."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts: list[str] = []
+        for i, part in enumerate(content):
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type") in ("text", "input_text"):
+                texts.append(str(part.get("text", "")))
+            elif isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
+                raise BadRequestError(
+                    f"{where}.content[{i}] is an image, and the loaded model cannot read images. "
+                    "Send text only, or load a vision model.",
+                    param=f"{where}.content",
+                )
+            else:
+                raise BadRequestError(
+                    f"{where}.content[{i}] has an unsupported part type; use {{'type': 'text', 'text': ...}}.",
+                    param=f"{where}.content",
+                )
+        return "".join(texts)
+    raise BadRequestError(f"{where}.content must be a string or a list of parts.", param=f"{where}.content")
+
+
+def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not messages:
+        raise BadRequestError("'messages' must contain at least one message.", param="messages")
+    out = []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        role = msg.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool", "function"):
+            raise BadRequestError(
+                f"{where}.role '{role}' is not one of system, developer, user, assistant, tool.",
+                param=f"{where}.role",
+            )
+        m = dict(msg)
+        m["role"] = "system" if role == "developer" else role
+        m["content"] = _text_of(msg.get("content"), where)
+        if m["content"] is None and not msg.get("tool_calls"):
+            m["content"] = ""
+        out.append(m)
+    return out
+
+
+def chat_prompt(
+    model: LoadedModel,
+    messages: list[dict[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    tools: list[dict[str, Any]] | None = None,
+    template_vars: dict[str, Any] | None = None,
+    response_prefix: str | None = None,
+) -> Prompt:
+    template = model.template
+    if template is None:
+        raise BadRequestError(
+            "The loaded model has no chat template. Switch one with POST /v1/template/switch, "
+            "or use /v1/completions with a raw prompt.",
+            param="messages",
+        )
+    info = model.info
+    text = template.render(
+        normalize_messages(messages),
+        add_generation_prompt=add_generation_prompt and not continue_final_message,
+        continue_final_message=continue_final_message,
+        bos_token=info.bos_token,
+        eos_token=info.eos_token,
+        tools=tools,
+        template_vars=template_vars,
+    )
+    if response_prefix:
+        text += response_prefix
+    add_bos = info.add_bos_token and not (info.bos_token and text.startswith(info.bos_token))
+    tokens = model.engine.tokenize(text, add_bos=add_bos, special=True)
+    return Prompt(tokens, text, tuple(template.metadata.stop_strings))
+
+
+def text_prompt(model: LoadedModel, prompt: str | list[int], *, add_bos: bool | None = None) -> Prompt:
+    info = model.info
+    if isinstance(prompt, list):
+        bad = next((t for t in prompt if not (0 <= t < info.n_vocab)), None)
+        if bad is not None:
+            raise BadRequestError(f"Token id {bad} is outside the vocabulary (0..{info.n_vocab - 1}).", param="prompt")
+        return Prompt(list(prompt))
+    if add_bos is None:
+        add_bos = info.add_bos_token
+    if add_bos and info.bos_token and prompt.startswith(info.bos_token):
+        add_bos = False
+    return Prompt(model.engine.tokenize(prompt, add_bos=add_bos, special=True), prompt)
+
+
+def fit_params(model: LoadedModel, prompt: Prompt, params: SamplingParams, default_max_tokens: int | None) -> SamplingParams:
+    """Check the prompt fits the context; settle max_tokens and stop strings."""
+    n_ctx = model.info.n_ctx
+    n_prompt = len(prompt.tokens)
+    if n_prompt == 0:
+        raise BadRequestError("The prompt is empty after tokenization; send some text.", param="prompt")
+    if n_prompt >= n_ctx:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {n_ctx} tokens, but the prompt has {n_prompt} tokens. "
+            "Shorten the prompt or the conversation, or load the model with a larger max_seq_len.",
+            param="messages" if prompt.text is None or prompt.stop else "prompt",
+        )
+    room = n_ctx - n_prompt
+    max_tokens = params.max_tokens or default_max_tokens or room
+    stop = params.stop + tuple(s for s in prompt.stop if s not in params.stop)
+    return params.with_updates(max_tokens=min(max_tokens, room), stop=stop)
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish: Finished | None = None
+
+
+def submit_choices(model: LoadedModel, prompt: Prompt, params: SamplingParams, n: int) -> list[GenerationHandle]:
+    """Queue n choices at once; a refusal (busy, unloading) cancels those already queued."""
+    handles: list[GenerationHandle] = []
+    try:
+        for i in range(n):
+            p = params if (n == 1 or params.seed is None) else params.with_updates(seed=params.seed + i)
+            handles.append(model.engine.submit(GenerationRequest(list(prompt.tokens), p)))
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+    return handles
+
+
+async def merge_events(handles: list[GenerationHandle]) -> AsyncIterator[tuple[int, Event]]:
+    """Interleave the events of several choices as they come; cancel all on exit."""
+    if len(handles) == 1:
+        async with aclosing(handles[0].events()) as events:
+            async for ev in events:
+                yield 0, ev
+        return
+    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    async def pump(i: int, h: GenerationHandle) -> None:
+        async with aclosing(h.events()) as events:
+            async for ev in events:
+                queue.put_nowait((i, ev))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    remaining = len(handles)
+    try:
+        while remaining:
+            i, ev = await queue.get()
+            if isinstance(ev, Finished):
+                remaining -= 1
+            yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+        for h in handles:
+            h.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(handles: list[GenerationHandle]) -> list[ChoiceResult]:
+    results = [ChoiceResult(i) for i in range(len(handles))]
+    parts: list[list[str]] = [[] for _ in handles]
+    async with aclosing(merge_events(handles)) as events:
+        async for i, ev in events:
+            if isinstance(ev, TextDelta):
+                parts[i].append(ev.text)
+                results[i].token_ids.extend(ev.token_ids)
+            else:
+                results[i].finish = ev
+    for r, p in zip(results, parts):
+        r.text = "".join(p)
+    return results
+
+
+def total_usage(finishes: list[Finished]) -> Usage:
+    usage = Usage()
+    for f in finishes:
+        usage.completion_tokens += f.usage.completion_tokens
+        usage.generation_seconds = max(usage.generation_seconds, f.usage.generation_seconds)
+        usage.prompt_seconds = max(usage.prompt_seconds, f.usage.prompt_seconds)
+    if finishes:
+        usage.prompt_tokens = finishes[0].usage.prompt_tokens
+        usage.cached_tokens = min(f.usage.cached_tokens for f in finishes)
+    return usage
+
+
+def raise_if_failed(finish: Finished | None) -> None:
+    """A non-streaming request whose engine failed gets an error, not a truncated answer."""
+    from common.errors import EngineError, ModelNotLoadedError
+
+    if finish is None:
+        raise EngineError("The generation ended without a result. Retry the request.")
+    if finish.reason is FinishReason.ERROR:
+        raise EngineError(finish.error or "The engine failed. Retry, or reload the model.")
+    if finish.reason is FinishReason.UNLOAD:
+        raise ModelNotLoadedError("The model was unloaded while generating. Load it again and retry.")

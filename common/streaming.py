@@ -1,0 +1,90 @@
+"""Response plumbing shared by every dialect: SSE/NDJSON framing, error frames,
+and racing a non-streaming request against the client's disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from loguru import logger
+from starlette.responses import StreamingResponse
+
+from common.errors import APIError, ClientClosedError, Dialect, EngineError
+
+T = TypeVar("T")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def error_of(exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    logger.opt(exception=exc).error("Unexpected failure while streaming")
+    return EngineError(f"The server failed while generating ({type(exc).__name__}). Retry the request.")
+
+
+async def _guarded(
+    frames: AsyncIterator[str], on_error: Callable[[APIError], list[str]]
+) -> AsyncIterator[str]:
+    """Yield frames; an exception mid-stream becomes the dialect's final error frame."""
+    try:
+        async for frame in frames:
+            yield frame
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - turned into an error frame
+        for frame in on_error(error_of(exc)):
+            yield frame
+
+
+def sse_response(frames: AsyncIterator[str], dialect: Dialect, *, done_marker: bool = True) -> StreamingResponse:
+    """Server-sent events. `frames` yields already-encoded `data: ...\\n\\n` strings."""
+
+    def on_error(err: APIError) -> list[str]:
+        out = [f"data: {dumps(err.body(dialect))}\n\n"]
+        if dialect is Dialect.KOBOLD:
+            out = [f"event: error\ndata: {dumps(err.body(dialect))}\n\n"]
+        if done_marker:
+            out.append("data: [DONE]\n\n")
+        return out
+
+    return StreamingResponse(
+        _guarded(frames, on_error),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def ndjson_response(lines: AsyncIterator[str]) -> StreamingResponse:
+    def on_error(err: APIError) -> list[str]:
+        return [dumps(err.ollama_body()) + "\n"]
+
+    return StreamingResponse(_guarded(lines, on_error), media_type="application/x-ndjson")
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`; if the client disconnects first, cancel it (freeing its slot)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientClosedError("The client disconnected; the generation was cancelled.")
+    return task.result()

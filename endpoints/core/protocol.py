@@ -1,0 +1,50 @@
+"""Wire models of the admin/core API (TabbyAPI compatible)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+
+class ModelLoadRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
+
+    model_name: str = Field(..., min_length=1, validation_alias=AliasChoices("model_name", "name", "model"))
+    max_seq_len: int | None = Field(None, ge=16)
+    cache_size: int | None = Field(None, ge=16)
+    cache_mode: Literal["FP16", "Q8_0", "Q4_0"] | None = None
+    chunk_size: int | None = Field(None, ge=64, le=8192)
+    max_batch_size: int | None = Field(None, ge=1, le=256)
+    prompt_template: str | None = None
+    backend: str | None = None
+    n_threads: int | None = Field(None, ge=1)
+    n_gpu_layers: int | None = Field(None, ge=-1)
+    flash_attention: Literal["auto", "on", "off"] | None = None
+
+
+class ModelUnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    model_name: str | None = Field(None, validation_alias=AliasChoices("model_name", "name", "model"))
+
+
+class TokenEncodeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    text: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    model: str | None = None
+    add_bos_token: bool = True
+    encode_special_tokens: bool = True
+
+
+class TokenDecodeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    tokens: list[int]
+    model: str | None = None
+    decode_special_tokens: bool = True
+
+
+class TemplateSwitchRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    prompt_template_name: str = Field(..., min_length=1, validation_alias=AliasChoices("prompt_template_name", "name"))
+    model: str | None = None

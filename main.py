@@ -1,0 +1,88 @@
+"""Parley entry point: arguments -> config -> app -> uvicorn.
+
+    python main.py [serve] [--host H] [--port P] [--model-name NAME] ...
+    python main.py export-config [--output config_sample.yml]
+    python main.py export-openapi [--output openapi.json]
+    python main.py download REPO_ID [--revision R] [--include GLOB ...] [--exclude GLOB ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+from common.config import ConfigError, Invocation, ParleyConfig, parse_invocation, render_sample_config
+
+
+def setup_logging(config: ParleyConfig) -> None:
+    logger.remove()
+    logger.add(
+        sys.stderr,
+        level=config.logging.log_level,
+        format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}",
+    )
+
+
+def serve(config: ParleyConfig) -> None:
+    import uvicorn
+
+    from endpoints.app import create_app
+
+    app = create_app(config)
+    loop = "asyncio" if config.developer.disable_uvloop else "auto"
+    logger.info("Parley listening on http://{}:{}", config.network.host, config.network.port)
+    uvicorn.run(
+        app,
+        host=config.network.host,
+        port=config.network.port,
+        loop=loop,
+        log_level=config.logging.log_level.lower() if config.logging.log_requests else "warning",
+        timeout_graceful_shutdown=30,
+    )
+
+
+def export_openapi(config: ParleyConfig, output: str) -> None:
+    from endpoints.app import create_app
+
+    config = config.model_copy(update={"network": config.network.model_copy(update={"disable_auth": True})})
+    schema = create_app(config, load_model_on_startup=False).openapi()
+    Path(output).write_text(json.dumps(schema, indent=2) + "\n", encoding="utf-8")
+    logger.info("Wrote the OpenAPI schema to {}", output)
+
+
+def download(config: ParleyConfig, options: dict) -> None:
+    from common.downloader import download_cli
+
+    download_cli(config, options)
+
+
+def run(invocation: Invocation) -> None:
+    config = invocation.config
+    if invocation.command == "export-config":
+        output = invocation.options.get("output") or "config_sample.yml"
+        Path(output).write_text(render_sample_config(), encoding="utf-8")
+        logger.info("Wrote {}", output)
+    elif invocation.command == "export-openapi":
+        export_openapi(config, invocation.options.get("output") or "openapi.json")
+    elif invocation.command == "download":
+        download(config, invocation.options)
+    else:
+        serve(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        invocation = parse_invocation(argv)
+    except ConfigError as exc:
+        print(f"Configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(invocation.config)
+    run(invocation)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
