@@ -25,8 +25,20 @@ class LoadError(Exception):
     pass
 
 
+def _forward_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Only problems reach our log.
+    if level in (3, 4) and text:
+        message = text.decode("utf-8", "replace").rstrip()
+        if message:
+            (logger.error if level == 4 else logger.debug)("llama.cpp: {}", message)
+
+
+_LOG_CALLBACK = lc.llama_log_callback(_forward_log)  # kept alive for the C side; never reassigned
+
+
 def _init_backend_once() -> None:
-    # llama_backend_init is idempotent; silence llama.cpp's own chatter unless debugging.
+    # Both calls are idempotent; llama.cpp's own chatter is routed to loguru (warnings at debug level).
+    lc.llama_log_set(_LOG_CALLBACK, None)
     lc.llama_backend_init()
 
 

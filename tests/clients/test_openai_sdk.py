@@ -21,7 +21,7 @@ def test_models_list(sdk: openai.OpenAI) -> None:
 def test_chat(sdk: openai.OpenAI) -> None:
     r = sdk.chat.completions.create(
         model=MODEL_NAME,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
         temperature=0,
         max_tokens=30,
     )
