@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
 from loguru import logger
 from starlette.responses import StreamingResponse
 
+from backends.base import GenerationHandle
 from common.errors import APIError, ClientClosedError, Dialect, EngineError
 
 T = TypeVar("T")
@@ -42,7 +43,29 @@ async def _guarded(
             yield frame
 
 
-def sse_response(frames: AsyncIterator[str], dialect: Dialect, *, done_marker: bool = True) -> StreamingResponse:
+class _OwningStreamingResponse(StreamingResponse):
+    """Cancels its generations when the response ends, even if the body never started
+    (a client that leaves before the first byte would otherwise leave them running)."""
+
+    def __init__(self, content: AsyncIterator[str], handles: Sequence[GenerationHandle], **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._handles = handles
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for handle in self._handles:
+                handle.cancel()
+
+
+def sse_response(
+    frames: AsyncIterator[str],
+    dialect: Dialect,
+    *,
+    done_marker: bool = True,
+    handles: Sequence[GenerationHandle] = (),
+) -> StreamingResponse:
     """Server-sent events. `frames` yields already-encoded `data: ...\\n\\n` strings."""
 
     def on_error(err: APIError) -> list[str]:
@@ -53,18 +76,19 @@ def sse_response(frames: AsyncIterator[str], dialect: Dialect, *, done_marker: b
             out.append("data: [DONE]\n\n")
         return out
 
-    return StreamingResponse(
+    return _OwningStreamingResponse(
         _guarded(frames, on_error),
+        handles,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-def ndjson_response(lines: AsyncIterator[str]) -> StreamingResponse:
+def ndjson_response(lines: AsyncIterator[str], *, handles: Sequence[GenerationHandle] = ()) -> StreamingResponse:
     def on_error(err: APIError) -> list[str]:
         return [dumps(err.ollama_body()) + "\n"]
 
-    return StreamingResponse(_guarded(lines, on_error), media_type="application/x-ndjson")
+    return _OwningStreamingResponse(_guarded(lines, on_error), handles, media_type="application/x-ndjson")
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -74,8 +98,16 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`; if the client disconnects first, cancel it (freeing its slot)."""
+async def until_disconnect(request: Request, work: Awaitable[T], handles: Sequence[GenerationHandle] = ()) -> T:
+    """Run `work`; if the client disconnects first, cancel it and its generations."""
+    try:
+        return await _race_disconnect(request, work)
+    finally:
+        for handle in handles:
+            handle.cancel()
+
+
+async def _race_disconnect(request: Request, work: Awaitable[T]) -> T:
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:

@@ -153,10 +153,16 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
         )
 
     from endpoints.core.router import router as core_router
+    from endpoints.kobold.router import router as kobold_router
+    from endpoints.ollama.router import router as ollama_router
     from endpoints.openai.router import router as openai_router
 
     servers = set(config.network.api_servers)
     app.include_router(core_router)
     if "openai" in servers:
         app.include_router(openai_router)
+    if "ollama" in servers:
+        app.include_router(ollama_router)
+    if "kobold" in servers:
+        app.include_router(kobold_router)
     return app

@@ -130,6 +130,7 @@ class LlamaCppEngine(Engine):
         self._batch = NativeBatch(native.n_batch)
         self._cv = threading.Condition()
         self._waiting: deque[_Job] = deque()
+        self._commands: deque[Callable[[], None]] = deque()  # run on the scheduler thread
         self._wake = False
         self._stopping = False
         self._closed = False
@@ -169,7 +170,7 @@ class LlamaCppEngine(Engine):
             slots_active=len(active),
             queue_depth=len(self._waiting),
             kv_cells_total=self.native.n_ctx,
-            kv_cells_used=self._kv_used(),
+            kv_cells_used=sum(len(s.tokens) for s in active),
             cached_prefix_tokens=sum(len(s.tokens) for s in self._slots if s.job is None),
             requests_finished=self._finished_count,
             tokens_generated=self._generated_count,
@@ -185,6 +186,30 @@ class LlamaCppEngine(Engine):
         await asyncio.to_thread(self._thread.join)
         self.native.free()
 
+    async def clear_cache(self) -> None:
+        """Forget every cached prefix of idle slots (running requests keep theirs)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def command() -> None:
+            for slot in self._slots:
+                if slot.job is None and slot.tokens:
+                    lc.llama_memory_seq_rm(self.native.mem, slot.seq, -1, -1)
+                    slot.tokens = []
+            loop.call_soon_threadsafe(done.set_result, None)
+
+        with self._cv:
+            self._commands.append(command)
+            self._wake = True
+            self._cv.notify()
+        await done
+
+    def check_consistency(self) -> None:
+        """Assert each slot's bookkeeping matches the KV cache (call while idle; for tests)."""
+        for slot in self._slots:
+            top = lc.llama_memory_seq_pos_max(self.native.mem, slot.seq)
+            assert top == len(slot.tokens) - 1, f"slot {slot.seq}: KV ends at {top}, bookkeeping has {len(slot.tokens)}"
+
     # -- submission (event loop side) ---------------------------------------
     def _submit(self, request: GenerationRequest) -> _Job:
         unsupported = UNSUPPORTED & request.params.active_knobs()
@@ -199,7 +224,8 @@ class LlamaCppEngine(Engine):
                 raise ModelNotLoadedError(
                     f"Model '{self.info.name}' is unloading. Load a model and retry."
                 )
-            if len(self._waiting) >= self._max_queue and self._all_slots_busy():
+            running = sum(1 for s in self._slots if s.job is not None)
+            if len(self._waiting) + running >= len(self._slots) + self._max_queue:
                 raise ServiceUnavailableError(
                     f"The server is busy: {len(self._waiting)} requests are waiting for a slot. Retry shortly.",
                     retry_after=1,
@@ -216,20 +242,19 @@ class LlamaCppEngine(Engine):
             self._wake = True
             self._cv.notify()
 
-    def _all_slots_busy(self) -> bool:
-        return all(s.job is not None for s in self._slots)
-
     # -- scheduler thread ---------------------------------------------------
     def _run(self) -> None:
         outbox: dict[_Job, list[Event]] = {}
         try:
             while True:
                 with self._cv:
-                    while not self._stopping and not self._wake and not self._has_active():
+                    while not (self._stopping or self._wake or self._waiting or self._has_active()):
                         self._cv.wait()
                     if self._stopping:
                         break
                     self._wake = False
+                    while self._commands:
+                        self._commands.popleft()()
                     self._reap_cancelled(outbox)
                     self._admit(outbox)
                 if self._has_active():

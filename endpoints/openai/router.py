@@ -44,8 +44,9 @@ async def chat_completions(
     handles = submit_choices(model, prompt, params, body.n)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(serving.chat_stream(handles, model.name, include_usage=include_usage), Dialect.OPENAI)
-    return JSONResponse(await until_disconnect(request, serving.chat_response(handles, model.name)))
+        frames = serving.chat_stream(handles, model.name, include_usage=include_usage)
+        return sse_response(frames, Dialect.OPENAI, handles=handles)
+    return JSONResponse(await until_disconnect(request, serving.chat_response(handles, model.name), handles))
 
 
 @router.post("/v1/completions")
@@ -89,5 +90,7 @@ async def completions(
         frames = serving.completion_stream(
             groups[0], model.name, include_usage=include_usage, echo_text=echo_texts[0] if echo_texts else ""
         )
-        return sse_response(frames, Dialect.OPENAI)
-    return JSONResponse(await until_disconnect(request, serving.completion_response(groups, model.name, echo_texts)))
+        return sse_response(frames, Dialect.OPENAI, handles=groups[0])
+    every = [h for g in groups for h in g]
+    work = serving.completion_response(groups, model.name, echo_texts)
+    return JSONResponse(await until_disconnect(request, work, every))

@@ -1,0 +1,176 @@
+"""KoboldAI routes (KoboldCpp compatible, as SillyTavern and KoboldAI Lite use them): thin.
+
+Mapping lives in mapping.py, framing in serving.py, the genkey registry behind
+abort and check in genkeys.py. Every route needs an API key, like the OpenAI
+routes; errors render as Kobold's `{"detail": {"msg", "type", "param"}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from loguru import logger
+from starlette.responses import JSONResponse, Response
+
+from common.auth import AuthManager, require_api
+from common.config import ParleyConfig
+from common.errors import BadRequestError, Dialect
+from common.generation import fit_params, submit_choices, text_prompt
+from common.models import ModelManager
+from common.streaming import sse_response, until_disconnect
+from endpoints.deps import get_config, get_models, log_unknown_fields
+from endpoints.kobold import serving
+from endpoints.kobold.genkeys import AbortOutcome, GenEntry, GenRegistry, get_registry, owner_of
+from endpoints.kobold.mapping import default_max_length, fit_context, note_unapplied, to_sampling_params
+from endpoints.kobold.protocol import DetokenizeRequest, GenerateRequest, GenkeyRequest, TokenizeRequest
+
+router = APIRouter(tags=["KoboldAI"], dependencies=[Depends(require_api)])
+
+KOBOLD_API_VERSION = "1.2.5"
+# A recent KoboldCpp: clients enable streaming, grammar, min_p and tokenization from 1.x versions.
+KOBOLDCPP_VERSION = "1.80"
+
+
+# -- info ---------------------------------------------------------------------
+@router.get("/api/v1/model")
+async def model_name(models: ModelManager = Depends(get_models)) -> dict[str, str]:
+    return {"result": f"koboldcpp/{models.get().name}"}
+
+
+@router.get("/api/v1/info/version")
+async def api_version() -> dict[str, str]:
+    return {"result": KOBOLD_API_VERSION}
+
+
+@router.get("/api/extra/version")
+async def server_version(request: Request) -> dict[str, Any]:
+    auth = getattr(request.app.state, "auth", None)
+    protected = isinstance(auth, AuthManager) and not auth.disabled
+    return {
+        "result": "KoboldCpp", "version": KOBOLDCPP_VERSION, "protected": protected,
+        "txt2img": False, "vision": False, "transcribe": False, "multiplayer": False,
+        "websearch": False, "tts": False, "embeddings": False,
+    }
+
+
+@router.get("/api/v1/config/max_context_length")
+@router.get("/api/extra/true_max_context_length")
+async def max_context_length(models: ModelManager = Depends(get_models)) -> dict[str, int]:
+    return {"value": models.get().info.n_ctx}
+
+
+@router.get("/api/v1/config/max_length")
+async def max_length(config: ParleyConfig = Depends(get_config)) -> dict[str, int]:
+    return {"value": default_max_length(config.model.default_max_tokens)}
+
+
+# -- generation -----------------------------------------------------------------
+def _start(
+    body: GenerateRequest,
+    request: Request,
+    models: ModelManager,
+    config: ParleyConfig,
+    registry: GenRegistry,
+    route: str,
+) -> GenEntry:
+    """Map, fit and submit the request; register it for abort and check."""
+    log_unknown_fields(body, route)
+    note_unapplied(body, route)
+    model = models.get()
+    wanted = body.max_length or default_max_length(config.model.default_max_tokens)
+    prompt = text_prompt(model, body.prompt)
+    prompt, length = fit_context(model, prompt, max_length=wanted, max_context_length=body.max_context_length)
+    params = to_sampling_params(body, max_tokens=length, n_vocab=model.info.n_vocab)
+    params = fit_params(model, prompt, params, None)
+    handles = submit_choices(model, prompt, params, body.n)
+    entry = registry.start(owner_of(request), body.genkey, handles)
+    if not body.quiet:
+        logger.info(
+            "{}: genkey {}, {} prompt tokens, max_length {}", route, entry.genkey, len(prompt.tokens), length
+        )
+    return entry
+
+
+@router.post("/api/v1/generate")
+async def generate(
+    body: GenerateRequest,
+    request: Request,
+    models: ModelManager = Depends(get_models),
+    config: ParleyConfig = Depends(get_config),
+    registry: GenRegistry = Depends(get_registry),
+) -> Response:
+    entry = _start(body, request, models, config, registry, "/api/v1/generate")
+    work = serving.generate_response(entry, registry, trim_stop=body.trim_stop)
+    return JSONResponse(await until_disconnect(request, work))
+
+
+@router.post("/api/extra/generate/stream")
+async def generate_stream(
+    body: GenerateRequest,
+    request: Request,
+    models: ModelManager = Depends(get_models),
+    config: ParleyConfig = Depends(get_config),
+    registry: GenRegistry = Depends(get_registry),
+) -> Response:
+    if body.n != 1:
+        raise BadRequestError("Streaming generates one answer; send n=1 or use /api/v1/generate.", param="n")
+    entry = _start(body, request, models, config, registry, "/api/extra/generate/stream")
+    frames = serving.generate_stream(entry, registry, trim_stop=body.trim_stop)
+    return sse_response(frames, Dialect.KOBOLD, done_marker=False)
+
+
+@router.post("/api/extra/abort")
+async def abort(
+    request: Request,
+    body: GenkeyRequest | None = None,
+    registry: GenRegistry = Depends(get_registry),
+) -> dict[str, str]:
+    """Like KoboldCpp: success "true" only when something was aborted; "done" "false" for an unknown genkey."""
+    genkey = body.genkey if body else None
+    outcome = await registry.abort(owner_of(request), genkey)
+    logger.info("/api/extra/abort genkey {}: {}", genkey or "(latest)", outcome.value)
+    return {
+        "success": "true" if outcome is AbortOutcome.ABORTED else "false",
+        "done": "false" if outcome is AbortOutcome.UNKNOWN else "true",
+    }
+
+
+@router.get("/api/extra/generate/check")
+@router.post("/api/extra/generate/check")
+async def check(
+    request: Request,
+    body: GenkeyRequest | None = None,
+    registry: GenRegistry = Depends(get_registry),
+) -> dict[str, Any]:
+    """The text generated so far (or the final text, for a short while after the end); "" when unknown."""
+    entry = registry.find(owner_of(request), body.genkey if body else None)
+    return {"results": [{"text": entry.text if entry else ""}]}
+
+
+# -- tokens -------------------------------------------------------------------------
+@router.post("/api/extra/tokencount")
+@router.post("/api/extra/tokenize")
+async def tokencount(body: TokenizeRequest, models: ModelManager = Depends(get_models)) -> dict[str, Any]:
+    model = models.get()
+    if body.special:
+        ids = text_prompt(model, body.prompt).tokens  # counted as /generate would send it
+    else:
+        ids = model.engine.tokenize(body.prompt, add_bos=False, special=True)
+    return {"value": len(ids), "ids": ids}
+
+
+@router.post("/api/extra/detokenize")
+async def detokenize(body: DetokenizeRequest, models: ModelManager = Depends(get_models)) -> dict[str, Any]:
+    model = models.get()
+    info = model.info
+    bad = next((t for t in body.ids if not 0 <= t < info.n_vocab), None)
+    if bad is not None:
+        raise BadRequestError(
+            f"Token id {bad} is outside the vocabulary (0..{info.n_vocab - 1}); send ids from /api/extra/tokenize.",
+            param="ids",
+        )
+    ids = body.ids
+    if ids and info.add_bos_token and ids[0] == info.bos_token_id:
+        ids = ids[1:]  # the BOS tokencount adds is not part of the text
+    return {"result": model.engine.detokenize(ids, special=True), "success": True}

@@ -1,0 +1,226 @@
+"""Ollama request -> model file, messages and SamplingParams."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from loguru import logger
+
+from common.downloader import DownloadRequest, check_repo_id
+from common.errors import BadRequestError, ModelNotFoundError
+from common.models import ModelFile, ModelManager
+from common.sampling import SamplingParams
+from endpoints.ollama.protocol import LOAD_TIME_OPTIONS, ChatMessage, KeepAlive, Options
+
+# Ollama's defaults (api.DefaultOptions): clients written for Ollama expect them
+# when they send no options, so they apply here instead of the neutral ones.
+OLLAMA_DEFAULTS: dict[str, Any] = {
+    "temperature": 0.8,
+    "top_k": 40,
+    "top_p": 0.9,
+    "repetition_penalty": 1.1,
+    "penalty_range": 64,
+}
+
+# Ollama option -> SamplingParams field, for options whose value passes unchanged.
+_FIELDS = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "typical_p": "typical",
+    "repeat_last_n": "penalty_range",
+    "repeat_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "mirostat": "mirostat_mode",
+    "mirostat_tau": "mirostat_tau",
+    "mirostat_eta": "mirostat_eta",
+    "tfs_z": "tfs",
+}
+_OLLAMA_NAME = {v: k for k, v in _FIELDS.items()} | {"max_tokens": "num_predict", "seed": "seed", "stop": "stop"}
+
+LATEST = ":latest"
+_ZERO_DURATION = re.compile(r"\+?(?:(?:0+(?:\.0*)?|\.0+)(?:ns|us|µs|ms|s|m|h))+|\+?(?:0+(?:\.0*)?|\.0+)")
+
+
+# -- model names ---------------------------------------------------------------
+def ollama_name(name: str) -> str:
+    return f"{name}{LATEST}"
+
+
+def find_model_file(models: ModelManager, requested: str) -> ModelFile:
+    """Resolve an Ollama model name (`name`, `name:latest`, `hf.co/owner/repo[:quant]`)."""
+    if not requested:
+        raise BadRequestError("'model' is required: name one of the models from GET /api/tags.", param="model")
+    name = requested.removesuffix(LATEST)
+    if "/" in name:
+        # A pulled Hugging Face repo lives in a folder named after the repo.
+        name = name.rsplit("/", 1)[-1].split(":", 1)[0]
+    available = {m.name: m for m in models.available()}
+    stem = name[:-5] if name.lower().endswith(".gguf") else name
+    for candidate in (name, stem):
+        if candidate in available:
+            return available[candidate]
+    listing = ", ".join(ollama_name(n) for n in available) or "none"
+    hint = ""
+    if ":" in name:
+        hint = f" Tag '{name.split(':', 1)[1]}' does not exist: models here have only the tag 'latest'."
+    raise ModelNotFoundError(
+        f"model '{requested}' not found.{hint} Available: {listing}. "
+        "Put a GGUF file in the model directory or pull one with POST /api/pull.",
+        param="model",
+    )
+
+
+def parse_pull_name(requested: str) -> DownloadRequest:
+    """`hf.co/<owner>/<repo>[:<quant>]` or `<owner>/<repo>[:<quant>]` -> a Hugging Face download."""
+    name = requested.strip()
+    for prefix in ("https://", "http://"):
+        name = name.removeprefix(prefix)
+    for host in ("hf.co/", "huggingface.co/"):
+        name = name.removeprefix(host)
+    repo, _, tag = name.partition(":")
+    if repo.count("/") != 1:
+        raise BadRequestError(
+            f"Cannot pull '{requested[:100]}': models come from Hugging Face here; name them "
+            "'hf.co/<owner>/<repo>' or '<owner>/<repo>', optionally with ':<quantization>' (e.g. ':Q4_K_M').",
+            param="model",
+        )
+    try:
+        check_repo_id(repo)
+    except BadRequestError as exc:
+        raise BadRequestError(exc.message, param="model") from exc
+    include: list[str] = []
+    if tag and tag != "latest":
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", tag):
+            raise BadRequestError(f"'{tag[:64]}' is not a quantization tag such as Q4_K_M.", param="model")
+        include = sorted({f"*{t}*.gguf" for t in (tag, tag.upper(), tag.lower())})
+    return DownloadRequest(repo_id=repo, include=include)
+
+
+# -- keep_alive, format, think ---------------------------------------------------
+def is_unload(keep_alive: KeepAlive) -> bool:
+    """keep_alive 0 / "0" / "0s" means: unload now."""
+    if keep_alive is None or isinstance(keep_alive, bool):
+        return False
+    if isinstance(keep_alive, (int, float)):
+        return keep_alive == 0
+    return bool(_ZERO_DURATION.fullmatch(keep_alive.strip()))
+
+
+def note_keep_alive(keep_alive: KeepAlive, route: str) -> None:
+    """keep_alive on a request that generates: models stay loaded until unloaded or replaced."""
+    if keep_alive is None:
+        return
+    if is_unload(keep_alive):
+        logger.info("{}: keep_alive=0 with a prompt leaves the model loaded; send an empty prompt "
+                    "(or no messages) with keep_alive 0 to unload it", route)
+    else:
+        logger.debug("{}: keep_alive={!r} noted; models stay loaded until unloaded or replaced", route, keep_alive)
+
+
+def check_format(fmt: str | dict[str, Any] | None, route: str) -> None:
+    if fmt is None or fmt == "":
+        return
+    if fmt == "json" or isinstance(fmt, dict):
+        logger.warning(
+            "{}: format={} accepted, but constrained output is not applied yet: the answer may not be valid JSON",
+            route, "json" if fmt == "json" else "<JSON schema>",
+        )
+        return
+    raise BadRequestError(f"'format' must be \"json\" or a JSON schema object, got {fmt[:50]!r}.", param="format")
+
+
+def thinking_vars(think: bool | str | None, route: str) -> dict[str, Any] | None:
+    """`think` reaches the chat template as enable_thinking (and reasoning_effort for levels)."""
+    if think is None:
+        return None
+    logger.info("{}: think={!r} passed to the chat template; reasoning is not split from the answer yet", route, think)
+    if isinstance(think, str):
+        return {"enable_thinking": think.lower() not in ("false", "none", ""), "reasoning_effort": think}
+    return {"enable_thinking": think}
+
+
+# -- messages ------------------------------------------------------------------
+def no_images(images: list[str] | None, model_name: str, where: str) -> None:
+    if images:
+        raise BadRequestError(
+            f"{where}: model '{model_name}' cannot read images (it has no vision support). "
+            "Send text only, or use a vision model.",
+            param=where,
+        )
+
+
+def chat_messages(messages: list[ChatMessage], model_name: str) -> list[dict[str, Any]]:
+    """Ollama messages -> the dicts chat templates read (tool results carry `name`)."""
+    out: list[dict[str, Any]] = []
+    for i, msg in enumerate(messages):
+        no_images(msg.images, model_name, f"messages[{i}].images")
+        m: dict[str, Any] = {**(msg.model_extra or {}), "role": msg.role, "content": msg.content or ""}
+        if msg.tool_calls:
+            m["tool_calls"] = msg.tool_calls
+        if msg.tool_name:
+            m["tool_name"] = msg.tool_name
+            m.setdefault("name", msg.tool_name)
+        if msg.thinking:
+            m["reasoning_content"] = msg.thinking
+        out.append(m)
+    return out
+
+
+def generate_messages(prompt: str, system: str | None) -> list[dict[str, Any]]:
+    """A non-raw /api/generate prompt is one user turn (after the system prompt) in the chat template."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+# -- options ---------------------------------------------------------------------
+def _max_tokens(num_predict: int | None, n_ctx: int) -> int | None:
+    if num_predict is None or num_predict == -1:
+        return None  # unlimited: until the model stops or the context is full
+    if num_predict == -2:
+        return n_ctx  # fill the context (fit_params caps it at the room left)
+    if num_predict <= 0:
+        return None
+    return num_predict
+
+
+def _log_options(opts: Options, n_ctx: int, route: str) -> None:
+    if opts.num_ctx is not None and opts.num_ctx > n_ctx:
+        logger.info(
+            "{}: options.num_ctx={} is larger than the loaded context ({} tokens); ignoring it. "
+            "Load the model with a larger max_seq_len for a longer context.", route, opts.num_ctx, n_ctx,
+        )
+    load_time = [name for name in LOAD_TIME_OPTIONS if getattr(opts, name) is not None]
+    if load_time:
+        logger.info("{}: load-time options {} are set in the server config, not per request; ignoring them",
+                    route, ", ".join(load_time))
+    ignored = [n for n in ("num_keep", "penalize_newline") if getattr(opts, n) is not None]
+    if ignored:
+        logger.debug("{}: options {} have no effect here", route, ", ".join(ignored))
+    if opts.model_extra:
+        logger.info("{}: ignoring unknown options {}", route, ", ".join(sorted(opts.model_extra)))
+
+
+def to_sampling_params(options: Options | None, *, n_ctx: int, route: str) -> SamplingParams:
+    opts = options or Options()
+    _log_options(opts, n_ctx, route)
+    values: dict[str, Any] = dict(OLLAMA_DEFAULTS)
+    for ollama, field_name in _FIELDS.items():
+        value = getattr(opts, ollama)
+        if value is not None:
+            values[field_name] = value
+    if opts.seed is not None and opts.seed >= 0:  # Ollama: -1 = random
+        values["seed"] = opts.seed
+    stop = [opts.stop] if isinstance(opts.stop, str) else list(opts.stop or [])
+    values["stop"] = tuple(s for s in stop if s)
+    values["max_tokens"] = _max_tokens(opts.num_predict, n_ctx)
+    try:
+        return SamplingParams(**values)
+    except BadRequestError as exc:
+        name = _OLLAMA_NAME.get(exc.param or "", exc.param or "")
+        message = exc.message.replace(f"'{exc.param}'", f"'options.{name}'") if exc.param else exc.message
+        raise BadRequestError(message + " Fix the option and retry.", param=f"options.{name}") from exc

@@ -1,0 +1,236 @@
+"""Ollama routes: thin; mapping and framing live beside them.
+
+A request naming a model that is in the model directory but not loaded loads
+it, as Ollama does; an empty prompt (or no messages) only loads it, and with
+`keep_alive: 0` unloads it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from loguru import logger
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from common.auth import require_admin, require_api
+from common.config import ParleyConfig
+from common.errors import APIError, BadRequestError, ModelNotLoadedError
+from common.generation import Prompt, chat_prompt, fit_params, submit_choices, text_prompt
+from common.models import LoadedModel, ModelFile, ModelManager
+from common.sampling import SamplingParams
+from common.streaming import ndjson_response, until_disconnect
+from endpoints.deps import get_config, get_models, log_unknown_fields
+from endpoints.ollama import serving
+from endpoints.ollama.mapping import (
+    chat_messages,
+    check_format,
+    find_model_file,
+    generate_messages,
+    is_unload,
+    no_images,
+    note_keep_alive,
+    parse_pull_name,
+    thinking_vars,
+    to_sampling_params,
+)
+from endpoints.ollama.protocol import ChatRequest, EmbedRequest, GenerateRequest, PullRequest, ShowRequest
+
+OLLAMA_VERSION = "0.6.3"
+
+router = APIRouter(tags=["Ollama"])
+api = APIRouter(prefix="/api", dependencies=[Depends(require_api)])
+
+
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+async def root() -> PlainTextResponse:
+    """Ollama clients probe this before anything else; it needs no key."""
+    return PlainTextResponse("Ollama is running")
+
+
+async def _use_model(models: ModelManager, entry: ModelFile, timing: serving.Timing) -> LoadedModel:
+    """The named model, loading it first when it is not loaded (Ollama semantics)."""
+    if entry.name in models.loaded:
+        return models.get(entry.name)
+    started = time.perf_counter()
+    model = await models.load(entry.name)
+    timing.load_ns = int((time.perf_counter() - started) * 1e9)
+    return model
+
+
+async def _unload(models: ModelManager, entry: ModelFile) -> None:
+    if entry.name not in models.loaded:
+        return
+    try:
+        await models.unload(entry.name)
+    except ModelNotLoadedError:
+        pass  # unloaded meanwhile by another request
+
+
+async def _run(
+    request: Request, model: LoadedModel, prompt: Prompt, params: SamplingParams,
+    config: ParleyConfig, timing: serving.Timing, *, stream: bool, chat: bool,
+) -> Response:
+    params = fit_params(model, prompt, params, config.model.default_max_tokens)
+    handle = submit_choices(model, prompt, params, 1)[0]
+    if stream:
+        lines = serving.generation_stream(handle, model.name, timing, chat=chat)
+        return ndjson_response(lines, handles=[handle])
+    work = serving.generation_response(handle, model.name, timing, chat=chat)
+    return JSONResponse(await until_disconnect(request, work, [handle]))
+
+
+@api.post("/generate")
+async def generate(
+    body: GenerateRequest,
+    request: Request,
+    models: ModelManager = Depends(get_models),
+    config: ParleyConfig = Depends(get_config),
+) -> Response:
+    route = "/api/generate"
+    log_unknown_fields(body, route)
+    timing = serving.Timing()
+    entry = find_model_file(models, body.model)
+    if not body.prompt and is_unload(body.keep_alive):
+        await _unload(models, entry)
+        return JSONResponse(serving.status_body(entry.name, "unload", chat=False))
+    if body.suffix:
+        raise BadRequestError(
+            "suffix is not supported for this model: send the whole prompt without 'suffix'.", param="suffix"
+        )
+    no_images(body.images, entry.name, "images")
+    check_format(body.format, route)
+    if body.template:
+        logger.info("{}: ignoring 'template'; the model's chat template applies (use raw=true for your own)", route)
+    if body.context:
+        logger.info("{}: ignoring 'context'; send the conversation to /api/chat instead", route)
+    if body.prompt:
+        note_keep_alive(body.keep_alive, route)
+    model = await _use_model(models, entry, timing)
+    if not body.prompt:
+        return JSONResponse(serving.status_body(entry.name, "load", chat=False))
+    if body.raw:
+        if body.system:
+            logger.info("{}: raw=true, so 'system' is not applied", route)
+        prompt = text_prompt(model, body.prompt)
+    else:
+        messages = generate_messages(body.prompt, body.system)
+        prompt = chat_prompt(model, messages, template_vars=thinking_vars(body.think, route))
+    params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route=route)
+    return await _run(request, model, prompt, params, config, timing, stream=body.stream, chat=False)
+
+
+@api.post("/chat")
+async def chat(
+    body: ChatRequest,
+    request: Request,
+    models: ModelManager = Depends(get_models),
+    config: ParleyConfig = Depends(get_config),
+) -> Response:
+    route = "/api/chat"
+    log_unknown_fields(body, route)
+    timing = serving.Timing()
+    entry = find_model_file(models, body.model)
+    if not body.messages and is_unload(body.keep_alive):
+        await _unload(models, entry)
+        return JSONResponse(serving.status_body(entry.name, "unload", chat=True))
+    messages = chat_messages(body.messages, entry.name)
+    check_format(body.format, route)
+    if messages:
+        note_keep_alive(body.keep_alive, route)
+    model = await _use_model(models, entry, timing)
+    if not messages:
+        return JSONResponse(serving.status_body(entry.name, "load", chat=True))
+    # Like Ollama, a final assistant message is a prefix the model continues.
+    last = messages[-1]
+    continue_final = last["role"] == "assistant" and bool(last.get("content")) and not last.get("tool_calls")
+    prompt = chat_prompt(
+        model, messages, continue_final_message=continue_final, tools=body.tools,
+        template_vars=thinking_vars(body.think, route),
+    )
+    params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route=route)
+    return await _run(request, model, prompt, params, config, timing, stream=body.stream, chat=True)
+
+
+@api.get("/tags")
+async def tags(models: ModelManager = Depends(get_models)) -> JSONResponse:
+    return JSONResponse(await serving.tags_body(models))
+
+
+@api.post("/show")
+async def show(body: ShowRequest, models: ModelManager = Depends(get_models)) -> JSONResponse:
+    log_unknown_fields(body, "/api/show")
+    if body.verbose:
+        logger.debug("/api/show: verbose=true; token arrays are still left out of model_info")
+    return JSONResponse(await serving.show_body(models, find_model_file(models, body.model)))
+
+
+@api.get("/ps")
+async def ps(models: ModelManager = Depends(get_models)) -> JSONResponse:
+    return JSONResponse(await serving.ps_body(models))
+
+
+@api.get("/version")
+async def version() -> JSONResponse:
+    return JSONResponse({"version": OLLAMA_VERSION})
+
+
+@api.post("/embed")
+@api.post("/embeddings")
+async def embed(body: EmbedRequest, models: ModelManager = Depends(get_models)) -> Response:
+    entry = find_model_file(models, body.model)
+    raise BadRequestError(
+        f"model '{body.model}' does not support embeddings; load an embedding model to get embeddings "
+        f"('{entry.name}' generates text, and this server has no embedding backend yet).",
+        param="model",
+    )
+
+
+@api.post("/pull", dependencies=[Depends(require_admin)])
+async def pull(body: PullRequest, models: ModelManager = Depends(get_models)) -> Response:
+    """Download a GGUF repository from Hugging Face into the model directory (admin key)."""
+    log_unknown_fields(body, "/api/pull")
+    req = parse_pull_name(body.model)
+    if body.insecure:
+        logger.info("/api/pull: 'insecure' has no effect; Hugging Face is always reached over HTTPS")
+    if body.stream:
+        return ndjson_response(serving.pull_stream(models.model_dir, req))
+    await serving.run_pull(models.model_dir, req)
+    return JSONResponse({"status": "success"})
+
+
+def _not_supported(operation: str) -> APIError:
+    return APIError(
+        f"{operation} is not supported by this server: models are GGUF files in the model directory. "
+        "Copy, rename or delete the files there instead (they are picked up without a restart), "
+        "or pull from Hugging Face with POST /api/pull.",
+        status=501, code="not_implemented",
+    )
+
+
+@api.post("/copy")
+async def copy() -> Response:
+    raise _not_supported("Copying a model")
+
+
+@api.delete("/delete")
+async def delete() -> Response:
+    raise _not_supported("Deleting a model")
+
+
+@api.post("/create")
+async def create() -> Response:
+    raise _not_supported("Creating a model")
+
+
+@api.post("/push")
+async def push() -> Response:
+    raise _not_supported("Pushing a model")
+
+
+@api.api_route("/blobs/{digest}", methods=["HEAD", "POST"])
+async def blobs(digest: str) -> Response:
+    raise _not_supported("Uploading a blob")
+
+
+router.include_router(api)

@@ -1,0 +1,330 @@
+"""Ollama response framing: NDJSON generation streams, model listings, pulls."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from backends.base import Finished, FinishReason, GenerationHandle, TextDelta
+from backends.registry import gguf_file
+from common.downloader import DownloadRequest, download, target_folder
+from common.errors import APIError
+from common.generation import collect, merge_events, raise_if_failed
+from common.gguf_info import GGUFInfo, parameter_size, read_gguf_info_async
+from common.models import LoadedModel, ModelFile, ModelManager
+from common.streaming import dumps
+from endpoints.ollama.mapping import ollama_name
+
+DONE_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
+# Models stay loaded until unloaded or replaced: /api/ps shows a far expiry, as Ollama does for keep_alive -1.
+NEVER_EXPIRES = "2318-01-01T00:00:00Z"
+PULL_PROGRESS_SECONDS = 2.0
+
+
+@dataclass
+class Timing:
+    """When the request started and how long a load it triggered took."""
+
+    started: float = field(default_factory=time.perf_counter)
+    load_ns: int = 0
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def rfc3339(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _ns(seconds: float) -> int:
+    return max(0, int(seconds * 1e9))
+
+
+def done_fields(finish: Finished, timing: Timing) -> dict[str, Any]:
+    usage = finish.usage
+    return {
+        "done": True,
+        "done_reason": DONE_REASONS.get(finish.reason, "stop"),
+        "total_duration": _ns(time.perf_counter() - timing.started),
+        "load_duration": timing.load_ns,
+        "prompt_eval_count": usage.prompt_tokens,
+        "prompt_eval_duration": _ns(usage.prompt_seconds),
+        "eval_count": usage.completion_tokens,
+        "eval_duration": _ns(usage.generation_seconds),
+    }
+
+
+def status_body(model_name: str, reason: str, *, chat: bool) -> dict[str, Any]:
+    """The answer to an empty request: the model was loaded ("load") or unloaded ("unload")."""
+    body = {"model": ollama_name(model_name), "created_at": now_rfc3339(), **_text_part("", chat)}
+    return body | {"done": True, "done_reason": reason}
+
+
+# -- generation ----------------------------------------------------------------
+def _text_part(text: str, chat: bool) -> dict[str, Any]:
+    return {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+
+
+async def generation_stream(
+    handle: GenerationHandle, model_name: str, timing: Timing, *, chat: bool
+) -> AsyncIterator[str]:
+    """NDJSON chunks `{model, created_at, response|message, done:false}`, then the final one."""
+    head = f'{{"model":{dumps(ollama_name(model_name))},"created_at":"'
+    key = '"message":{"role":"assistant","content":' if chat else '"response":'
+    tail = '},"done":false}\n' if chat else ',"done":false}\n'
+    async with aclosing(merge_events([handle])) as events:
+        async for _, ev in events:
+            if isinstance(ev, TextDelta):
+                if ev.text:
+                    yield f'{head}{now_rfc3339()}",{key}{dumps(ev.text)}{tail}'
+                continue
+            if ev.reason is FinishReason.CANCELLED:
+                return
+            raise_if_failed(ev)  # engine failure or unload: an {"error"} line
+            body = {"model": ollama_name(model_name), "created_at": now_rfc3339(), **_text_part("", chat)}
+            yield dumps(body | done_fields(ev, timing)) + "\n"
+
+
+async def generation_response(
+    handle: GenerationHandle, model_name: str, timing: Timing, *, chat: bool
+) -> dict[str, Any]:
+    result = (await collect([handle]))[0]
+    raise_if_failed(result.finish)
+    assert result.finish is not None
+    body = {"model": ollama_name(model_name), "created_at": now_rfc3339(), **_text_part(result.text, chat)}
+    return body | done_fields(result.finish, timing)
+
+
+# -- model listings ----------------------------------------------------------------
+def digest(entry: ModelFile) -> str:
+    """A stable id for one version of a model file: sha256 of name, size and mtime.
+
+    Not a content hash (hashing gigabytes per listing would be slow); it
+    changes when the file is replaced, which is what clients use it for.
+    """
+    return hashlib.sha256(f"{entry.name}:{entry.size_bytes}:{entry.modified!r}".encode()).hexdigest()
+
+
+async def file_info(entry: ModelFile) -> GGUFInfo | None:
+    """GGUF metadata of a model file or of the first GGUF in a model folder."""
+    if entry.format == "gguf":
+        return await read_gguf_info_async(entry.path)
+    if entry.path.is_dir() and any(entry.path.glob("*.gguf")):
+        return await read_gguf_info_async(gguf_file(entry.path))
+    return None
+
+
+def details(info: GGUFInfo | None) -> dict[str, Any]:
+    family = info.architecture if info else ""
+    return {
+        "parent_model": "",
+        "format": "gguf" if info else "safetensors",
+        "family": family,
+        "families": [family] if family else None,
+        "parameter_size": parameter_size(info) if info else "",
+        "quantization_level": info.file_type if info else "",
+    }
+
+
+async def tags_body(models: ModelManager) -> dict[str, Any]:
+    out = []
+    for entry in models.available():
+        info = await file_info(entry)
+        out.append({
+            "name": ollama_name(entry.name),
+            "model": ollama_name(entry.name),
+            "modified_at": rfc3339(entry.modified),
+            "size": entry.size_bytes,
+            "digest": digest(entry),
+            "details": details(info),
+        })
+    return {"models": out}
+
+
+async def ps_body(models: ModelManager) -> dict[str, Any]:
+    out = []
+    files = {m.name: m for m in models.available()}
+    for name, model in models.loaded.items():
+        entry = files.get(name)
+        info = await file_info(entry) if entry else None
+        out.append({
+            "name": ollama_name(name),
+            "model": ollama_name(name),
+            "size": model.info.size_bytes or (entry.size_bytes if entry else 0),
+            "digest": digest(entry) if entry else "",
+            "details": details(info),
+            "expires_at": NEVER_EXPIRES,
+            "size_vram": 0,
+            "context_length": model.info.n_ctx,
+        })
+    return {"models": out}
+
+
+def _template_source(models: ModelManager, loaded: LoadedModel | None, info: GGUFInfo | None) -> str:
+    """The chat template the model uses (or will use once loaded)."""
+    if loaded is not None:
+        return loaded.template.source if loaded.template else ""
+    configured = models.template_by_name(models.default_options.prompt_template)
+    if configured is not None:
+        return configured.source
+    if info is not None and info.chat_template:
+        return info.chat_template
+    fallback = models.template_by_name("chatml")
+    return fallback.source if fallback else ""
+
+
+def _parameters(stops: list[str], n_ctx: int | None) -> str:
+    """Ollama's `parameters` text: one `name value` line per Modelfile parameter."""
+    lines = [f"{'stop':<30} {dumps(s)}" for s in stops]
+    if n_ctx:
+        lines.append(f"{'num_ctx':<30} {n_ctx}")
+    return "\n".join(lines)
+
+
+async def show_body(models: ModelManager, entry: ModelFile) -> dict[str, Any]:
+    info = await file_info(entry)
+    loaded = models.loaded.get(entry.name)
+    template = _template_source(models, loaded, info)
+    stops: list[str] = list(loaded.template.metadata.stop_strings) if loaded and loaded.template else []
+    eos = loaded.info.eos_token if loaded else (info.eos_token if info else "")
+    if eos and eos not in stops:
+        stops.append(eos)
+    parameters = _parameters(stops, loaded.info.n_ctx if loaded else None)
+    modelfile = (
+        f"# Modelfile generated by Parley (read-only: manage files in the model directory)\n"
+        f"FROM {entry.path.name}\nTEMPLATE {dumps(template)}\n"
+        + "".join(f"PARAMETER {line}\n" for line in parameters.splitlines())
+    )
+    capabilities = ["completion"] + (["tools"] if "tools" in template else [])
+    return {
+        "license": info.license if info else "",
+        "modelfile": modelfile,
+        "parameters": parameters,
+        "template": template,
+        "details": details(info),
+        "model_info": dict(info.metadata) if info else {},
+        "capabilities": capabilities,
+        "modified_at": rfc3339(entry.modified),
+    }
+
+
+# -- pull ------------------------------------------------------------------------
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for f in folder.rglob("*"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except OSError:
+            continue
+    return total
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove a folder a failed pull created, when it holds no model file yet."""
+    if folder.is_dir() and not any(folder.glob("*.gguf")) and not (folder / "config.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def pull_error(req: DownloadRequest, exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(exc, GatedRepoError):
+        return APIError(f"'{req.repo_id}' is gated on Hugging Face: accept its terms on the website and "
+                        "download it with a token (POST /v1/download).", status=403, code="gated_repo")
+    if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError)):
+        return APIError(f"'{req.repo_id}' was not found on Hugging Face. Check the owner and repo name "
+                        "(private repos need a token: use POST /v1/download).", status=404, code="model_not_found")
+    return APIError(
+        f"Pulling '{req.repo_id}' from Hugging Face failed ({type(exc).__name__}: {str(exc)[:300]}). "
+        "Check the network (or HF_ENDPOINT) and pull again.",
+        status=502, code="pull_failed",
+    )
+
+
+def _manifest(req: DownloadRequest) -> DownloadRequest:
+    """Blocking: list the repo's GGUF files; settle which to download (Ollama's default is Q4_K_M)."""
+    from huggingface_hub import HfApi
+
+    # model_info fails at once when the hub is unreachable (list_repo_files retries for ~20 s).
+    info = HfApi().model_info(req.repo_id, revision=req.revision, token=req.token)
+    files = [s.rfilename for s in info.siblings or []]
+    ggufs = [f for f in files if f.lower().endswith(".gguf")]
+    if req.include:
+        ggufs = [f for f in ggufs if any(fnmatch(f, p) for p in req.include)]
+    if not ggufs:
+        wanted = f" matching {', '.join(req.include)}" if req.include else ""
+        raise APIError(
+            f"'{req.repo_id}' has no GGUF file{wanted}. Pick a GGUF repository and a quantization it has "
+            "(e.g. hf.co/<owner>/<repo>:Q4_K_M).", status=404, code="model_not_found",
+        )
+    if not req.include and len(ggufs) > 1:
+        preferred = [f for f in ggufs if "q4_k_m" in f.lower()]
+        if preferred:
+            logger.info("Pulling {}: no quantization named, taking Q4_K_M like Ollama", req.repo_id)
+            return replace(req, include=preferred)
+    return replace(req, include=req.include or ggufs)
+
+
+async def run_pull(model_dir: Path, req: DownloadRequest, progress: Callable[[int], None] | None = None) -> Path:
+    """List, then download in a worker thread; `progress(bytes)` every few seconds."""
+    try:
+        req = await asyncio.to_thread(_manifest, req)
+    except Exception as exc:
+        raise pull_error(req, exc) from exc
+    folder = target_folder(model_dir, req)
+    existed = folder.exists()
+    task = asyncio.ensure_future(asyncio.to_thread(download, model_dir, req))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=PULL_PROGRESS_SECONDS)
+            if done:
+                break
+            if progress is not None:
+                progress(await asyncio.to_thread(_folder_bytes, folder))
+        path = task.result()
+        if not any(path.glob("*.gguf")):
+            raise APIError(f"Pulling '{req.repo_id}' brought no GGUF file; Hugging Face may have become "
+                           "unreachable. Pull again.", status=502, code="pull_failed")
+    except asyncio.CancelledError:
+        logger.info("Pull of {} left by the client; the download finishes in the background", req.repo_id)
+        raise
+    except Exception as exc:
+        if not existed:
+            _remove_if_empty(folder)
+        raise pull_error(req, exc) from exc
+    return path
+
+
+async def pull_stream(model_dir: Path, req: DownloadRequest) -> AsyncIterator[str]:
+    """NDJSON statuses: pulling manifest, pulling <repo> {completed}, success; a failure is an {"error"} line."""
+    yield dumps({"status": "pulling manifest"}) + "\n"
+    updates: asyncio.Queue[int] = asyncio.Queue()
+    task = asyncio.ensure_future(run_pull(model_dir, req, updates.put_nowait))
+    try:
+        while not task.done():
+            getter = asyncio.ensure_future(updates.get())
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield dumps({"status": f"pulling {req.repo_id}", "completed": getter.result()}) + "\n"
+            else:
+                getter.cancel()
+        path = task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+    logger.info("Pulled {} into {}", req.repo_id, path)
+    yield dumps({"status": "success"}) + "\n"

@@ -1,0 +1,155 @@
+"""The llama.cpp scheduler with the real model: batching, prefix reuse, cancellation, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from backends.base import Finished, FinishReason, GenerationRequest, LoadOptions, TextDelta
+from backends.llamacpp.engine import LlamaCppEngine
+from common.errors import ServiceUnavailableError
+from common.sampling import SamplingParams
+
+PROMPTS = [
+    "The history of the Roman Empire",
+    "How to bake bread at home:",
+    "A list of prime numbers: 2, 3, 5,",
+    "Dear diary, today I",
+    "The best way to learn Python is",
+    "In a galaxy far away",
+    "Recipe for pancakes:",
+    "The mitochondria is",
+]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(model_path: Path) -> AsyncIterator[LlamaCppEngine]:
+    options = LoadOptions(max_seq_len=2048, cache_size=8192, max_batch_size=8, chunk_size=128, max_queue=4)
+    eng = await asyncio.to_thread(LlamaCppEngine.load, model_path, "smol", options)
+    yield eng
+    await eng.close()
+
+
+def greedy(n: int = 24, **kw: object) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, **kw)  # type: ignore[arg-type]
+
+
+async def run(engine: LlamaCppEngine, prompt: str | list[int], params: SamplingParams) -> tuple[str, Finished]:
+    tokens = engine.tokenize(prompt, add_bos=False, special=True) if isinstance(prompt, str) else prompt
+    parts: list[str] = []
+    async with aclosing(engine.generate(GenerationRequest(tokens, params))) as events:
+        async for ev in events:
+            if isinstance(ev, TextDelta):
+                parts.append(ev.text)
+            else:
+                return "".join(parts), ev
+    raise AssertionError("no Finished event")
+
+
+async def idle(engine: LlamaCppEngine) -> None:
+    for _ in range(200):
+        s = engine.stats()
+        if s.slots_active == 0 and s.queue_depth == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"engine did not go idle: {engine.stats()}")
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_batched_greedy_equals_sequential(engine: LlamaCppEngine) -> None:
+    await engine.clear_cache()
+    alone = [await run(engine, p, greedy()) for p in PROMPTS]
+    await engine.clear_cache()
+    together = await asyncio.gather(*(run(engine, p, greedy()) for p in PROMPTS))
+    assert [t for t, _ in together] == [t for t, _ in alone]
+    assert all(f.reason in (FinishReason.STOP, FinishReason.LENGTH) for _, f in together)
+
+
+SYSTEM = (
+    "<|im_start|>system\nYou are Parley's test assistant. You answer questions about geography, history and "
+    "science briefly and accurately. When you do not know an answer, you say so plainly. You never invent "
+    "sources. You write in short, clear sentences and avoid jargon. Units are metric unless the user asks "
+    "otherwise. Dates use the ISO format. Lists have at most five items. You are polite but not chatty. "
+    "If a question is ambiguous, you state the most likely reading and answer that.<|im_end|>\n"
+)
+
+
+def chat(question: str) -> str:
+    return SYSTEM + f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_prefix_reuse_matches_cold_run_and_reports_cached(engine: LlamaCppEngine) -> None:
+    # Natural prompts: on borderline ones, chunking alone can flip a greedy choice by float rounding.
+    pairs = [("What is the capital of France?", "What is the largest ocean on Earth?"),
+             ("Who wrote Hamlet?", "What is the boiling point of water?")]
+    n_system = len(engine.tokenize(SYSTEM, add_bos=False, special=True))
+    for first, second in pairs:
+        await engine.clear_cache()
+        cold_text, cold = await run(engine, chat(second), greedy(32))
+        assert cold.usage.cached_tokens == 0
+        await engine.clear_cache()
+        await run(engine, chat(first), greedy(32))
+        warm_text, warm = await run(engine, chat(second), greedy(32))
+        assert warm_text == cold_text
+        assert warm.usage.cached_tokens >= n_system
+    # Concurrent requests with one shared prefix: later ones copy the first one's KV.
+    await engine.clear_cache()
+    results = await asyncio.gather(*(run(engine, chat(f"Name item {i}."), greedy(8)) for i in range(4)))
+    assert sum(1 for _, f in results if f.usage.cached_tokens >= n_system) >= 3
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_disconnects_free_everything(engine: LlamaCppEngine) -> None:
+    async def client(i: int) -> str | None:
+        tokens = engine.tokenize(PROMPTS[i % len(PROMPTS)] + f" ({i})", add_bos=False, special=True)
+        params = SamplingParams(temperature=0.7, seed=i, max_tokens=48, ignore_eos=True)
+        seen = 0
+        async with aclosing(engine.generate(GenerationRequest(tokens, params))) as events:
+            async for ev in events:
+                if isinstance(ev, Finished):
+                    return ev.reason.value
+                seen += 1
+                if i % 3 == 0 and seen >= 4:
+                    return None  # leaving the iterator = the client went away
+        return "no finish"
+
+    engine_queue_limit = engine._max_queue
+    engine._max_queue = 64  # 32 clients on 8 slots must queue, not be refused
+    try:
+        outcomes = await asyncio.gather(*(client(i) for i in range(32)))
+    finally:
+        engine._max_queue = engine_queue_limit
+    survivors = [o for i, o in enumerate(outcomes) if i % 3 != 0]
+    assert survivors and all(o == "length" for o in survivors)
+    await idle(engine)
+    stats = engine.stats()
+    assert stats.slots_active == 0 and stats.queue_depth == 0 and stats.kv_cells_used == 0
+    engine.check_consistency()
+    text, fin = await run(engine, "Hello", greedy(4))
+    assert fin.reason in (FinishReason.STOP, FinishReason.LENGTH)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_queue_overflow_is_503_and_running_work_is_unharmed(engine: LlamaCppEngine) -> None:
+    long = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    tokens = engine.tokenize("Count to one hundred:", add_bos=False, special=True)
+    handles = [engine.submit(GenerationRequest(tokens, long)) for _ in range(8 + 4)]  # 8 slots + 4 queued
+    with pytest.raises(ServiceUnavailableError) as exc:
+        for _ in range(10):
+            handles.append(engine.submit(GenerationRequest(tokens, long)))
+    assert exc.value.headers.get("Retry-After")
+    finishes = []
+    for h in handles:
+        async with aclosing(h.events()) as events:
+            async for ev in events:
+                if isinstance(ev, Finished):
+                    finishes.append(ev)
+    assert len(finishes) == len(handles)
+    assert all(f.reason is FinishReason.LENGTH and f.usage.completion_tokens == 64 for f in finishes)
+    await idle(engine)
