@@ -13,7 +13,10 @@ import enum
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from common.constraints import Constraint
 
 from common.sampling import SamplingParams
 
@@ -78,6 +81,7 @@ class GenerationRequest:
     prompt_tokens: list[int]
     params: SamplingParams
     request_id: str = field(default_factory=next_request_id)
+    constraint: Constraint | None = None  # compiled; each sequence gets its own state
 
 
 @dataclass
@@ -94,6 +98,8 @@ class ModelInfo:
     eos_token_id: int
     add_bos_token: bool
     chat_template: str | None
+    eog_token_ids: tuple[int, ...] = ()
+    control_token_ids: tuple[int, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
     load_options: dict[str, Any] = field(default_factory=dict)
     size_bytes: int = 0

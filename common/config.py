@@ -155,6 +155,17 @@ class ModelConfig(_Section):
         None, ge=1,
         description="Tokens generated when a request sets no limit. null fills the remaining context.",
     )
+    reasoning_parser: bool = Field(
+        True,
+        description="Split text between the reasoning markers into reasoning_content (thinking models). Output "
+        "that does not start with the start marker is left as it is.",
+    )
+    reasoning_start_marker: str = Field("<think>", min_length=1, description="Text that opens model reasoning.")
+    reasoning_end_marker: str = Field("</think>", min_length=1, description="Text that closes model reasoning.")
+    tool_format: Literal["auto", "hermes", "llama3", "mistral"] = Field(
+        "auto",
+        description="How the model writes tool calls. auto reads it from the chat template (hermes when unsure).",
+    )
 
 
 class DraftModelConfig(_Section):

@@ -13,7 +13,17 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import Event, Finished, FinishReason, GenerationHandle, GenerationRequest, TextDelta, Usage
+from backends.base import (
+    Event,
+    Finished,
+    FinishReason,
+    GenerationHandle,
+    GenerationRequest,
+    TextDelta,
+    TokenLogprob,
+    Usage,
+)
+from common.constraints import Constraint, ConstraintSpec
 from common.errors import BadRequestError, ContextLengthExceededError
 from common.models import LoadedModel
 from common.sampling import SamplingParams
@@ -144,16 +154,32 @@ class ChoiceResult:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: Finished | None = None
 
 
-def submit_choices(model: LoadedModel, prompt: Prompt, params: SamplingParams, n: int) -> list[GenerationHandle]:
+async def compile_constraint(model: LoadedModel, spec: ConstraintSpec | None) -> Constraint | None:
+    """Compile a request's output constraint off the event loop (cached per model)."""
+    if spec is None:
+        return None
+    compiler = await model.constraint_compiler()
+    return await asyncio.to_thread(compiler.compile, spec)
+
+
+def submit_choices(
+    model: LoadedModel,
+    prompt: Prompt,
+    params: SamplingParams,
+    n: int,
+    constraint: Constraint | None = None,
+) -> list[GenerationHandle]:
     """Queue n choices at once; a refusal (busy, unloading) cancels those already queued."""
     handles: list[GenerationHandle] = []
     try:
         for i in range(n):
             p = params if (n == 1 or params.seed is None) else params.with_updates(seed=params.seed + i)
-            handles.append(model.engine.submit(GenerationRequest(list(prompt.tokens), p)))
+            request = GenerationRequest(list(prompt.tokens), p, constraint=constraint)
+            handles.append(model.engine.submit(request))
     except BaseException:
         for h in handles:
             h.cancel()
@@ -191,7 +217,7 @@ async def merge_events(handles: list[GenerationHandle]) -> AsyncIterator[tuple[i
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def collect(handles: list[GenerationHandle]) -> list[ChoiceResult]:
+async def collect(handles: list[GenerationHandle], *, keep_logprobs: bool = False) -> list[ChoiceResult]:
     results = [ChoiceResult(i) for i in range(len(handles))]
     parts: list[list[str]] = [[] for _ in handles]
     async with aclosing(merge_events(handles)) as events:
@@ -199,6 +225,8 @@ async def collect(handles: list[GenerationHandle]) -> list[ChoiceResult]:
             if isinstance(ev, TextDelta):
                 parts[i].append(ev.text)
                 results[i].token_ids.extend(ev.token_ids)
+                if keep_logprobs:
+                    results[i].logprobs.extend(ev.logprobs)
             else:
                 results[i].finish = ev
     for r, p in zip(results, parts):

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from backends.base import Engine, LoadOptions, ModelInfo
 from backends.registry import detect_backend, load_engine
+from common.constraints import ConstraintCompiler, TokenizerAdapter
 from common.errors import BadRequestError, ModelNotFoundError, ModelNotLoadedError
 from common.templating import ChatTemplate, TemplateError, list_templates, resolve_template
 
@@ -41,10 +42,32 @@ class LoadedModel:
     template: ChatTemplate | None
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
+    _compiler: ConstraintCompiler | None = None
+    _compiler_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def info(self) -> ModelInfo:
         return self.engine.info
+
+    async def constraint_compiler(self) -> ConstraintCompiler:
+        """Built on first use (reading the whole vocabulary takes a fraction of a second)."""
+        async with self._compiler_lock:
+            if self._compiler is None:
+                self._compiler = await asyncio.to_thread(self._build_compiler)
+            return self._compiler
+
+    def _build_compiler(self) -> ConstraintCompiler:
+        info, engine = self.info, self.engine
+        pieces = [engine.token_piece(t) for t in range(info.n_vocab)]
+        adapter = TokenizerAdapter.from_pieces(
+            pieces,
+            info.eog_token_ids or (info.eos_token_id,),
+            info.control_token_ids,
+            bos_token=info.bos_token_id,
+            n_vocab=info.n_vocab,
+            tokenize=lambda data: engine.tokenize(data.decode("utf-8", "replace"), add_bos=False, special=False),
+        )
+        return ConstraintCompiler(adapter)
 
 
 def confine_name(name: str, what: str = "model") -> str:

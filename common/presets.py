@@ -219,3 +219,44 @@ def apply_preset(preset: Preset | None, sent: Mapping[str, Any]) -> dict[str, An
         elif entry.force:
             merged[name] = entry.value
     return merged
+
+
+def build_params(
+    sent: Mapping[str, Any],
+    preset: Preset | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> SamplingParams:
+    """The one way a dialect turns its request into SamplingParams.
+
+    Precedence: dialect defaults < preset < what the client sent < forced preset fields.
+    """
+    merged = apply_preset(preset, sent)
+    for key, value in (defaults or {}).items():
+        merged.setdefault(key, value)
+    return SamplingParams(**merged)
+
+
+@dataclass
+class PresetState:
+    """The server's active sampler preset (lives on app.state, switched at runtime)."""
+
+    directory: Path
+    active: Preset | None = None
+
+    def switch(self, name: str) -> Preset:
+        from common.errors import BadRequestError
+
+        try:
+            self.active = load_preset(self.directory, name)
+        except (FileNotFoundError, ValueError) as exc:
+            raise BadRequestError(str(exc), param="preset") from None
+        return self.active
+
+    def use_inline(self, overrides: Mapping[str, Any]) -> Preset:
+        from common.errors import BadRequestError
+
+        try:
+            self.active = Preset.from_mapping("inline", dict(overrides), "request overrides")
+        except PresetError as exc:
+            raise BadRequestError(str(exc), param="overrides") from None
+        return self.active

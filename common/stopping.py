@@ -1,9 +1,15 @@
-"""Turn a stream of token bytes into safe text deltas.
+"""Turn sampled tokens into safe text: stop strings, banned strings, whole UTF-8.
 
-`TextAssembler` owns two concerns every backend shares:
-- UTF-8 that arrives split across tokens is held until the character is whole;
-- text that might be the start of a stop string is held back until it is
-  decided, so a client never sees part of a stop string.
+`TokenTextStream` is shared by every backend. Text is released a token at a
+time, and only when it is decided:
+- UTF-8 that arrives split across tokens waits until the character is whole;
+- text that might be the start of a stop string or a banned string is held
+  back, so a client never sees part of either;
+- a completed stop string ends the output (`StopHit`);
+- a completed banned string asks the engine to rewind (`Rewind`): drop the
+  tokens from the one where the banned string starts, and sample that
+  position again with that token banned. Because partial matches are held
+  back, the tokens to drop are never ones already sent.
 """
 
 from __future__ import annotations
@@ -12,63 +18,132 @@ import codecs
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(frozen=True)
+class Release:
+    text: str
+    tokens: tuple[int, ...]  # tokens whose text this is (in order)
+
+
+@dataclass(frozen=True)
 class StopHit:
-    text: str  # text before the stop string, not yet emitted
-    stop: str  # the stop string that matched
+    release: Release  # decided text before the stop string
+    stop: str
 
 
-class TextAssembler:
-    __slots__ = ("_decoder", "_stops", "_pending", "_max_stop", "text_emitted")
+@dataclass(frozen=True)
+class Rewind:
+    n_tokens: int  # how many of the latest tokens to drop
+    banned_token: int  # the first dropped token: ban it at that position
+    banned: str
 
-    def __init__(self, stop: tuple[str, ...] | list[str] = ()) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+def _decode(data: bytes) -> tuple[str, int]:
+    """Decode the complete UTF-8 prefix of data; returns (text, bytes consumed)."""
+    text, used = codecs.utf_8_decode(data, "replace", False)
+    return text, used
+
+
+def _earliest(text: str, needles: tuple[str, ...]) -> tuple[int, str] | None:
+    best: tuple[int, str] | None = None
+    for s in needles:
+        idx = text.find(s)
+        if idx != -1 and (best is None or idx < best[0]):
+            best = (idx, s)
+    return best
+
+
+class TokenTextStream:
+    __slots__ = ("_stops", "_banned", "_watch", "_max_watch", "_pending", "text_emitted")
+
+    def __init__(self, stop: tuple[str, ...] | list[str] = (), banned: tuple[str, ...] | list[str] = ()) -> None:
         self._stops = tuple(s for s in stop if s)
-        self._max_stop = max((len(s) for s in self._stops), default=0)
-        self._pending = ""
+        self._banned = tuple(s for s in banned if s)
+        self._watch = self._stops + self._banned
+        self._max_watch = max((len(s) for s in self._watch), default=0)
+        self._pending: list[tuple[int, bytes]] = []
         self.text_emitted = ""
 
-    def feed(self, piece: bytes) -> str | StopHit:
-        """Add one token's bytes; return the text now safe to emit, or a StopHit."""
-        text = self._decoder.decode(piece)
-        if not self._stops:
-            self.text_emitted += text
-            return text
-        if not text:
-            return ""
-        buf = self._pending + text
-        # A stop string can only newly appear in the tail that includes new text.
-        search_from = max(0, len(self._pending) - self._max_stop + 1)
-        best: tuple[int, str] | None = None
-        for s in self._stops:
-            idx = buf.find(s, search_from)
-            if idx != -1 and (best is None or idx < best[0]):
-                best = (idx, s)
-        if best is not None:
-            before = buf[: best[0]]
-            self._pending = ""
-            self.text_emitted += before
-            return StopHit(before, best[1])
-        hold = self._held_suffix(buf)
-        emit = buf[: len(buf) - hold]
-        self._pending = buf[len(buf) - hold :]
-        self.text_emitted += emit
-        return emit
+    @property
+    def pending_tokens(self) -> int:
+        return len(self._pending)
 
-    def _held_suffix(self, buf: str) -> int:
-        """Length of the longest suffix of buf that is a proper prefix of a stop string."""
+    def push(self, token: int, piece: bytes) -> Release | StopHit | Rewind:
+        self._pending.append((token, piece))
+        if not self._watch and len(self._pending) == 1:
+            text, used = _decode(piece)
+            if used == len(piece):  # the common case: one whole token, nothing to watch
+                self._pending.clear()
+                self.text_emitted += text
+                return Release(text, (token,))
+        data = b"".join(p for _, p in self._pending)
+        text, used = _decode(data)
+        complete = used == len(data)
+        found = _earliest(text, self._stops)
+        if found is not None:
+            return StopHit(self._release_chars(found[0], text), found[1])
+        found = _earliest(text, self._banned)
+        if found is not None:
+            k = self._token_at_char(found[0])
+            dropped = self._pending[k:]
+            del self._pending[k:]
+            return Rewind(len(dropped), dropped[0][0], found[1])
+        hold = self._held_suffix(text)
+        return self._release_upto(len(text) - hold, text, complete and hold == 0)
+
+    def _token_at_char(self, char_index: int) -> int:
+        """Index in pending of the token whose text contains char_index."""
+        acc = b""
+        for i, (_, piece) in enumerate(self._pending):
+            acc += piece
+            if len(_decode(acc)[0]) > char_index:
+                return i
+        return len(self._pending) - 1
+
+    def _release_upto(self, n_chars: int, text: str, everything: bool) -> Release:
+        """Release the longest run of leading pending tokens whose text lies within n_chars."""
+        if everything:
+            tokens = tuple(t for t, _ in self._pending)
+            self._pending.clear()
+            self.text_emitted += text
+            return Release(text, tokens)
+        acc = b""
+        cut = 0
+        released = ""
+        for i, (_, piece) in enumerate(self._pending):
+            acc += piece
+            t, used = _decode(acc)
+            if used != len(acc) or len(t) > n_chars:
+                break
+            cut, released = i + 1, t
+        tokens = tuple(t for t, _ in self._pending[:cut])
+        del self._pending[:cut]
+        self.text_emitted += released
+        return Release(released, tokens)
+
+    def _release_chars(self, n_chars: int, text: str) -> Release:
+        """Stop: release exactly the first n_chars of pending text, drop the rest."""
+        tokens = tuple(t for t, _ in self._pending)
+        self._pending.clear()
+        released = text[:n_chars]
+        self.text_emitted += released
+        return Release(released, tokens)
+
+    def _held_suffix(self, text: str) -> int:
+        """Length of the longest suffix of text that is a proper prefix of a watched string."""
         longest = 0
-        limit = min(len(buf), self._max_stop - 1)
-        for s in self._stops:
+        limit = min(len(text), self._max_watch - 1)
+        for s in self._watch:
             for n in range(min(limit, len(s) - 1), longest, -1):
-                if buf.endswith(s[:n]):
+                if text.endswith(s[:n]):
                     longest = n
                     break
         return longest
 
-    def flush(self) -> str:
-        """End of generation: release whatever was held back."""
-        tail = self._pending + self._decoder.decode(b"", final=True)
-        self._pending = ""
-        self.text_emitted += tail
-        return tail
+    def flush(self) -> Release:
+        """End of output: release whatever is held (a partial match is not a match)."""
+        data = b"".join(p for _, p in self._pending)
+        tokens = tuple(t for t, _ in self._pending)
+        self._pending.clear()
+        text = data.decode("utf-8", "replace")
+        self.text_emitted += text
+        return Release(text, tokens)

@@ -19,6 +19,7 @@ from common.auth import AuthManager
 from common.config import ParleyConfig
 from common.errors import APIError, BadRequestError, Dialect, EngineError, dialect_for_path
 from common.models import ModelManager
+from common.presets import PresetState
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VERSION = "0.1.0"
@@ -143,6 +144,12 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
     app.state.config = config
     app.state.auth = AuthManager.load(config.network.api_tokens_file, disabled=config.network.disable_auth)
     app.state.models = build_model_manager(config)
+    app.state.presets = PresetState(PROJECT_ROOT / "sampler_overrides")
+    if config.sampling.override_preset:
+        try:
+            app.state.presets.switch(config.sampling.override_preset)
+        except APIError as exc:
+            raise SystemExit(f"sampling.override_preset: {exc.message}") from None
     install_error_handlers(app)
     if config.network.cors_origins:
         app.add_middleware(

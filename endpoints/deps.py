@@ -10,10 +10,15 @@ from pydantic import BaseModel
 
 from common.config import ParleyConfig
 from common.models import ModelManager
+from common.presets import PresetState
 
 
 def get_models(request: Request) -> ModelManager:
     return request.app.state.models
+
+
+def get_presets(request: Request) -> PresetState:
+    return request.app.state.presets
 
 
 def get_config(request: Request) -> ParleyConfig:

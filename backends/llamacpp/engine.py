@@ -23,10 +23,11 @@ import asyncio
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp as lc
+import numpy as np
 from loguru import logger
 
 from backends.base import (
@@ -39,85 +40,22 @@ from backends.base import (
     GenerationRequest,
     LoadOptions,
     TextDelta,
+    TokenLogprob,
     Usage,
 )
 from backends.llamacpp.native import NativeBatch, NativeModel
-from backends.llamacpp.sampler import UNSUPPORTED, SamplerChain, build_chain
+from backends.llamacpp.sampler import UNSUPPORTED, build_chain
 from common.errors import ModelNotLoadedError, ServiceUnavailableError
-from common.stopping import StopHit, TextAssembler
+from backends.llamacpp.job import Job, Slot, common_prefix
+from common.logprobs import log_softmax, token_logprob
+from common.stopping import Release, Rewind, StopHit
+
+# Rewinds for banned strings one request may make before it is ended.
+_MAX_REWINDS = 64
 
 # A waiting job holds back for a prefilling job whose prompt it shares when
 # that saves at least this many tokens of prefill.
 _SHARE_MIN_TOKENS = 32
-
-
-class _Job(GenerationHandle):
-    __slots__ = ("engine",
-        "request", "loop", "queue", "cancelled", "finished", "context", "n_prompt",
-        "n_cached", "n_generated", "max_new", "assembler", "chain", "slot",
-        "cached_tokens", "t_submit", "t_admit", "t_first", "stop_ids", "params",
-    )
-
-    def __init__(
-        self, engine: LlamaCppEngine, request: GenerationRequest, loop: asyncio.AbstractEventLoop, n_ctx: int
-    ) -> None:
-        self.engine = engine
-        self.request = request
-        self.params = request.params
-        self.loop = loop
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.cancelled = False
-        self.finished = False
-        self.context = list(request.prompt_tokens)
-        self.n_prompt = len(self.context)
-        self.n_cached = 0
-        self.n_generated = 0
-        limit = n_ctx - self.n_prompt
-        self.max_new = min(self.params.max_tokens or limit, limit)
-        self.assembler = TextAssembler(self.params.stop)
-        self.chain: SamplerChain | None = None
-        self.slot: _Slot | None = None
-        self.cached_tokens = 0
-        self.t_submit = time.perf_counter()
-        self.t_admit = 0.0
-        self.t_first = 0.0
-        self.stop_ids = frozenset(self.params.stop_token_ids)
-
-    async def events(self) -> AsyncIterator[Event]:
-        try:
-            while True:
-                event = await self.queue.get()
-                yield event
-                if isinstance(event, Finished):
-                    return
-        finally:
-            if not self.finished:
-                self.cancel()
-
-    def cancel(self) -> None:
-        self.engine._cancel(self)
-
-
-class _Slot:
-    __slots__ = ("seq", "tokens", "job", "last_used")
-
-    def __init__(self, seq: int) -> None:
-        self.seq = seq
-        self.tokens: list[int] = []  # tokens whose KV this sequence holds, in order
-        self.job: _Job | None = None
-        self.last_used = 0.0
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    # Compare in blocks first: prompts share long prefixes, Python loops are slow.
-    step = 64
-    while i + step <= n and a[i : i + step] == b[i : i + step]:
-        i += step
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class LlamaCppEngine(Engine):
@@ -126,10 +64,10 @@ class LlamaCppEngine(Engine):
         self.info = native.model_info(name)
         self._options = options
         self._max_queue = options.max_queue
-        self._slots = [_Slot(i) for i in range(native.n_slots)]
+        self._slots = [Slot(i) for i in range(native.n_slots)]
         self._batch = NativeBatch(native.n_batch)
         self._cv = threading.Condition()
-        self._waiting: deque[_Job] = deque()
+        self._waiting: deque[Job] = deque()
         self._commands: deque[Callable[[], None]] = deque()  # run on the scheduler thread
         self._wake = False
         self._stopping = False
@@ -211,14 +149,14 @@ class LlamaCppEngine(Engine):
             assert top == len(slot.tokens) - 1, f"slot {slot.seq}: KV ends at {top}, bookkeeping has {len(slot.tokens)}"
 
     # -- submission (event loop side) ---------------------------------------
-    def _submit(self, request: GenerationRequest) -> _Job:
+    def _submit(self, request: GenerationRequest) -> Job:
         unsupported = UNSUPPORTED & request.params.active_knobs()
         if unsupported:
             logger.warning(
                 "llama.cpp has no sampler for {}; accepted but not applied (request {})",
                 ", ".join(sorted(unsupported)), request.request_id,
             )
-        job = _Job(self, request, asyncio.get_running_loop(), self.info.n_ctx)
+        job = Job(self, request, asyncio.get_running_loop(), self.info.n_ctx)
         with self._cv:
             if self._closed:
                 raise ModelNotLoadedError(
@@ -236,7 +174,7 @@ class LlamaCppEngine(Engine):
             self._cv.notify()
         return job
 
-    def _cancel(self, job: _Job) -> None:
+    def _cancel(self, job: Job) -> None:
         with self._cv:
             job.cancelled = True
             self._wake = True
@@ -244,7 +182,7 @@ class LlamaCppEngine(Engine):
 
     # -- scheduler thread ---------------------------------------------------
     def _run(self) -> None:
-        outbox: dict[_Job, list[Event]] = {}
+        outbox: dict[Job, list[Event]] = {}
         try:
             while True:
                 with self._cv:
@@ -272,14 +210,14 @@ class LlamaCppEngine(Engine):
     def _has_active(self) -> bool:
         return any(s.job is not None for s in self._slots)
 
-    def _fail_all(self, outbox: dict[_Job, list[Event]], reason: FinishReason, message: str) -> None:
+    def _fail_all(self, outbox: dict[Job, list[Event]], reason: FinishReason, message: str) -> None:
         with self._cv:
             waiting = list(self._waiting)
             self._waiting.clear()
         for job in waiting + [s.job for s in self._slots if s.job is not None]:
             self._finish(job, reason, outbox, error=message)
 
-    def _reap_cancelled(self, outbox: dict[_Job, list[Event]]) -> None:
+    def _reap_cancelled(self, outbox: dict[Job, list[Event]]) -> None:
         if any(j.cancelled for j in self._waiting):
             keep = deque()
             for job in self._waiting:
@@ -296,8 +234,8 @@ class LlamaCppEngine(Engine):
         # Upper bound: cells shared between sequences are counted once per sequence.
         return sum(len(s.tokens) for s in self._slots)
 
-    def _admit(self, outbox: dict[_Job, list[Event]]) -> None:
-        deferred: list[_Job] = []
+    def _admit(self, outbox: dict[Job, list[Event]]) -> None:
+        deferred: list[Job] = []
         while self._waiting:
             free = [s for s in self._slots if s.job is None]
             if not free:
@@ -314,24 +252,24 @@ class LlamaCppEngine(Engine):
             self._place(job, slot, own, source, shared)
         self._waiting.extendleft(reversed(deferred))
 
-    def _should_wait_for_sharer(self, job: _Job) -> bool:
+    def _should_wait_for_sharer(self, job: Job) -> bool:
         """True when a job still prefilling shares a long prefix with this one: wait, then copy its KV."""
-        cached = max((_common_prefix(s.tokens, job.context) for s in self._slots), default=0)
+        cached = max((common_prefix(s.tokens, job.context) for s in self._slots), default=0)
         for s in self._slots:
             other = s.job
             if other is None or other.n_cached >= other.n_prompt:
                 continue
-            shared = _common_prefix(other.context[: other.n_prompt], job.context)
+            shared = common_prefix(other.context[: other.n_prompt], job.context)
             if shared - cached >= _SHARE_MIN_TOKENS:
                 return True
         return False
 
-    def _choose_slot(self, context: list[int], free: list[_Slot]) -> tuple[_Slot, int, _Slot | None, int]:
+    def _choose_slot(self, context: list[int], free: list[Slot]) -> tuple[Slot, int, Slot | None, int]:
         """Pick a free slot and the best KV to reuse: (slot, own prefix, source slot, shared prefix)."""
         limit = len(context) - 1  # at least one token must be decoded for logits
         best_free, best_own = None, -1
         for s in free:
-            own = min(_common_prefix(s.tokens, context), limit)
+            own = min(common_prefix(s.tokens, context), limit)
             better = own > best_own or (own == best_own and best_free is not None and s.last_used < best_free.last_used)
             if better:
                 best_free, best_own = s, own
@@ -340,12 +278,12 @@ class LlamaCppEngine(Engine):
         for s in self._slots:
             if s is best_free:
                 continue
-            n = min(_common_prefix(s.tokens, context), limit)
+            n = min(common_prefix(s.tokens, context), limit)
             if n > shared:
                 source, shared = s, n
         return best_free, best_own, source, shared
 
-    def _make_room(self, need: int, target: _Slot) -> bool:
+    def _make_room(self, need: int, target: Slot) -> bool:
         """Evict idle cached prefixes (least recently used first) until `need` cells fit."""
         capacity = self.native.n_ctx
         if self._kv_used() + need <= capacity:
@@ -361,7 +299,7 @@ class LlamaCppEngine(Engine):
                 return True
         return self._kv_used() + need <= capacity or not self._has_active()
 
-    def _place(self, job: _Job, slot: _Slot, own: int, source: _Slot | None, shared: int) -> None:
+    def _place(self, job: Job, slot: Slot, own: int, source: Slot | None, shared: int) -> None:
         mem = self.native.mem
         if source is not None and shared > own:
             lc.llama_memory_seq_rm(mem, slot.seq, -1, -1)
@@ -383,15 +321,15 @@ class LlamaCppEngine(Engine):
             job.params, vocab=n.vocab, n_vocab=n.n_vocab, n_ctx=n.n_ctx, eog_tokens=n.eog_tokens
         )
 
-    def _step(self, outbox: dict[_Job, list[Event]]) -> None:
+    def _step(self, outbox: dict[Job, list[Event]]) -> None:
         batch = self._batch
         batch.clear()
         budget = batch.capacity
-        sample_at: list[tuple[_Job, int]] = []
+        sample_at: list[tuple[Job, int]] = []
         active = [s.job for s in self._slots if s.job is not None]
         # Decoding sequences first (one token each), then prefill in admission order.
         active.sort(key=lambda j: (len(j.context) - j.n_cached > 1, j.t_admit))
-        fed: list[tuple[_Job, int]] = []
+        fed: list[tuple[Job, int]] = []
         for job in active:
             pending = len(job.context) - job.n_cached
             if pending <= 0 or budget <= 0:
@@ -415,7 +353,7 @@ class LlamaCppEngine(Engine):
         for job, idx in sample_at:
             self._sample(job, idx, outbox)
 
-    def _on_decode_failure(self, rc: int, fed: list[tuple[_Job, int]], outbox: dict[_Job, list[Event]]) -> None:
+    def _on_decode_failure(self, rc: int, fed: list[tuple[Job, int]], outbox: dict[Job, list[Event]]) -> None:
         if rc == 1 and len(fed) > 0:
             # KV full: free idle caches first; else preempt the newest job and recompute it later.
             idle = [s for s in self._slots if s.job is None and s.tokens]
@@ -433,7 +371,7 @@ class LlamaCppEngine(Engine):
         for job, _ in fed:
             self._finish(job, FinishReason.ERROR, outbox, error=f"llama_decode failed with code {rc}.")
 
-    def _preempt(self, job: _Job) -> None:
+    def _preempt(self, job: Job) -> None:
         slot = job.slot
         assert slot is not None
         lc.llama_memory_seq_rm(self.native.mem, slot.seq, -1, -1)
@@ -445,36 +383,89 @@ class LlamaCppEngine(Engine):
             self._waiting.appendleft(job)
         logger.debug("KV cache full: preempted {} to recompute later", job.request.request_id)
 
-    def _sample(self, job: _Job, idx: int, outbox: dict[_Job, list[Event]]) -> None:
+    def _sample(self, job: Job, idx: int, outbox: dict[Job, list[Event]]) -> None:
         assert job.chain is not None
+        params = job.params
+        logprobs = None
+        if job.needs_logits():
+            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.native.ctx, idx), shape=(self.native.n_vocab,))
+            if params.logprobs is not None:
+                logprobs = log_softmax(logits)  # the model's own distribution, before any mask
+            if job.constraint is not None:
+                if job.constraint.is_finished():
+                    self._finish(job, FinishReason.STOP, outbox)
+                    return
+                job.constraint.apply_to_logits(logits)
+            if job.n_generated < params.min_tokens:
+                logits[list(self.native.eog_tokens)] = -np.inf
+            banned = job.bans.get(job.n_generated)
+            if banned:
+                logits[list(banned)] = -np.inf
         token = lc.llama_sampler_sample(job.chain.ptr, self.native.ctx, idx)
-        now = time.perf_counter()
         if job.n_generated == 0:
-            job.t_first = now
+            job.t_first = time.perf_counter()
         job.n_generated += 1
         self._generated_count += 1
-        params = job.params
         if (lc.llama_vocab_is_eog(self.native.vocab, token) and not params.ignore_eos) or token in job.stop_ids:
             self._finish(job, FinishReason.STOP, outbox)
             return
+        if job.constraint is not None:
+            job.constraint.advance(token)
         job.context.append(token)
-        piece = self.native.piece(token, special=not params.skip_special_tokens)
-        got = job.assembler.feed(piece)
+        if logprobs is not None:
+            job.pending_logprobs.append(token_logprob(logprobs, token, params.logprobs or 0, self._piece))
+        got = job.stream.push(token, self.native.piece(token, special=not params.skip_special_tokens))
+        if isinstance(got, Rewind):
+            self._rewind(job, got, outbox)
+            return
         if isinstance(got, StopHit):
-            if got.text:
-                outbox.setdefault(job, []).append(TextDelta(got.text, (token,)))
+            self._emit(job, got.release, outbox)
             self._finish(job, FinishReason.STOP, outbox, stop_string=got.stop)
             return
-        # Empty deltas still carry the token id: usage and logprobs count every token.
-        outbox.setdefault(job, []).append(TextDelta(got, (token,)))
+        self._emit(job, got, outbox)
         if job.n_generated >= job.max_new:
             self._finish(job, FinishReason.LENGTH, outbox)
 
+    def _piece(self, token: int) -> bytes:
+        return self.native.piece(token, special=True)
+
+    def _emit(self, job: Job, release: Release, outbox: dict[Job, list[Event]]) -> None:
+        if not release.tokens and not release.text:
+            return
+        lps: tuple[TokenLogprob, ...] = ()
+        if job.pending_logprobs:
+            lps = tuple(job.pending_logprobs.popleft() for _ in release.tokens if job.pending_logprobs)
+        outbox.setdefault(job, []).append(TextDelta(release.text, release.tokens, lps))
+
+    def _rewind(self, job: Job, rewind: Rewind, outbox: dict[Job, list[Event]]) -> None:
+        """A banned string appeared: drop its tokens and sample that position again without them."""
+        n = rewind.n_tokens
+        job.rewinds += 1
+        del job.context[-n:]
+        job.n_generated -= n
+        job.bans.setdefault(job.n_generated, set()).add(rewind.banned_token)
+        for _ in range(min(n, len(job.pending_logprobs))):
+            job.pending_logprobs.pop()
+        if job.constraint is not None:
+            job.constraint.rollback(n)
+        # Re-decode the last kept token so its logits are there to sample from again.
+        keep = len(job.context) - 1
+        assert job.slot is not None and job.chain is not None
+        lc.llama_memory_seq_rm(self.native.mem, job.slot.seq, keep, -1)
+        del job.slot.tokens[keep:]
+        job.n_cached = keep
+        lc.llama_sampler_reset(job.chain.ptr)
+        for t in job.context[job.n_prompt :]:
+            job.chain.accept(t)
+        if job.rewinds > _MAX_REWINDS:
+            logger.warning("{}: banned strings forced {} rewinds; ending the output", job.request.request_id, _MAX_REWINDS)
+            self._finish(job, FinishReason.STOP, outbox)
+
     def _finish(
         self,
-        job: _Job,
+        job: Job,
         reason: FinishReason,
-        outbox: dict[_Job, list[Event]],
+        outbox: dict[Job, list[Event]],
         *,
         stop_string: str | None = None,
         error: str | None = None,
@@ -482,9 +473,8 @@ class LlamaCppEngine(Engine):
         if job.finished:
             return
         job.finished = True
-        tail = job.assembler.flush() if reason in (FinishReason.STOP, FinishReason.LENGTH) else ""
-        if tail:
-            outbox.setdefault(job, []).append(TextDelta(tail))
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self._emit(job, job.stream.flush(), outbox)
         slot = job.slot
         if slot is not None:
             slot.job = None
@@ -508,10 +498,10 @@ class LlamaCppEngine(Engine):
         self._finished_count += 1
         outbox.setdefault(job, []).append(Finished(reason, usage, stop_string=stop_string, error=error))
 
-    def _deliver(self, outbox: dict[_Job, list[Event]]) -> None:
+    def _deliver(self, outbox: dict[Job, list[Event]]) -> None:
         if not outbox:
             return
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, list[Event]]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, list[Event]]]] = {}
         for job, events in outbox.items():
             by_loop.setdefault(job.loop, []).append((job, events))
         outbox.clear()
@@ -522,7 +512,7 @@ class LlamaCppEngine(Engine):
                 pass
 
 
-def _put_all(items: list[tuple[_Job, list[Event]]]) -> None:
+def _put_all(items: list[tuple[Job, list[Event]]]) -> None:
     for job, events in items:
         for event in events:
             job.queue.put_nowait(event)

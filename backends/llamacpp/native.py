@@ -197,6 +197,8 @@ class NativeModel:
             eos_token_id=eos,
             add_bos_token=bool(lc.llama_vocab_get_add_bos(self.vocab)),
             chat_template=self.metadata.get("tokenizer.chat_template"),
+            eog_token_ids=self.eog_tokens,
+            control_token_ids=tuple(t for t in range(self.n_vocab) if lc.llama_vocab_is_control(self.vocab, t)),
             metadata=self.metadata,
             load_options=self.options.as_dict() | {"max_seq_len": self.max_seq_len, "cache_size": self.n_ctx},
             size_bytes=int(lc.llama_model_size(self.model)),

@@ -48,3 +48,9 @@ class TemplateSwitchRequest(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
     prompt_template_name: str = Field(..., min_length=1, validation_alias=AliasChoices("prompt_template_name", "name"))
     model: str | None = None
+
+
+class SamplerOverrideSwitchRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    preset: str | None = Field(None, validation_alias=AliasChoices("preset", "name"))
+    overrides: dict[str, Any] | None = None

@@ -17,15 +17,17 @@ from common.auth import Permission, permission_of, require_admin, require_api
 from common.errors import BadRequestError, Dialect
 from common.generation import chat_prompt
 from common.models import LoadedModel, ModelManager
+from common.presets import PresetState, list_presets
 from common.streaming import dumps, sse_response
 from endpoints.core.protocol import (
     ModelLoadRequest,
     ModelUnloadRequest,
+    SamplerOverrideSwitchRequest,
     TemplateSwitchRequest,
     TokenDecodeRequest,
     TokenEncodeRequest,
 )
-from endpoints.deps import get_models
+from endpoints.deps import get_models, get_presets
 
 router = APIRouter(tags=["Core"])
 
@@ -198,3 +200,34 @@ async def props(models: ModelManager = Depends(get_models)) -> dict[str, Any]:
         "default_generation_settings": {"n_ctx": model.info.n_ctx, "model": model.name},
         "build_info": "parley",
     }
+
+
+@router.get("/v1/sampling/overrides", dependencies=[Depends(require_api)])
+@router.get("/v1/sampling/override/list", dependencies=[Depends(require_api)])
+async def sampling_overrides(presets: PresetState = Depends(get_presets)) -> dict[str, Any]:
+    active = presets.active
+    return {
+        "selected_preset": active.name if active else None,
+        "overrides": active.describe() if active else {},
+        "presets": list_presets(presets.directory),
+    }
+
+
+@router.post("/v1/sampling/override/switch", dependencies=[Depends(require_admin)])
+async def switch_sampling_override(
+    body: SamplerOverrideSwitchRequest, presets: PresetState = Depends(get_presets)
+) -> dict[str, Any]:
+    if body.preset:
+        preset = presets.switch(body.preset)
+    elif body.overrides is not None:
+        preset = presets.use_inline(body.overrides)
+    else:
+        raise BadRequestError("Send 'preset' (a name from /v1/sampling/overrides) or 'overrides'.", param="preset")
+    logger.info("Sampler preset switched to {}", preset.name)
+    return {"selected_preset": preset.name, "overrides": preset.describe()}
+
+
+@router.post("/v1/sampling/override/unload", dependencies=[Depends(require_admin)])
+async def unload_sampling_override(presets: PresetState = Depends(get_presets)) -> dict[str, Any]:
+    presets.active = None
+    return {"selected_preset": None}

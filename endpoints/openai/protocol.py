@@ -66,6 +66,9 @@ class SamplerFields(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    json_schema: dict[str, Any] | bool | None = None
+    regex_pattern: str | None = None
+    grammar_string: str | None = None
     n: int = Field(1, ge=1, le=16)
 
 

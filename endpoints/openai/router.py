@@ -6,14 +6,16 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
 from common.auth import require_api
+from common.chat_output import OutputOptions
 from common.config import ParleyConfig
 from common.errors import BadRequestError, Dialect
-from common.generation import chat_prompt, fit_params, submit_choices, text_prompt
+from common.generation import chat_prompt, compile_constraint, fit_params, submit_choices, text_prompt
 from common.models import ModelManager
+from common.presets import PresetState
 from common.streaming import sse_response, until_disconnect
-from endpoints.deps import get_config, get_models, log_unknown_fields
+from endpoints.deps import get_config, get_models, get_presets, log_unknown_fields
 from endpoints.openai import serving
-from endpoints.openai.mapping import to_sampling_params
+from endpoints.openai.mapping import chat_constraint, constraint_spec, to_sampling_params
 from endpoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 
 router = APIRouter(tags=["OpenAI"], dependencies=[Depends(require_api)])
@@ -25,28 +27,51 @@ async def chat_completions(
     request: Request,
     models: ModelManager = Depends(get_models),
     config: ParleyConfig = Depends(get_config),
+    presets: PresetState = Depends(get_presets),
 ) -> Response:
     log_unknown_fields(body, "/v1/chat/completions")
     model = models.get(body.model)
     template_vars = {**(body.chat_template_kwargs or {}), **(body.template_vars or {})}
+    if body.reasoning_effort:
+        template_vars.setdefault("reasoning_effort", body.reasoning_effort)
     prompt = chat_prompt(
         model,
         body.messages,
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
-        tools=body.tools,
+        tools=body.tools if body.tool_choice != "none" else None,
         template_vars=template_vars or None,
         response_prefix=body.response_prefix,
     )
+    mc = config.model
+    options = OutputOptions.for_request(
+        prompt_text=prompt.text,
+        template_source=model.template.source if model.template else None,
+        tools=body.tools,
+        tool_choice=body.tool_choice,
+        reasoning=mc.reasoning_parser,
+        start=mc.reasoning_start_marker,
+        end=mc.reasoning_end_marker,
+        tool_format=mc.tool_format,
+    )
+    spec = chat_constraint(body, options.tool_format)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = to_sampling_params(body, max_tokens=body.max_completion_tokens or body.max_tokens, logprobs=logprobs)
-    params = fit_params(model, prompt, params, config.model.default_max_tokens)
-    handles = submit_choices(model, prompt, params, body.n)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = to_sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, preset=presets.active)
+    if options.tool_format is not None:
+        params = params.with_updates(skip_special_tokens=False)  # some formats mark calls with special tokens
+    params = fit_params(model, prompt, params, mc.default_max_tokens)
+    constraint = await compile_constraint(model, spec)
+    handles = submit_choices(model, prompt, params, body.n, constraint)
+    want_logprobs = logprobs is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        frames = serving.chat_stream(handles, model.name, include_usage=include_usage)
+        frames = serving.chat_stream(
+            handles, model.name, options, include_usage=include_usage, want_logprobs=want_logprobs
+        )
         return sse_response(frames, Dialect.OPENAI, handles=handles)
-    return JSONResponse(await until_disconnect(request, serving.chat_response(handles, model.name), handles))
+    work = serving.chat_response(handles, model.name, options, want_logprobs=want_logprobs)
+    return JSONResponse(await until_disconnect(request, work, handles))
 
 
 @router.post("/v1/completions")
@@ -55,6 +80,7 @@ async def completions(
     request: Request,
     models: ModelManager = Depends(get_models),
     config: ParleyConfig = Depends(get_config),
+    presets: PresetState = Depends(get_presets),
 ) -> Response:
     log_unknown_fields(body, "/v1/completions")
     model = models.get(body.model)
@@ -69,15 +95,15 @@ async def completions(
         raise BadRequestError("'prompt' must not be empty.", param="prompt")
     if body.stream and len(prompts) > 1:
         raise BadRequestError("Streaming supports one prompt per request; send the prompts separately.", param="prompt")
-    logprobs = body.logprobs
-    base = to_sampling_params(body, max_tokens=body.max_tokens, logprobs=logprobs)
+    base = to_sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, preset=presets.active)
+    constraint = await compile_constraint(model, constraint_spec(body, body.response_format))
     groups = []
     echo_texts: list[str] = []
     try:
         for p in prompts:
             prompt = text_prompt(model, p, add_bos=body.add_bos_token)
             params = fit_params(model, prompt, base, config.model.default_max_tokens)
-            groups.append(submit_choices(model, prompt, params, body.n))
+            groups.append(submit_choices(model, prompt, params, body.n, constraint))
             if body.echo:
                 echo_texts.append(prompt.text if prompt.text is not None else model.engine.detokenize(prompt.tokens))
     except BaseException:
@@ -85,12 +111,14 @@ async def completions(
             for h in g:
                 h.cancel()
         raise
+    want_logprobs = body.logprobs is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         frames = serving.completion_stream(
-            groups[0], model.name, include_usage=include_usage, echo_text=echo_texts[0] if echo_texts else ""
+            groups[0], model.name, include_usage=include_usage, want_logprobs=want_logprobs,
+            echo_text=echo_texts[0] if echo_texts else "",
         )
         return sse_response(frames, Dialect.OPENAI, handles=groups[0])
     every = [h for g in groups for h in g]
-    work = serving.completion_response(groups, model.name, echo_texts)
+    work = serving.completion_response(groups, model.name, echo_texts, want_logprobs=want_logprobs)
     return JSONResponse(await until_disconnect(request, work, every))

@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from backends.base import Finished, FinishReason, GenerationHandle, TextDelta, Usage
+from backends.base import Finished, FinishReason, GenerationHandle, TextDelta, TokenLogprob, Usage
+from common.chat_output import ChatDeltas, ChatOutput, OutputOptions, parse_whole
 from common.errors import APIError, EngineError, ModelNotLoadedError
 from common.generation import collect, merge_events, raise_if_failed, total_usage
 from common.streaming import dumps
+from common.tools import ToolCallDelta
 
 FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 
@@ -37,56 +39,128 @@ def stream_failure(finish: Finished) -> APIError | None:
     return None
 
 
-# -- chat --------------------------------------------------------------------
-async def chat_response(handles: list[GenerationHandle], model_name: str) -> dict[str, Any]:
-    results = await collect(handles)
+# -- logprobs shapes -----------------------------------------------------------
+def chat_logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": lp.token,
+                "logprob": lp.logprob,
+                "bytes": lp.bytes,
+                "top_logprobs": [
+                    {"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for t, _, v in lp.top
+                ],
+            }
+            for lp in items
+        ]
+    }
+
+
+def completion_logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int) -> dict[str, Any]:
+    offsets = []
+    pos = offset
+    for lp in items:
+        offsets.append(pos)
+        pos += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in items],
+        "token_logprobs": [lp.logprob for lp in items],
+        "top_logprobs": [{t: v for t, _, v in lp.top} for lp in items],
+        "text_offset": offsets,
+    }
+
+
+def _tool_call_delta(d: ToolCallDelta) -> dict[str, Any]:
+    fn: dict[str, Any] = {"arguments": d.arguments_fragment}
+    out: dict[str, Any] = {"index": d.index, "function": fn}
+    if d.name is not None:
+        out["id"] = d.id
+        out["type"] = "function"
+        fn["name"] = d.name
+    return out
+
+
+# -- chat ------------------------------------------------------------------------
+async def chat_response(
+    handles: list[GenerationHandle], model_name: str, options: OutputOptions, *, want_logprobs: bool
+) -> dict[str, Any]:
+    results = await collect(handles, keep_logprobs=want_logprobs)
+    choices = []
     for r in results:
         raise_if_failed(r.finish)
-    finishes = [r.finish for r in results if r.finish is not None]
+        assert r.finish is not None
+        reasoning, content, calls = parse_whole(r.text, options)
+        message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        finish = FINISH_REASONS.get(r.finish.reason, "stop")
+        if calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+            ]
+            finish = "tool_calls"
+        choices.append({
+            "index": r.index,
+            "message": message,
+            "logprobs": chat_logprobs(r.logprobs) if want_logprobs else None,
+            "finish_reason": finish,
+        })
     return {
         "id": new_id("chatcmpl"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model_name,
-        "choices": [
-            {
-                "index": r.index,
-                "message": {"role": "assistant", "content": r.text},
-                "logprobs": None,
-                "finish_reason": FINISH_REASONS.get(r.finish.reason, "stop") if r.finish else "stop",
-            }
-            for r in results
-        ],
-        "usage": usage_body(total_usage(finishes)),
+        "choices": choices,
+        "usage": usage_body(total_usage([r.finish for r in results if r.finish is not None])),
     }
 
 
 async def chat_stream(
-    handles: list[GenerationHandle], model_name: str, *, include_usage: bool
+    handles: list[GenerationHandle],
+    model_name: str,
+    options: OutputOptions,
+    *,
+    include_usage: bool,
+    want_logprobs: bool,
 ) -> AsyncIterator[str]:
     cid = new_id("chatcmpl")
     created = int(time.time())
     head = f'{{"id":"{cid}","object":"chat.completion.chunk","created":{created},"model":{dumps(model_name)},'
     usage_null = ',"usage":null' if include_usage else ""
 
-    def frame(index: int, delta: dict[str, Any], finish: str | None) -> str:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def frame(index: int, delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return f'data: {head}"choices":[{dumps(choice)}]{usage_null}}}\n\n'
 
+    def delta_frames(index: int, d: ChatDeltas, logprobs: Any) -> list[str]:
+        out = []
+        if d.reasoning:
+            out.append(frame(index, {"reasoning_content": d.reasoning}, None))
+        if d.content or (logprobs and not d.tool_calls):
+            out.append(frame(index, {"content": d.content}, None, logprobs))
+        if d.tool_calls:
+            out.append(frame(index, {"tool_calls": [_tool_call_delta(t) for t in d.tool_calls]}, None))
+        return out
+
+    outputs = [ChatOutput(options) for _ in handles]
     for i in range(len(handles)):
         yield frame(i, {"role": "assistant", "content": ""}, None)
     finishes: list[Finished] = []
     async with aclosing(merge_events(handles)) as events:
         async for i, ev in events:
             if isinstance(ev, TextDelta):
-                if ev.text:
-                    yield frame(i, {"content": ev.text}, None)
+                lps = chat_logprobs(ev.logprobs) if want_logprobs and ev.logprobs else None
+                for f in delta_frames(i, outputs[i].feed(ev.text), lps):
+                    yield f
                 continue
             failure = stream_failure(ev)
             if failure is not None:
                 raise failure
             finishes.append(ev)
-            yield frame(i, {}, FINISH_REASONS.get(ev.reason, "stop"))
+            for f in delta_frames(i, outputs[i].finish(), None):
+                yield f
+            reason = "tool_calls" if outputs[i].saw_tool_call else FINISH_REASONS.get(ev.reason, "stop")
+            yield frame(i, {}, reason)
     if include_usage:
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                 "choices": [], "usage": usage_body(total_usage(finishes))}
@@ -96,29 +170,28 @@ async def chat_stream(
 
 # -- text completions ----------------------------------------------------------
 async def completion_response(
-    groups: list[list[GenerationHandle]], model_name: str, echo_texts: list[str]
+    groups: list[list[GenerationHandle]], model_name: str, echo_texts: list[str], *, want_logprobs: bool
 ) -> dict[str, Any]:
     choices: list[dict[str, Any]] = []
-    finishes: list[Finished] = []
     usage = Usage()
     for p, handles in enumerate(groups):
-        results = await collect(handles)
+        results = await collect(handles, keep_logprobs=want_logprobs)
         group_finishes = []
         for r in results:
             raise_if_failed(r.finish)
             assert r.finish is not None
             group_finishes.append(r.finish)
+            echo = echo_texts[p] if echo_texts else ""
             choices.append({
                 "index": p * len(handles) + r.index,
-                "text": (echo_texts[p] if echo_texts else "") + r.text,
-                "logprobs": None,
+                "text": echo + r.text,
+                "logprobs": completion_logprobs(r.logprobs, len(echo)) if want_logprobs else None,
                 "finish_reason": FINISH_REASONS.get(r.finish.reason, "stop"),
             })
         g = total_usage(group_finishes)
         usage.prompt_tokens += g.prompt_tokens
         usage.completion_tokens += g.completion_tokens
         usage.cached_tokens += g.cached_tokens
-        finishes.extend(group_finishes)
     return {
         "id": new_id("cmpl"),
         "object": "text_completion",
@@ -130,15 +203,21 @@ async def completion_response(
 
 
 async def completion_stream(
-    handles: list[GenerationHandle], model_name: str, *, include_usage: bool, echo_text: str = ""
+    handles: list[GenerationHandle],
+    model_name: str,
+    *,
+    include_usage: bool,
+    want_logprobs: bool,
+    echo_text: str = "",
 ) -> AsyncIterator[str]:
     cid = new_id("cmpl")
     created = int(time.time())
     head = f'{{"id":"{cid}","object":"text_completion","created":{created},"model":{dumps(model_name)},'
     usage_null = ',"usage":null' if include_usage else ""
+    offsets = [len(echo_text)] * len(handles)
 
-    def frame(index: int, text: str, finish: str | None) -> str:
-        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    def frame(index: int, text: str, finish: str | None, logprobs: Any = None) -> str:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return f'data: {head}"choices":[{dumps(choice)}]{usage_null}}}\n\n'
 
     if echo_text:
@@ -148,8 +227,10 @@ async def completion_stream(
     async with aclosing(merge_events(handles)) as events:
         async for i, ev in events:
             if isinstance(ev, TextDelta):
-                if ev.text:
-                    yield frame(i, ev.text, None)
+                if ev.text or (want_logprobs and ev.logprobs):
+                    lps = completion_logprobs(ev.logprobs, offsets[i]) if want_logprobs else None
+                    offsets[i] += len(ev.text)
+                    yield frame(i, ev.text, None, lps)
                 continue
             failure = stream_failure(ev)
             if failure is not None:
