@@ -8,6 +8,7 @@ serving.py). Context checks, `n` choices, and cancellation live here once.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -62,7 +63,47 @@ def _text_of(content: Any, where: str) -> str | None:
     raise BadRequestError(f"{where}.content must be a string or a list of parts.", param=f"{where}.content")
 
 
-def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _tool_calls_for_template(calls: Any, where: str) -> list[dict[str, Any]]:
+    """OpenAI sends arguments as a JSON string; HF templates expect an object."""
+    if not isinstance(calls, list):
+        raise BadRequestError(f"{where}.tool_calls must be a list.", param=f"{where}.tool_calls")
+    out = []
+    for call in calls:
+        call = dict(call) if isinstance(call, dict) else {}
+        fn = dict(call.get("function") or {})
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                fn["arguments"] = json.loads(args) if args.strip() else {}
+            except ValueError:
+                pass  # leave it as the client sent it
+        call["function"] = fn
+        out.append(call)
+    return out
+
+
+def _inline_tool_calls(calls: list[dict[str, Any]]) -> str:
+    """Tool calls as text, for templates that know nothing of tool_calls (Hermes style)."""
+    parts = []
+    for call in calls:
+        fn = call.get("function", {})
+        parts.append(
+            "<tool_call>\n" + json.dumps({"name": fn.get("name"), "arguments": fn.get("arguments")}) + "\n</tool_call>"
+        )
+    return "\n".join(parts)
+
+
+def _tools_system_text(tools: list[dict[str, Any]]) -> str:
+    listing = "\n".join(json.dumps(t.get("function", t)) for t in tools)
+    return (
+        "You may call functions. Available functions:\n<tools>\n" + listing + "\n</tools>\n"
+        'To call one, reply with <tool_call>\n{"name": <function name>, "arguments": <arguments object>}\n</tool_call>'
+    )
+
+
+def normalize_messages(
+    messages: list[dict[str, Any]], *, template_knows_tool_calls: bool = True
+) -> list[dict[str, Any]]:
     if not messages:
         raise BadRequestError("'messages' must contain at least one message.", param="messages")
     out = []
@@ -77,7 +118,11 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         m = dict(msg)
         m["role"] = "system" if role == "developer" else role
         m["content"] = _text_of(msg.get("content"), where)
-        if m["content"] is None and not msg.get("tool_calls"):
+        if msg.get("tool_calls"):
+            m["tool_calls"] = _tool_calls_for_template(msg["tool_calls"], where)
+            if not template_knows_tool_calls:
+                m["content"] = ((m["content"] or "") + "\n" + _inline_tool_calls(m.pop("tool_calls"))).strip()
+        if m["content"] is None:
             m["content"] = ""
         out.append(m)
     return out
@@ -101,8 +146,17 @@ def chat_prompt(
             param="messages",
         )
     info = model.info
+    source = template.source
+    normalized = normalize_messages(messages, template_knows_tool_calls="tool_calls" in source)
+    if tools and "tools" not in source:
+        # The template cannot show tools: tell the model in a system message instead.
+        note = _tools_system_text(tools)
+        if normalized[0]["role"] == "system":
+            normalized[0] = {**normalized[0], "content": f"{normalized[0]['content']}\n\n{note}"}
+        else:
+            normalized.insert(0, {"role": "system", "content": note})
     text = template.render(
-        normalize_messages(messages),
+        normalized,
         add_generation_prompt=add_generation_prompt and not continue_final_message,
         continue_final_message=continue_final_message,
         bos_token=info.bos_token,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -80,6 +81,14 @@ def _tool_call_delta(d: ToolCallDelta) -> dict[str, Any]:
     return out
 
 
+def _complete_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 # -- chat ------------------------------------------------------------------------
 async def chat_response(
     handles: list[GenerationHandle], model_name: str, options: OutputOptions, *, want_logprobs: bool
@@ -90,6 +99,8 @@ async def chat_response(
         raise_if_failed(r.finish)
         assert r.finish is not None
         reasoning, content, calls = parse_whole(r.text, options)
+        if r.finish.reason is FinishReason.LENGTH:
+            calls = [c for c in calls if _complete_json(c.arguments)]  # max_tokens cut the last call short
         message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
         if reasoning is not None:
             message["reasoning_content"] = reasoning
