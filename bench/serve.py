@@ -205,6 +205,10 @@ async def bench_server(srv: Server, args: argparse.Namespace, idx: int) -> tuple
     return by_c, prefix
 
 
+def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -215,21 +219,31 @@ def main() -> None:
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=4, help="requests per worker at concurrency 1 (fewer above)")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate the servers this many times and report medians (steadies a noisy machine)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="parley-bench-"))
-    results: dict[str, dict[int, dict[str, float]]] = {}
-    prefix: dict[str, dict[str, float]] = {}
-    for idx, srv in enumerate(servers(args.model, args.threads, args.slots, args.ctx, args.servers.split(","), tmp)):
-        print(f"== {srv.name}", flush=True)
-        try:
-            srv.start(tmp)
-            results[srv.name], prefix[srv.name] = asyncio.run(bench_server(srv, args, idx))
-        finally:
-            srv.stop()
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {}
+    prefix_runs: dict[str, list[dict[str, float]]] = {}
+    names = args.servers.split(",")
+    for rnd in range(args.rounds):
+        order = names if rnd % 2 == 0 else list(reversed(names))
+        for idx, srv in enumerate(servers(args.model, args.threads, args.slots, args.ctx, order, tmp)):
+            print(f"== {srv.name} (round {rnd + 1}/{args.rounds})", flush=True)
+            try:
+                srv.start(tmp)
+                by_c, prefix = asyncio.run(bench_server(srv, args, idx + 10 * rnd))
+            finally:
+                srv.stop()
+            for c, m in by_c.items():
+                runs.setdefault(srv.name, {}).setdefault(c, []).append(m)
+            prefix_runs.setdefault(srv.name, []).append(prefix)
+    results = {name: {c: _median_of(ms) for c, ms in runs[name].items()} for name in names if name in runs}
+    prefix_med = {name: _median_of(prefix_runs[name]) for name in names if name in prefix_runs}
     print()
     print(f"model {args.model.name}, {args.threads} threads, {args.slots} slots, ctx {args.ctx}, "
-          f"{args.max_tokens} output tokens, prompts ~200 tokens")
-    print(fmt_table(results, prefix))
+          f"{args.max_tokens} output tokens, prompts ~200 tokens, median of {args.rounds} round(s)")
+    print(fmt_table(results, prefix_med))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

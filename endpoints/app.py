@@ -167,7 +167,10 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
     servers = set(config.network.api_servers)
     app.include_router(core_router)
     if "openai" in servers:
+        from endpoints.core.llamacpp_router import router as llamacpp_router
+
         app.include_router(openai_router)
+        app.include_router(llamacpp_router)
     if "ollama" in servers:
         app.include_router(ollama_router)
     if "kobold" in servers:

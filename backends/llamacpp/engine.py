@@ -246,6 +246,9 @@ class LlamaCppEngine(Engine):
                 continue
             slot, own, source, shared = self._choose_slot(job.context, free)
             need = len(job.context) - max(own, shared)
+            if job.preempted and self._has_active():
+                # It ran the cache full once: come back only when everyone can finish.
+                need += job.remaining + sum(s.job.remaining for s in self._slots if s.job is not None)
             if not self._make_room(need, slot):
                 self._waiting.appendleft(job)
                 break
@@ -322,14 +325,32 @@ class LlamaCppEngine(Engine):
         )
 
     def _step(self, outbox: dict[Job, list[Event]]) -> None:
+        # A full KV cache makes llama_decode refuse the batch (and leave the cache as it was);
+        # freeing room then retrying keeps every step productive.
+        while True:
+            fed, sample_at = self._fill_batch()
+            if not fed:
+                return
+            rc = lc.llama_decode(self.native.ctx, self._batch.finalize())
+            if rc == 0:
+                break
+            if not self._on_decode_failure(rc, fed, outbox):
+                return
+        for job, take in fed:
+            job.slot.tokens.extend(job.context[job.n_cached : job.n_cached + take])
+            job.n_cached += take
+        for job, idx in sample_at:
+            self._sample(job, idx, outbox)
+
+    def _fill_batch(self) -> tuple[list[tuple[Job, int]], list[tuple[Job, int]]]:
         batch = self._batch
         batch.clear()
         budget = batch.capacity
         sample_at: list[tuple[Job, int]] = []
+        fed: list[tuple[Job, int]] = []
         active = [s.job for s in self._slots if s.job is not None]
         # Decoding sequences first (one token each), then prefill in admission order.
         active.sort(key=lambda j: (len(j.context) - j.n_cached > 1, j.t_admit))
-        fed: list[tuple[Job, int]] = []
         for job in active:
             pending = len(job.context) - job.n_cached
             if pending <= 0 or budget <= 0:
@@ -341,35 +362,27 @@ class LlamaCppEngine(Engine):
             fed.append((job, take))
             if last:
                 sample_at.append((job, idx))
-        if batch.n == 0:
-            return
-        rc = lc.llama_decode(self.native.ctx, batch.finalize())
-        if rc != 0:
-            self._on_decode_failure(rc, fed, outbox)
-            return
-        for job, take in fed:
-            job.slot.tokens.extend(job.context[job.n_cached : job.n_cached + take])
-            job.n_cached += take
-        for job, idx in sample_at:
-            self._sample(job, idx, outbox)
+        return fed, sample_at
 
-    def _on_decode_failure(self, rc: int, fed: list[tuple[Job, int]], outbox: dict[Job, list[Event]]) -> None:
-        if rc == 1 and len(fed) > 0:
-            # KV full: free idle caches first; else preempt the newest job and recompute it later.
+    def _on_decode_failure(self, rc: int, fed: list[tuple[Job, int]], outbox: dict[Job, list[Event]]) -> bool:
+        """Make room after a refused batch; True when the step should be retried."""
+        if rc == 1:
             idle = [s for s in self._slots if s.job is None and s.tokens]
-            if idle:
+            if idle:  # cached prefixes go first
                 for s in idle:
                     lc.llama_memory_seq_rm(self.native.mem, s.seq, -1, -1)
                     s.tokens = []
-                return
+                return True
             victim = max((j for j, _ in fed), key=lambda j: j.t_admit)
             if len(fed) > 1:
                 self._preempt(victim)
-                return
+                return True
+            # One sequence alone does not fit: the cache is smaller than its context.
             self._finish(victim, FinishReason.LENGTH, outbox)
-            return
+            return False
         for job, _ in fed:
             self._finish(job, FinishReason.ERROR, outbox, error=f"llama_decode failed with code {rc}.")
+        return False
 
     def _preempt(self, job: Job) -> None:
         slot = job.slot
@@ -379,6 +392,7 @@ class LlamaCppEngine(Engine):
         slot.job = None
         job.slot = None
         job.n_cached = 0
+        job.preempted = True
         with self._cv:
             self._waiting.appendleft(job)
         logger.debug("KV cache full: preempted {} to recompute later", job.request.request_id)

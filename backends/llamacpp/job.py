@@ -21,7 +21,7 @@ class Job(GenerationHandle):
         "request", "loop", "queue", "cancelled", "finished", "context", "n_prompt",
         "n_cached", "n_generated", "max_new", "stream", "chain", "slot",
         "cached_tokens", "t_submit", "t_admit", "t_first", "stop_ids", "params",
-        "constraint", "bans", "rewinds", "pending_logprobs",
+        "constraint", "bans", "rewinds", "pending_logprobs", "preempted",
     )
 
     def __init__(
@@ -51,7 +51,12 @@ class Job(GenerationHandle):
         self.constraint = request.constraint.new_state() if request.constraint is not None else None
         self.bans: dict[int, set[int]] = {}  # generated position -> tokens banned there (banned strings)
         self.rewinds = 0
+        self.preempted = False  # recomputed after the KV cache ran full; readmitted only with room to finish
         self.pending_logprobs: deque[TokenLogprob] = deque()
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.max_new - self.n_generated)
 
     def needs_logits(self) -> bool:
         return (

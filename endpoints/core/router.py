@@ -62,8 +62,21 @@ async def health(models: ModelManager = Depends(get_models)) -> Response:
         issues.append({"time": _now(), "description": "A model is loading."})
     elif not models.loaded:
         issues.append({"time": _now(), "description": "No model is loaded; POST /v1/model/load."})
+    engines = {}
+    for name, model in models.loaded.items():
+        st = model.engine.stats()
+        engines[name] = {
+            "slots_total": st.slots_total,
+            "slots_active": st.slots_active,
+            "queue_depth": st.queue_depth,
+            "kv_cells_total": st.kv_cells_total,
+            "kv_cells_used": st.kv_cells_used,
+            "kv_cells_cached": st.cached_prefix_tokens,
+            "requests_finished": st.requests_finished,
+            "tokens_generated": st.tokens_generated,
+        }
     code = 503 if status != "healthy" else 200
-    return JSONResponse({"status": status, "issues": issues}, status_code=code)
+    return JSONResponse({"status": status, "issues": issues, "models": engines}, status_code=code)
 
 
 def _now() -> str:

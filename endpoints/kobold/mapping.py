@@ -1,4 +1,4 @@
-"""KoboldAI request -> prompt tokens and SamplingParams.
+"""KoboldAI request -> prompt tokens, SamplingParams and output constraint.
 
 Kobold semantics that differ from OpenAI's live here:
 - `max_context_length` is the client's context budget: a prompt that does not
@@ -6,7 +6,10 @@ Kobold semantics that differ from OpenAI's live here:
   the same), keeping a leading BOS token;
 - `sampler_seed: -1` means random; `dynatemp_range` is a spread around
   `temperature`; `use_default_badwordsids` bans EOS; `bypass_eos` generates
-  past it; `banned_tokens` are strings, not ids.
+  past it; `banned_tokens` are strings, not ids; `grammar` is GBNF.
+
+Sampling follows the shared precedence (common/presets.build_params): KoboldCpp's
+defaults < the active sampler preset < what the client sent < forced preset fields.
 """
 
 from __future__ import annotations
@@ -15,14 +18,47 @@ from typing import Any
 
 from loguru import logger
 
+from common.constraints import ConstraintSpec
 from common.errors import BadRequestError
 from common.generation import Prompt
 from common.models import LoadedModel
+from common.presets import Preset, build_params
 from common.sampling import SamplingParams
 from endpoints.kobold.protocol import DEFAULT_SAMPLER_ORDER, GenerateRequest
 
 # Generation length when neither the request nor the config sets one.
 DEFAULT_MAX_LENGTH = 512
+
+# Kobold field -> SamplingParams field, for fields whose value passes unchanged.
+_FIELDS = {
+    "temperature": "temperature",
+    "dynatemp_exponent": "temp_exponent",
+    "smoothing_factor": "smoothing_factor",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "top_a": "top_a",
+    "min_p": "min_p",
+    "typical": "typical",
+    "tfs": "tfs",
+    "nsigma": "top_n_sigma",
+    "xtc_threshold": "xtc_threshold",
+    "xtc_probability": "xtc_probability",
+    "rep_pen": "repetition_penalty",
+    "rep_pen_range": "penalty_range",
+    "presence_penalty": "presence_penalty",
+    "dry_multiplier": "dry_multiplier",
+    "dry_base": "dry_base",
+    "dry_allowed_length": "dry_allowed_length",
+    "dry_penalty_last_n": "dry_range",
+    "mirostat": "mirostat_mode",
+    "mirostat_tau": "mirostat_tau",
+    "mirostat_eta": "mirostat_eta",
+}
+
+# KoboldCpp's defaults (the protocol's field defaults), for the knobs a client leaves out.
+KOBOLD_DEFAULTS: dict[str, Any] = {
+    canonical: GenerateRequest.model_fields[kobold].default for kobold, canonical in _FIELDS.items()
+}
 
 
 def default_max_length(config_default: int | None) -> int:
@@ -63,56 +99,67 @@ def note_unapplied(body: GenerateRequest, route: str) -> None:
         notes.append(f"rep_pen_slope={body.rep_pen_slope}")
     if body.sampler_order and tuple(body.sampler_order) != DEFAULT_SAMPLER_ORDER:
         notes.append("sampler_order (llama.cpp applies its own order)")
-    if body.grammar and body.grammar.strip():
-        notes.append("grammar (constrained generation is not supported yet)")
     if body.grammar_retain_state:
-        notes.append("grammar_retain_state")
+        notes.append("grammar_retain_state (each generation starts the grammar afresh)")
     if body.images:
         notes.append(f"{len(body.images)} image(s) (the model cannot read images)")
     if notes:
         logger.info("{}: accepted but not applied: {}", route, "; ".join(notes))
 
 
-def to_sampling_params(body: GenerateRequest, *, max_tokens: int, n_vocab: int) -> SamplingParams:
-    values: dict[str, Any] = {
-        "max_tokens": max_tokens,
-        "temperature": body.temperature,
-        "temp_exponent": body.dynatemp_exponent,
-        "smoothing_factor": body.smoothing_factor,
-        "top_k": body.top_k,
-        "top_p": body.top_p,
-        "top_a": body.top_a,
-        "min_p": body.min_p,
-        "typical": body.typical,
-        "tfs": body.tfs,
-        "top_n_sigma": body.nsigma,
-        "xtc_threshold": body.xtc_threshold,
-        "xtc_probability": body.xtc_probability,
-        "repetition_penalty": body.rep_pen,
-        "penalty_range": body.rep_pen_range,
-        "presence_penalty": body.presence_penalty,
-        "dry_multiplier": body.dry_multiplier,
-        "dry_base": body.dry_base,
-        "dry_allowed_length": body.dry_allowed_length,
-        "dry_range": body.dry_penalty_last_n,
-        "mirostat_mode": body.mirostat,
-        "mirostat_tau": body.mirostat_tau,
-        "mirostat_eta": body.mirostat_eta,
-        "seed": None if body.sampler_seed is None or body.sampler_seed < 0 else body.sampler_seed,
-        "stop": _str_list(body.stop_sequence),
-        "ban_eos_token": body.use_default_badwordsids,
-        "ignore_eos": body.bypass_eos,
-        "banned_strings": _str_list(body.banned_tokens),
-        "logit_bias": _logit_bias(body.logit_bias, n_vocab),
-        "skip_special_tokens": not body.render_special,
+def sent_fields(body: GenerateRequest, *, n_vocab: int) -> dict[str, Any]:
+    """Canonical SamplingParams names for exactly the knobs the client sent."""
+    given = body.model_fields_set
+    sent: dict[str, Any] = {
+        canonical: getattr(body, kobold) for kobold, canonical in _FIELDS.items() if kobold in given
     }
+    if body.max_length is not None:
+        sent["max_tokens"] = body.max_length
     if body.dynatemp_range > 0:
-        values["min_temp"] = max(0.0, body.temperature - body.dynatemp_range)
-        values["max_temp"] = body.temperature + body.dynatemp_range
-    breakers = _str_list(body.dry_sequence_breakers)
-    if breakers:
-        values["dry_sequence_breakers"] = breakers
-    return SamplingParams(**values)
+        sent["min_temp"] = max(0.0, body.temperature - body.dynatemp_range)
+        sent["max_temp"] = body.temperature + body.dynatemp_range
+    if body.sampler_seed is not None and body.sampler_seed >= 0:  # -1: random
+        sent["seed"] = body.sampler_seed
+    if _str_list(body.stop_sequence):
+        sent["stop"] = _str_list(body.stop_sequence)
+    if "use_default_badwordsids" in given:
+        sent["ban_eos_token"] = body.use_default_badwordsids
+    if "bypass_eos" in given:
+        sent["ignore_eos"] = body.bypass_eos
+    if _str_list(body.banned_tokens):
+        sent["banned_strings"] = _str_list(body.banned_tokens)
+    if body.logit_bias:
+        sent["logit_bias"] = _logit_bias(body.logit_bias, n_vocab)
+    if "render_special" in given:
+        sent["skip_special_tokens"] = not body.render_special
+    if _str_list(body.dry_sequence_breakers):
+        sent["dry_sequence_breakers"] = _str_list(body.dry_sequence_breakers)
+    return sent
+
+
+def to_sampling_params(
+    body: GenerateRequest, *, n_vocab: int, default_length: int, preset: Preset | None = None
+) -> SamplingParams:
+    """KoboldCpp defaults < preset < the request < forced preset fields.
+
+    max_tokens is the requested length before `fit_context` settles it.
+    """
+    defaults = {**KOBOLD_DEFAULTS, "max_tokens": default_length}
+    return build_params(sent_fields(body, n_vocab=n_vocab), preset, defaults)
+
+
+def grammar_constraint(body: GenerateRequest) -> ConstraintSpec | None:
+    """`grammar` (GBNF, as KoboldCpp takes it) -> the output constraint; "" means none."""
+    if body.grammar is None or not body.grammar.strip():
+        return None
+    try:
+        return ConstraintSpec.from_request(grammar_string=body.grammar)
+    except BadRequestError as exc:
+        message = exc.message.replace("'grammar_string'", "'grammar'").rstrip(". ")
+        raise BadRequestError(
+            f"{message}. Fix the GBNF grammar (for example: root ::= \"yes\" | \"no\") or send \"\" for none.",
+            param="grammar",
+        ) from exc
 
 
 def fit_context(

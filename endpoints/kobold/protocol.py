@@ -70,8 +70,8 @@ class GenerateRequest(KoboldModel):
     banned_tokens: list[str] | None = None
     logit_bias: dict[str, float] | None = None
     render_special: bool = False
-    grammar: str | None = None  # stored on the request; not applied yet (see the router's log)
-    grammar_retain_state: bool = False
+    grammar: str | None = None  # GBNF; "" means unconstrained
+    grammar_retain_state: bool = False  # accepted; every generation starts the grammar afresh
 
     # Bookkeeping
     genkey: str | None = Field(None, max_length=200)

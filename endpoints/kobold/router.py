@@ -16,13 +16,20 @@ from starlette.responses import JSONResponse, Response
 from common.auth import AuthManager, require_api
 from common.config import ParleyConfig
 from common.errors import BadRequestError, Dialect
-from common.generation import fit_params, submit_choices, text_prompt
+from common.generation import compile_constraint, fit_params, submit_choices, text_prompt
 from common.models import ModelManager
+from common.presets import PresetState
 from common.streaming import sse_response, until_disconnect
-from endpoints.deps import get_config, get_models, log_unknown_fields
+from endpoints.deps import get_config, get_models, get_presets, log_unknown_fields
 from endpoints.kobold import serving
 from endpoints.kobold.genkeys import AbortOutcome, GenEntry, GenRegistry, get_registry, owner_of
-from endpoints.kobold.mapping import default_max_length, fit_context, note_unapplied, to_sampling_params
+from endpoints.kobold.mapping import (
+    default_max_length,
+    fit_context,
+    grammar_constraint,
+    note_unapplied,
+    to_sampling_params,
+)
 from endpoints.kobold.protocol import DetokenizeRequest, GenerateRequest, GenkeyRequest, TokenizeRequest
 
 router = APIRouter(tags=["KoboldAI"], dependencies=[Depends(require_api)])
@@ -66,11 +73,12 @@ async def max_length(config: ParleyConfig = Depends(get_config)) -> dict[str, in
 
 
 # -- generation -----------------------------------------------------------------
-def _start(
+async def _start(
     body: GenerateRequest,
     request: Request,
     models: ModelManager,
     config: ParleyConfig,
+    presets: PresetState,
     registry: GenRegistry,
     route: str,
 ) -> GenEntry:
@@ -78,16 +86,21 @@ def _start(
     log_unknown_fields(body, route)
     note_unapplied(body, route)
     model = models.get()
-    wanted = body.max_length or default_max_length(config.model.default_max_tokens)
+    spec = grammar_constraint(body)
+    default_length = default_max_length(config.model.default_max_tokens)
+    params = to_sampling_params(body, n_vocab=model.info.n_vocab, default_length=default_length, preset=presets.active)
     prompt = text_prompt(model, body.prompt)
-    prompt, length = fit_context(model, prompt, max_length=wanted, max_context_length=body.max_context_length)
-    params = to_sampling_params(body, max_tokens=length, n_vocab=model.info.n_vocab)
-    params = fit_params(model, prompt, params, None)
-    handles = submit_choices(model, prompt, params, body.n)
+    prompt, length = fit_context(
+        model, prompt, max_length=params.max_tokens or default_length, max_context_length=body.max_context_length
+    )
+    params = fit_params(model, prompt, params.with_updates(max_tokens=length), None)
+    constraint = await compile_constraint(model, spec)
+    handles = submit_choices(model, prompt, params, body.n, constraint)
     entry = registry.start(owner_of(request), body.genkey, handles)
     if not body.quiet:
         logger.info(
-            "{}: genkey {}, {} prompt tokens, max_length {}", route, entry.genkey, len(prompt.tokens), length
+            "{}: genkey {}, {} prompt tokens, max_length {}{}", route, entry.genkey, len(prompt.tokens), length,
+            ", grammar" if spec is not None else "",
         )
     return entry
 
@@ -98,9 +111,10 @@ async def generate(
     request: Request,
     models: ModelManager = Depends(get_models),
     config: ParleyConfig = Depends(get_config),
+    presets: PresetState = Depends(get_presets),
     registry: GenRegistry = Depends(get_registry),
 ) -> Response:
-    entry = _start(body, request, models, config, registry, "/api/v1/generate")
+    entry = await _start(body, request, models, config, presets, registry, "/api/v1/generate")
     work = serving.generate_response(entry, registry, trim_stop=body.trim_stop)
     return JSONResponse(await until_disconnect(request, work))
 
@@ -111,11 +125,12 @@ async def generate_stream(
     request: Request,
     models: ModelManager = Depends(get_models),
     config: ParleyConfig = Depends(get_config),
+    presets: PresetState = Depends(get_presets),
     registry: GenRegistry = Depends(get_registry),
 ) -> Response:
     if body.n != 1:
         raise BadRequestError("Streaming generates one answer; send n=1 or use /api/v1/generate.", param="n")
-    entry = _start(body, request, models, config, registry, "/api/extra/generate/stream")
+    entry = await _start(body, request, models, config, presets, registry, "/api/extra/generate/stream")
     frames = serving.generate_stream(entry, registry, trim_stop=body.trim_stop)
     return sse_response(frames, Dialect.KOBOLD, done_marker=False)
 

@@ -1,4 +1,9 @@
-"""Ollama request -> model file, messages and SamplingParams."""
+"""Ollama request -> model file, messages, SamplingParams, output constraint and output options.
+
+Sampling follows the shared precedence (common/presets.build_params): Ollama's
+defaults < the active sampler preset < the options the client sent < forced
+preset fields.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,14 @@ from typing import Any
 
 from loguru import logger
 
+from common.chat_output import OutputOptions
+from common.config import ModelConfig
+from common.constraints import ConstraintSpec
 from common.downloader import DownloadRequest, check_repo_id
 from common.errors import BadRequestError, ModelNotFoundError
-from common.models import ModelFile, ModelManager
+from common.generation import Prompt
+from common.models import LoadedModel, ModelFile, ModelManager
+from common.presets import Preset, build_params
 from common.sampling import SamplingParams
 from endpoints.ollama.protocol import LOAD_TIME_OPTIONS, ChatMessage, KeepAlive, Options
 
@@ -121,26 +131,52 @@ def note_keep_alive(keep_alive: KeepAlive, route: str) -> None:
         logger.debug("{}: keep_alive={!r} noted; models stay loaded until unloaded or replaced", route, keep_alive)
 
 
-def check_format(fmt: str | dict[str, Any] | None, route: str) -> None:
+def format_constraint(fmt: str | dict[str, Any] | None) -> ConstraintSpec | None:
+    """`format`: "json" -> any JSON object; a JSON schema object -> output valid against it."""
     if fmt is None or fmt == "":
-        return
-    if fmt == "json" or isinstance(fmt, dict):
-        logger.warning(
-            "{}: format={} accepted, but constrained output is not applied yet: the answer may not be valid JSON",
-            route, "json" if fmt == "json" else "<JSON schema>",
-        )
-        return
+        return None
+    if fmt == "json":
+        return ConstraintSpec.from_request(response_format={"type": "json_object"})
+    if isinstance(fmt, dict):
+        try:
+            return ConstraintSpec.from_request(json_schema=fmt)
+        except BadRequestError as exc:
+            message = exc.message.replace("'json_schema'", "'format'").rstrip(". ")
+            raise BadRequestError(f"{message}. Fix the JSON schema in 'format' and retry.", param="format") from exc
     raise BadRequestError(f"'format' must be \"json\" or a JSON schema object, got {fmt[:50]!r}.", param="format")
 
 
-def thinking_vars(think: bool | str | None, route: str) -> dict[str, Any] | None:
+def wants_thinking(think: bool | str | None) -> bool:
+    """think: true, or a level ("low", "medium", "high"), asks for the reasoning apart from the answer."""
+    if isinstance(think, str):
+        return think.lower() not in ("false", "none", "")
+    return bool(think)
+
+
+def thinking_vars(think: bool | str | None) -> dict[str, Any] | None:
     """`think` reaches the chat template as enable_thinking (and reasoning_effort for levels)."""
     if think is None:
         return None
-    logger.info("{}: think={!r} passed to the chat template; reasoning is not split from the answer yet", route, think)
     if isinstance(think, str):
-        return {"enable_thinking": think.lower() not in ("false", "none", ""), "reasoning_effort": think}
+        return {"enable_thinking": wants_thinking(think), "reasoning_effort": think}
     return {"enable_thinking": think}
+
+
+def output_options(
+    model: LoadedModel, prompt: Prompt, mc: ModelConfig, *, think: bool | str | None,
+    tools: list[dict[str, Any]] | None = None,
+) -> OutputOptions:
+    """How to split the output: reasoning only when `think` asks for it, tool calls when tools were sent."""
+    return OutputOptions.for_request(
+        prompt_text=prompt.text,
+        template_source=model.template.source if model.template else None,
+        tools=tools,
+        tool_choice="auto",  # Ollama has no tool_choice: the model decides
+        reasoning=wants_thinking(think) and mc.reasoning_parser,
+        start=mc.reasoning_start_marker,
+        end=mc.reasoning_end_marker,
+        tool_format=mc.tool_format,
+    )
 
 
 # -- messages ------------------------------------------------------------------
@@ -205,21 +241,29 @@ def _log_options(opts: Options, n_ctx: int, route: str) -> None:
         logger.info("{}: ignoring unknown options {}", route, ", ".join(sorted(opts.model_extra)))
 
 
-def to_sampling_params(options: Options | None, *, n_ctx: int, route: str) -> SamplingParams:
+def sent_options(opts: Options, n_ctx: int) -> dict[str, Any]:
+    """Canonical SamplingParams names for exactly the options the client sent."""
+    sent: dict[str, Any] = {
+        field_name: getattr(opts, ollama) for ollama, field_name in _FIELDS.items() if getattr(opts, ollama) is not None
+    }
+    if opts.seed is not None and opts.seed >= 0:  # Ollama: -1 = random
+        sent["seed"] = opts.seed
+    if opts.stop is not None:
+        stop = [opts.stop] if isinstance(opts.stop, str) else list(opts.stop)
+        sent["stop"] = tuple(s for s in stop if s)
+    max_tokens = _max_tokens(opts.num_predict, n_ctx)
+    if max_tokens is not None:
+        sent["max_tokens"] = max_tokens
+    return sent
+
+
+def to_sampling_params(
+    options: Options | None, *, n_ctx: int, route: str, preset: Preset | None = None
+) -> SamplingParams:
     opts = options or Options()
     _log_options(opts, n_ctx, route)
-    values: dict[str, Any] = dict(OLLAMA_DEFAULTS)
-    for ollama, field_name in _FIELDS.items():
-        value = getattr(opts, ollama)
-        if value is not None:
-            values[field_name] = value
-    if opts.seed is not None and opts.seed >= 0:  # Ollama: -1 = random
-        values["seed"] = opts.seed
-    stop = [opts.stop] if isinstance(opts.stop, str) else list(opts.stop or [])
-    values["stop"] = tuple(s for s in stop if s)
-    values["max_tokens"] = _max_tokens(opts.num_predict, n_ctx)
     try:
-        return SamplingParams(**values)
+        return build_params(sent_options(opts, n_ctx), preset, OLLAMA_DEFAULTS)
     except BadRequestError as exc:
         name = _OLLAMA_NAME.get(exc.param or "", exc.param or "")
         message = exc.message.replace(f"'{exc.param}'", f"'options.{name}'") if exc.param else exc.message

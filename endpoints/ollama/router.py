@@ -14,22 +14,26 @@ from loguru import logger
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from common.auth import require_admin, require_api
+from common.chat_output import OutputOptions
 from common.config import ParleyConfig
+from common.constraints import ConstraintSpec
 from common.errors import APIError, BadRequestError, ModelNotLoadedError
-from common.generation import Prompt, chat_prompt, fit_params, submit_choices, text_prompt
+from common.generation import Prompt, chat_prompt, compile_constraint, fit_params, submit_choices, text_prompt
 from common.models import LoadedModel, ModelFile, ModelManager
+from common.presets import PresetState
 from common.sampling import SamplingParams
 from common.streaming import ndjson_response, until_disconnect
-from endpoints.deps import get_config, get_models, log_unknown_fields
+from endpoints.deps import get_config, get_models, get_presets, log_unknown_fields
 from endpoints.ollama import serving
 from endpoints.ollama.mapping import (
     chat_messages,
-    check_format,
     find_model_file,
+    format_constraint,
     generate_messages,
     is_unload,
     no_images,
     note_keep_alive,
+    output_options,
     parse_pull_name,
     thinking_vars,
     to_sampling_params,
@@ -68,15 +72,18 @@ async def _unload(models: ModelManager, entry: ModelFile) -> None:
 
 
 async def _run(
-    request: Request, model: LoadedModel, prompt: Prompt, params: SamplingParams,
-    config: ParleyConfig, timing: serving.Timing, *, stream: bool, chat: bool,
+    request: Request, model: LoadedModel, prompt: Prompt, params: SamplingParams, config: ParleyConfig,
+    timing: serving.Timing, spec: ConstraintSpec | None, options: OutputOptions, *, stream: bool, chat: bool,
 ) -> Response:
+    if options.tool_format is not None:
+        params = params.with_updates(skip_special_tokens=False)  # some formats mark calls with special tokens
     params = fit_params(model, prompt, params, config.model.default_max_tokens)
-    handle = submit_choices(model, prompt, params, 1)[0]
+    constraint = await compile_constraint(model, spec)
+    handle = submit_choices(model, prompt, params, 1, constraint)[0]
     if stream:
-        lines = serving.generation_stream(handle, model.name, timing, chat=chat)
+        lines = serving.generation_stream(handle, model.name, timing, options, chat=chat)
         return ndjson_response(lines, handles=[handle])
-    work = serving.generation_response(handle, model.name, timing, chat=chat)
+    work = serving.generation_response(handle, model.name, timing, options, chat=chat)
     return JSONResponse(await until_disconnect(request, work, [handle]))
 
 
@@ -86,6 +93,7 @@ async def generate(
     request: Request,
     models: ModelManager = Depends(get_models),
     config: ParleyConfig = Depends(get_config),
+    presets: PresetState = Depends(get_presets),
 ) -> Response:
     route = "/api/generate"
     log_unknown_fields(body, route)
@@ -99,7 +107,7 @@ async def generate(
             "suffix is not supported for this model: send the whole prompt without 'suffix'.", param="suffix"
         )
     no_images(body.images, entry.name, "images")
-    check_format(body.format, route)
+    spec = format_constraint(body.format)
     if body.template:
         logger.info("{}: ignoring 'template'; the model's chat template applies (use raw=true for your own)", route)
     if body.context:
@@ -115,9 +123,10 @@ async def generate(
         prompt = text_prompt(model, body.prompt)
     else:
         messages = generate_messages(body.prompt, body.system)
-        prompt = chat_prompt(model, messages, template_vars=thinking_vars(body.think, route))
-    params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route=route)
-    return await _run(request, model, prompt, params, config, timing, stream=body.stream, chat=False)
+        prompt = chat_prompt(model, messages, template_vars=thinking_vars(body.think))
+    params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route=route, preset=presets.active)
+    options = output_options(model, prompt, config.model, think=body.think)
+    return await _run(request, model, prompt, params, config, timing, spec, options, stream=body.stream, chat=False)
 
 
 @api.post("/chat")
@@ -126,6 +135,7 @@ async def chat(
     request: Request,
     models: ModelManager = Depends(get_models),
     config: ParleyConfig = Depends(get_config),
+    presets: PresetState = Depends(get_presets),
 ) -> Response:
     route = "/api/chat"
     log_unknown_fields(body, route)
@@ -135,7 +145,7 @@ async def chat(
         await _unload(models, entry)
         return JSONResponse(serving.status_body(entry.name, "unload", chat=True))
     messages = chat_messages(body.messages, entry.name)
-    check_format(body.format, route)
+    spec = format_constraint(body.format)
     if messages:
         note_keep_alive(body.keep_alive, route)
     model = await _use_model(models, entry, timing)
@@ -146,10 +156,11 @@ async def chat(
     continue_final = last["role"] == "assistant" and bool(last.get("content")) and not last.get("tool_calls")
     prompt = chat_prompt(
         model, messages, continue_final_message=continue_final, tools=body.tools,
-        template_vars=thinking_vars(body.think, route),
+        template_vars=thinking_vars(body.think),
     )
-    params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route=route)
-    return await _run(request, model, prompt, params, config, timing, stream=body.stream, chat=True)
+    params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route=route, preset=presets.active)
+    options = output_options(model, prompt, config.model, think=body.think, tools=body.tools)
+    return await _run(request, model, prompt, params, config, timing, spec, options, stream=body.stream, chat=True)
 
 
 @api.get("/tags")

@@ -1,9 +1,15 @@
-"""Ollama response framing: NDJSON generation streams, model listings, pulls."""
+"""Ollama response framing: NDJSON generation streams, model listings, pulls.
+
+Generation output is split by common/chat_output: `thinking` (when the request
+asked for it) and `message.tool_calls` as Ollama shapes them, with arguments
+as an object; a streamed call is sent once, in the chunk where it completes.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,12 +24,14 @@ from loguru import logger
 
 from backends.base import Finished, FinishReason, GenerationHandle, TextDelta
 from backends.registry import gguf_file
+from common.chat_output import ChatDeltas, ChatOutput, OutputOptions, parse_whole
 from common.downloader import DownloadRequest, download, target_folder
 from common.errors import APIError
 from common.generation import collect, merge_events, raise_if_failed
 from common.gguf_info import GGUFInfo, parameter_size, read_gguf_info_async
 from common.models import LoadedModel, ModelFile, ModelManager
 from common.streaming import dumps
+from common.tools import ToolCall, ToolCallDelta
 from endpoints.ollama.mapping import ollama_name
 
 DONE_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
@@ -73,37 +81,110 @@ def status_body(model_name: str, reason: str, *, chat: bool) -> dict[str, Any]:
 
 
 # -- generation ----------------------------------------------------------------
-def _text_part(text: str, chat: bool) -> dict[str, Any]:
-    return {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+def _text_part(
+    text: str, chat: bool, thinking: str | None = None, tool_calls: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    if not chat:
+        return {"response": text, **({"thinking": thinking} if thinking else {})}
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if thinking:
+        message["thinking"] = thinking
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"message": message}
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def tool_calls_body(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """Ollama's tool_calls: `{"function": {"name", "arguments": {...}}}`, arguments an object."""
+    out = []
+    for call in calls:
+        arguments = call.arguments_object()
+        out.append({"function": {"name": call.name, "arguments": arguments if isinstance(arguments, dict) else {}}})
+    return out
+
+
+class CallAssembler:
+    """Streamed tool-call deltas -> whole calls, each handed out once, as soon as it is complete:
+    its arguments are a whole JSON object, a later call started, or the output ended (a call
+    the length limit cut short is dropped)."""
+
+    def __init__(self) -> None:
+        self._heads: dict[int, tuple[str, str]] = {}
+        self._args: dict[int, list[str]] = {}
+        self._sent: set[int] = set()
+
+    def add(self, deltas: list[ToolCallDelta], *, final: bool = False, cut: bool = False) -> list[ToolCall]:
+        for d in deltas:
+            if d.id is not None and d.name is not None:
+                self._heads[d.index] = (d.id, d.name)
+            self._args.setdefault(d.index, []).append(d.arguments_fragment)
+        out: list[ToolCall] = []
+        last = max(self._heads, default=-1)
+        for i in sorted(self._heads.keys() - self._sent):
+            call = ToolCall(*self._heads[i], "".join(self._args.get(i, [])))
+            whole = _is_json(call.arguments)
+            if not (final or i < last or (whole and isinstance(call.arguments_object(), dict))):
+                break  # still being written
+            self._sent.add(i)
+            if whole or not cut:
+                out.append(call)
+        return out
+
+
+def _delta_part(d: ChatDeltas, calls: list[ToolCall], chat: bool) -> dict[str, Any] | None:
+    if not (d.content or d.reasoning or calls):
+        return None
+    return _text_part(d.content, chat, d.reasoning, tool_calls_body(calls))
 
 
 async def generation_stream(
-    handle: GenerationHandle, model_name: str, timing: Timing, *, chat: bool
+    handle: GenerationHandle, model_name: str, timing: Timing, options: OutputOptions, *, chat: bool
 ) -> AsyncIterator[str]:
     """NDJSON chunks `{model, created_at, response|message, done:false}`, then the final one."""
-    head = f'{{"model":{dumps(ollama_name(model_name))},"created_at":"'
-    key = '"message":{"role":"assistant","content":' if chat else '"response":'
-    tail = '},"done":false}\n' if chat else ',"done":false}\n'
+    name = ollama_name(model_name)
+    output, assembler = ChatOutput(options), CallAssembler()
+
+    def chunk(part: dict[str, Any]) -> str:
+        return dumps({"model": name, "created_at": now_rfc3339(), **part, "done": False}) + "\n"
+
     async with aclosing(merge_events([handle])) as events:
         async for _, ev in events:
             if isinstance(ev, TextDelta):
-                if ev.text:
-                    yield f'{head}{now_rfc3339()}",{key}{dumps(ev.text)}{tail}'
+                d = output.feed(ev.text) if ev.text else ChatDeltas()
+                part = _delta_part(d, assembler.add(d.tool_calls), chat)
+                if part is not None:
+                    yield chunk(part)
                 continue
             if ev.reason is FinishReason.CANCELLED:
                 return
             raise_if_failed(ev)  # engine failure or unload: an {"error"} line
-            body = {"model": ollama_name(model_name), "created_at": now_rfc3339(), **_text_part("", chat)}
+            d = output.finish()
+            part = _delta_part(d, assembler.add(d.tool_calls, final=True, cut=ev.reason is FinishReason.LENGTH), chat)
+            if part is not None:
+                yield chunk(part)
+            body = {"model": name, "created_at": now_rfc3339(), **_text_part("", chat)}
             yield dumps(body | done_fields(ev, timing)) + "\n"
 
 
 async def generation_response(
-    handle: GenerationHandle, model_name: str, timing: Timing, *, chat: bool
+    handle: GenerationHandle, model_name: str, timing: Timing, options: OutputOptions, *, chat: bool
 ) -> dict[str, Any]:
     result = (await collect([handle]))[0]
     raise_if_failed(result.finish)
     assert result.finish is not None
-    body = {"model": ollama_name(model_name), "created_at": now_rfc3339(), **_text_part(result.text, chat)}
+    reasoning, content, calls = parse_whole(result.text, options)
+    if result.finish.reason is FinishReason.LENGTH:
+        calls = [c for c in calls if _is_json(c.arguments)]  # the limit cut the last call short
+    part = _text_part(content, chat, reasoning, tool_calls_body(calls))
+    body = {"model": ollama_name(model_name), "created_at": now_rfc3339(), **part}
     return body | done_fields(result.finish, timing)
 
 

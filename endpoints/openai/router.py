@@ -9,6 +9,7 @@ from common.auth import require_api
 from common.chat_output import OutputOptions
 from common.config import ParleyConfig
 from common.errors import BadRequestError, Dialect
+from common.fim import fim_prompt, has_fim
 from common.generation import chat_prompt, compile_constraint, fit_params, submit_choices, text_prompt
 from common.models import ModelManager
 from common.presets import PresetState
@@ -95,13 +96,24 @@ async def completions(
         raise BadRequestError("'prompt' must not be empty.", param="prompt")
     if body.stream and len(prompts) > 1:
         raise BadRequestError("Streaming supports one prompt per request; send the prompts separately.", param="prompt")
+    # An empty suffix on a model without FIM is a plain completion (some clients always send one).
+    fim = body.suffix is not None and (body.suffix != "" or has_fim(model))
+    if fim and not (len(prompts) == 1 and isinstance(prompts[0], str)):
+        raise BadRequestError(
+            "'suffix' (fill-in-the-middle) takes one text prompt, the code before the cursor; "
+            "send one string as 'prompt', or the prompts in separate requests.",
+            param="prompt",
+        )
     base = to_sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, preset=presets.active)
     constraint = await compile_constraint(model, constraint_spec(body, body.response_format))
     groups = []
     echo_texts: list[str] = []
     try:
         for p in prompts:
-            prompt = text_prompt(model, p, add_bos=body.add_bos_token)
+            if fim and isinstance(p, str):
+                prompt = fim_prompt(model, p, body.suffix or "", add_bos=body.add_bos_token)
+            else:
+                prompt = text_prompt(model, p, add_bos=body.add_bos_token)
             params = fit_params(model, prompt, base, config.model.default_max_tokens)
             groups.append(submit_choices(model, prompt, params, body.n, constraint))
             if body.echo:

@@ -24,7 +24,11 @@ def load_events(client: TestClient, body: dict, headers: dict | None = None) -> 
 
 def test_health_models_and_card(app_env: tuple[TestClient, Keys]) -> None:
     client, keys = app_env
-    assert client.get("/health").json() == {"status": "healthy", "issues": []}
+    health = client.get("/health").json()
+    assert health["status"] == "healthy" and health["issues"] == []
+    stats = health["models"][MODEL_NAME]
+    assert stats["slots_total"] >= 1 and stats["kv_cells_total"] >= 2048
+    assert stats["slots_active"] == 0 and stats["queue_depth"] == 0
     api = client.get("/v1/models", headers=keys.api_headers()).json()
     assert [m["id"] for m in api["data"]] == [MODEL_NAME]
     card = client.get("/v1/model", headers=keys.api_headers()).json()

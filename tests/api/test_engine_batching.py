@@ -153,3 +153,21 @@ async def test_queue_overflow_is_503_and_running_work_is_unharmed(engine: LlamaC
     assert len(finishes) == len(handles)
     assert all(f.reason is FinishReason.LENGTH and f.usage.completion_tokens == 64 for f in finishes)
     await idle(engine)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_full_kv_cache_preempts_and_recomputes_without_failing(model_path: Path) -> None:
+    # 4 sequences of ~20 + 100 tokens need ~480 cells; the cache has 256.
+    options = LoadOptions(max_seq_len=256, cache_size=256, max_batch_size=4, chunk_size=64, max_queue=8)
+    small = await asyncio.to_thread(LlamaCppEngine.load, model_path, "small", options)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+        together = await asyncio.gather(*(run(small, p, params) for p in PROMPTS[:4]))
+        # Every stream completes in full; none fails because the cache ran out.
+        assert all(f.reason is FinishReason.LENGTH and f.usage.completion_tokens == 100 for _, f in together), [
+            (f.reason, f.usage.completion_tokens, f.error) for _, f in together]
+        assert all(t.strip() for t, _ in together)
+        await idle(small)
+        small.check_consistency()
+    finally:
+        await small.close()

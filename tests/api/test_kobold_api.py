@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from backends.base import (
 )
 from common.errors import ServiceUnavailableError
 from endpoints.kobold.genkeys import AbortOutcome, GenRegistry
-from endpoints.kobold.mapping import to_sampling_params
+from endpoints.kobold.mapping import KOBOLD_DEFAULTS, sent_fields, to_sampling_params
 from endpoints.kobold.protocol import GenerateRequest
 from tests.conftest import MODEL_NAME, Keys, make_config
 
@@ -75,14 +76,14 @@ def test_generate_returns_text_and_counts(client: TestClient) -> None:
 
 
 def test_sillytavern_payload_is_accepted(client: TestClient) -> None:
-    """Every field SillyTavern's Kobold client sends, including ones not applied."""
+    """Every field SillyTavern's Kobold client sends, including ones not applied (grammar has its own tests)."""
     body = {
         "prompt": "Once upon a time", "max_context_length": 2048, "max_length": 8, "rep_pen": 1.1,
         "rep_pen_range": 320, "rep_pen_slope": 0.7, "temperature": 0.7, "tfs": 1, "top_a": 0, "top_k": 40,
         "top_p": 0.9, "min_p": 0.05, "typical": 1, "sampler_order": [6, 0, 1, 3, 4, 2, 5],
         "use_world_info": False, "singleline": False, "stop_sequence": ["\nUser:"], "streaming": False,
         "can_abort": True, "mirostat": 2, "mirostat_tau": 5, "mirostat_eta": 0.1,
-        "use_default_badwordsids": True, "grammar": 'root ::= "a"', "sampler_seed": 7, "n": 1,
+        "use_default_badwordsids": True, "grammar": "", "sampler_seed": 7, "n": 1,
         "dynatemp_range": 0.2, "dynatemp_exponent": 1, "smoothing_factor": 0, "dry_multiplier": 0.8,
         "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": 0,
         "dry_sequence_breakers": ["\n", ":"], "xtc_threshold": 0.1, "xtc_probability": 0.5,
@@ -135,6 +136,64 @@ def test_stream_frames(client: TestClient) -> None:
     assert frames[-1][1]["finish_reason"] == "stop"
     streamed = "".join(d["token"] for _, d in frames)
     assert streamed == generate(client, **body)["text"]
+
+
+# -- generation control: grammar, banned strings, presets ---------------------------------
+YES_NO = 'root ::= "yes" | "no"'
+LIST_GRAMMAR = 'root ::= "[" word (", " word){0,3} "]"\nword ::= [a-z]{1,6}'
+
+
+def stream_text(client: TestClient, body: dict[str, Any]) -> tuple[str, str]:
+    with client.stream("POST", STREAM, json=body) as r:
+        assert r.status_code == 200
+        frames = kobold_frames(r.read().decode())
+    return "".join(d["token"] for _, d in frames), frames[-1][1]["finish_reason"]
+
+
+@pytest.mark.parametrize(("grammar", "pattern"), [
+    (YES_NO, r"yes|no"),
+    (LIST_GRAMMAR, r"\[[a-z]{1,6}(, [a-z]{1,6}){0,3}\]"),
+])
+def test_grammar_always_matches_streamed_and_not(client: TestClient, grammar: str, pattern: str) -> None:
+    for seed in range(4):
+        body = {"prompt": "Question: is the sky green?\nAnswer:", "max_length": 40, "temperature": 1.2,
+                "sampler_seed": seed, "grammar": grammar}
+        result = generate(client, **body)
+        assert re.fullmatch(pattern, result["text"]), result
+        assert result["finish_reason"] == "stop"
+        text, finish = stream_text(client, body)
+        assert text == result["text"] and finish == "stop"
+
+
+def test_empty_grammar_is_unconstrained_and_a_bad_one_is_400(client: TestClient) -> None:
+    assert generate(client, prompt=COUNTING, max_length=6, temperature=0, grammar="")["text"].strip()
+    r = client.post(GENERATE, json={"prompt": "Hi", "max_length": 4, "grammar": 'root ::= ('})
+    assert r.status_code == 400
+    detail = r.json()["detail"]
+    assert detail["param"] == "grammar" and "'grammar'" in detail["msg"] and "Fix the GBNF grammar" in detail["msg"]
+
+
+def test_banned_tokens_never_appear(client: TestClient) -> None:
+    body = {"prompt": "My favourite colour is blue. The sky is blue and the sea is", "max_length": 30,
+            "temperature": 1.0}
+    # The ban below has something to prevent: some seed writes it.
+    assert any("sea" in generate(client, **body, sampler_seed=s)["text"] for s in range(10))
+    for seed in range(10):
+        text = generate(client, **body, sampler_seed=seed, banned_tokens=["sea"])["text"]
+        assert "sea" not in text, text
+
+
+def test_forced_preset_beats_the_request(client: TestClient) -> None:
+    body = {"prompt": "Once upon a time", "max_length": 16, "temperature": 1.5, "sampler_seed": 5}
+    greedy = generate(client, **{**body, "temperature": 0})["text"]
+    assert generate(client, **body)["text"] != greedy  # temperature 1.5 alone wanders off
+    try:
+        r = client.post("/v1/sampling/override/switch",
+                        json={"overrides": {"temperature": {"override": 0.0, "force": True}}})
+        assert r.status_code == 200, r.text
+        assert generate(client, **body)["text"] == greedy
+    finally:
+        client.post("/v1/sampling/override/unload")
 
 
 # -- tokens ------------------------------------------------------------------------------
@@ -251,18 +310,32 @@ def test_mapping_of_kobold_specific_fields() -> None:
         temperature=0.8, dynatemp_range=1.0, sampler_seed=-1, use_default_badwordsids=True, bypass_eos=True,
         banned_tokens=["foo", ""], stop_sequence="###", render_special=True, logit_bias={"5": -1.5},
     )
-    p = to_sampling_params(body, max_tokens=10, n_vocab=100)
+    p = to_sampling_params(body, n_vocab=100, default_length=10)
     assert (p.min_temp, p.max_temp) == (0.0, 1.8)
-    assert p.seed is None and p.ban_eos_token and p.ignore_eos
+    assert p.seed is None and p.ban_eos_token and p.ignore_eos and p.max_tokens == 10
     assert p.banned_strings == ("foo",) and p.stop == ("###",)
     assert p.skip_special_tokens is False and p.logit_bias == {5: -1.5}
-    assert to_sampling_params(GenerateRequest(sampler_seed=42), max_tokens=1, n_vocab=100).seed == 42
+    assert to_sampling_params(GenerateRequest(sampler_seed=42), n_vocab=100, default_length=1).seed == 42
+
+
+def test_sent_fields_are_only_what_the_client_sent() -> None:
+    from common.presets import Preset
+
+    assert sent_fields(GenerateRequest(prompt="x", grammar=""), n_vocab=100) == {}
+    sent = sent_fields(GenerateRequest(temperature=0.5, rep_pen=1.2, max_length=7, sampler_seed=3), n_vocab=100)
+    assert sent == {"temperature": 0.5, "repetition_penalty": 1.2, "max_tokens": 7, "seed": 3}
+    # KoboldCpp's defaults fill what was not sent; a preset beats them but not the request.
+    assert (KOBOLD_DEFAULTS["temperature"], KOBOLD_DEFAULTS["top_k"], KOBOLD_DEFAULTS["top_p"]) == (0.75, 100, 0.92)
+    preset = Preset.from_mapping("p", {"top_k": 5, "temperature": 0.1})
+    p = to_sampling_params(GenerateRequest(temperature=0.5), n_vocab=100, default_length=9, preset=preset)
+    assert (p.temperature, p.top_k, p.top_p, p.max_tokens, p.penalty_range) == (0.5, 5, 0.92, 9, 320)
 
 
 async def test_registry_prunes_and_bounds() -> None:
     now = [0.0]
     reg = GenRegistry(keep_seconds=10, max_entries=3, clock=lambda: now[0])
-    handle = _ScriptedHandle(GenerationRequest([1], to_sampling_params(GenerateRequest(), max_tokens=1, n_vocab=9)), [])
+    params = to_sampling_params(GenerateRequest(), n_vocab=9, default_length=1)
+    handle = _ScriptedHandle(GenerationRequest([1], params), [])
     done = reg.start("a", "k1", [handle])
     reg.finish(done)
     running = reg.start("a", "k2", [handle])

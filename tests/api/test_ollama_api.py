@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+import jsonschema
 import pytest
 from fastapi.testclient import TestClient
 
+from backends.base import Event, Finished, FinishReason, GenerationHandle, GenerationRequest, TextDelta, Usage
+from common.chat_output import OutputOptions
+from common.sampling import SamplingParams
+from common.tools import ToolFormat
 from tests.conftest import MODEL_NAME, Keys
 
 NAME = f"{MODEL_NAME}:latest"
@@ -134,10 +141,52 @@ def test_stop_option(client: TestClient) -> None:
     assert "5" not in body["response"] and body["done_reason"] == "stop"
 
 
-def test_format_json_is_accepted(client: TestClient) -> None:
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                          "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_format_schema_always_validates(client: TestClient) -> None:
+    for seed in range(3):
+        options = {"temperature": 1.0, "seed": seed, "num_predict": 80}
+        r = client.post("/api/generate", json={"model": NAME, "prompt": "Describe a person.", "format": PERSON,
+                                               "stream": False, "options": options})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["done_reason"] == "stop", body
+        jsonschema.validate(json.loads(body["response"]), PERSON)
+        payload = {"model": NAME, "messages": [{"role": "user", "content": "Describe a person."}], "format": PERSON,
+                   "options": options}
+        with client.stream("POST", "/api/chat", json=payload) as r:
+            chunks = ndjson(r)
+        assert chunks[-1]["done_reason"] == "stop"
+        jsonschema.validate(json.loads("".join(c["message"]["content"] for c in chunks)), PERSON)
+
+
+def test_format_json_gives_an_object(client: TestClient) -> None:
     r = client.post("/api/generate", json={"model": NAME, "prompt": "Give me a JSON object with a name.",
-                                           "format": "json", "stream": False, "options": SHORT})
-    assert r.status_code == 200 and r.json()["done"] is True
+                                           "format": "json", "stream": False,
+                                           "options": {"temperature": 0, "num_predict": 60}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["response"].lstrip().startswith("{")
+    if body["done_reason"] == "stop":  # any object is allowed, so only a finished one must parse
+        assert isinstance(json.loads(body["response"]), dict)
+    r = client.post("/api/generate", json={"model": NAME, "prompt": "hi", "format": {"type": "nonsense"}})
+    assert r.status_code == 400 and "'format'" in r.json()["error"] and "Fix the JSON schema" in r.json()["error"]
+
+
+def test_forced_preset_beats_the_options(client: TestClient) -> None:
+    payload = {"model": NAME, "prompt": "Tell me a story.", "stream": False,
+               "options": {"temperature": 1.5, "seed": 5, "num_predict": 16}}
+    greedy = client.post("/api/generate", json={**payload, "options": {**payload["options"], "temperature": 0}})
+    try:
+        r = client.post("/v1/sampling/override/switch",
+                        json={"overrides": {"temperature": {"override": 0.0, "force": True}}})
+        assert r.status_code == 200, r.text
+        assert client.post("/api/generate", json=payload).json()["response"] == greedy.json()["response"]
+    finally:
+        client.post("/v1/sampling/override/unload")
 
 
 # -- chat -----------------------------------------------------------------------
@@ -170,6 +219,39 @@ def test_chat_continues_a_final_assistant_message(client: TestClient) -> None:
                                        "options": {"temperature": 0, "num_predict": 6}})
     assert r.status_code == 200, r.text
     assert "Paris" in r.json()["message"]["content"]
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def _assert_ollama_calls(calls: list[dict[str, Any]]) -> None:
+    for call in calls:
+        assert list(call) == ["function"] and call["function"]["name"] == "get_weather"
+        assert isinstance(call["function"]["arguments"], dict)
+
+
+def test_chat_with_tools_is_well_formed(client: TestClient) -> None:
+    """The tiny model may or may not call the tool; either way the answer has Ollama's shape."""
+    payload = {"model": NAME, "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+               "tools": [WEATHER_TOOL], "stream": False, "options": {"temperature": 0, "num_predict": 40}}
+    body = client.post("/api/chat", json=payload).json()
+    assert body["done"] is True and body["message"]["role"] == "assistant"
+    assert isinstance(body["message"]["content"], str)
+    _assert_ollama_calls(body["message"].get("tool_calls", []))
+    with client.stream("POST", "/api/chat", json={**payload, "stream": True}) as r:
+        chunks = ndjson(r)
+    assert chunks[-1]["done"] is True and all(not c["done"] for c in chunks[:-1])
+    _assert_ollama_calls([c for chunk in chunks for c in chunk["message"].get("tool_calls", [])])
+
+
+def test_think_leaves_an_answer_without_reasoning_as_it_is(client: TestClient) -> None:
+    payload = {"model": NAME, "messages": [{"role": "user", "content": QUESTION}], "stream": False, "options": SHORT}
+    plain = client.post("/api/chat", json=payload).json()["message"]
+    thought = client.post("/api/chat", json={**payload, "think": True}).json()["message"]
+    # SmolLM2 writes no reasoning markers: nothing is split off.
+    assert thought == plain and "thinking" not in thought
 
 
 # -- load / unload ----------------------------------------------------------------
@@ -283,18 +365,107 @@ def test_pull_names() -> None:
 
 
 def test_options_mapping() -> None:
-    from endpoints.ollama.mapping import to_sampling_params
+    from common.presets import Preset
+    from endpoints.ollama.mapping import sent_options, to_sampling_params
     from endpoints.ollama.protocol import Options
 
     defaults = to_sampling_params(None, n_ctx=2048, route="test")
     assert (defaults.temperature, defaults.top_k, defaults.top_p, defaults.repetition_penalty) == (0.8, 40, 0.9, 1.1)
-    assert defaults.max_tokens is None and defaults.seed is None
+    assert defaults.penalty_range == 64 and defaults.max_tokens is None and defaults.seed is None
     opts = Options(num_predict=-2, typical_p=0.5, repeat_last_n=0, mirostat=2, seed=-1, stop="x", num_ctx=99999,
                    penalize_newline=True, num_gpu=1, made_up=3)
     p = to_sampling_params(opts, n_ctx=2048, route="test")
     assert (p.max_tokens, p.typical, p.penalty_range, p.mirostat_mode, p.seed, p.stop) == (2048, 0.5, 0, 2, None,
                                                                                             ("x",))
     assert to_sampling_params(Options(num_predict=-1), n_ctx=2048, route="test").max_tokens is None
+    # Only what the client sent is "sent"; a preset fills the rest before Ollama's defaults do.
+    assert sent_options(Options(), 2048) == {}
+    assert sent_options(Options(temperature=0.3, seed=9, num_predict=5), 2048) == {
+        "temperature": 0.3, "seed": 9, "max_tokens": 5}
+    preset = Preset.from_mapping("p", {"top_k": 3, "temperature": 0.1})
+    p = to_sampling_params(Options(temperature=0.3), n_ctx=2048, route="test", preset=preset)
+    assert (p.temperature, p.top_k, p.top_p) == (0.3, 3, 0.9)
+
+
+class _ScriptedHandle(GenerationHandle):
+    def __init__(self, events: list[Event]) -> None:
+        self.request = GenerationRequest([1], SamplingParams())
+        self._events = events
+
+    async def events(self) -> AsyncIterator[Event]:
+        for ev in self._events:
+            yield ev
+
+    def cancel(self) -> None:
+        pass
+
+
+TOOL_TEXT = [
+    'Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
+    'is", "days": [1, 2]}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "argu',
+    'ments": {}}\n</tool_call>',
+]
+TOOLS = OutputOptions(reasoning=False, tool_format=ToolFormat.HERMES, tool_names=("get_weather", "get_time"))
+CALLS = [{"function": {"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}},
+         {"function": {"name": "get_time", "arguments": {}}}]
+
+
+def _script(texts: list[str], reason: FinishReason = FinishReason.STOP) -> _ScriptedHandle:
+    return _ScriptedHandle([*(TextDelta(t) for t in texts), Finished(reason, Usage(3, len(texts)))])
+
+
+def _stream(texts: list[str], options: OutputOptions, *, chat: bool = True,
+            reason: FinishReason = FinishReason.STOP) -> list[dict[str, Any]]:
+    from endpoints.ollama import serving
+
+    async def run() -> list[str]:
+        return [line async for line in serving.generation_stream(
+            _script(texts, reason), MODEL_NAME, serving.Timing(), options, chat=chat)]
+
+    return [json.loads(line) for line in asyncio.run(run())]
+
+
+def _whole(texts: list[str], options: OutputOptions, *, chat: bool = True,
+           reason: FinishReason = FinishReason.STOP) -> dict[str, Any]:
+    from endpoints.ollama import serving
+
+    return asyncio.run(serving.generation_response(_script(texts, reason), MODEL_NAME, serving.Timing(), options,
+                                                   chat=chat))
+
+
+def test_tool_calls_in_ollama_shape() -> None:
+    message = _whole(TOOL_TEXT, TOOLS)["message"]
+    assert message == {"role": "assistant", "content": "Let me check.", "tool_calls": CALLS}
+    chunks = _stream(TOOL_TEXT, TOOLS)
+    # Each call is sent once, in the chunk where it completes (the first before the second is written).
+    assert [c["message"].get("tool_calls") for c in chunks] == [None, [CALLS[0]], [CALLS[1]], None]
+    assert chunks[0]["message"]["content"] == "Let me check." and chunks[-1]["done"] is True
+    assert chunks[-1]["message"] == {"role": "assistant", "content": ""} and chunks[-1]["done_reason"] == "stop"
+    # A call the length limit cut short is dropped, streamed or not.
+    cut = [TOOL_TEXT[0], TOOL_TEXT[1] + 'ments": {"tz": "Europe/']
+    assert _whole(cut, TOOLS, reason=FinishReason.LENGTH)["message"]["tool_calls"] == [CALLS[0]]
+    streamed = [c for chunk in _stream(cut, TOOLS, reason=FinishReason.LENGTH)
+                for c in chunk["message"].get("tool_calls", [])]
+    assert streamed == [CALLS[0]]
+    # Without tools, the same text is plain content.
+    plain = OutputOptions(reasoning=False)
+    assert _whole(TOOL_TEXT, plain)["message"] == {"role": "assistant", "content": "".join(TOOL_TEXT)}
+
+
+def test_thinking_is_split_only_when_asked() -> None:
+    texts = ["<think>The user wants", " a city.</think>\n\nParis", " is the capital."]
+    think = OutputOptions(reasoning=True)
+    assert _whole(texts, think)["message"] == {"role": "assistant", "content": "Paris is the capital.",
+                                               "thinking": "The user wants a city."}
+    generated = _whole(texts, think, chat=False)
+    assert (generated["response"], generated["thinking"]) == ("Paris is the capital.", "The user wants a city.")
+    chunks = _stream(texts, think)
+    assert "".join(c["message"].get("thinking", "") for c in chunks) == "The user wants a city."
+    assert "".join(c["message"]["content"] for c in chunks) == "Paris is the capital."
+    streamed = _stream(texts, think, chat=False)
+    assert "".join(c.get("thinking", "") for c in streamed) == "The user wants a city."
+    as_is = _whole(texts, OutputOptions(reasoning=False))["message"]
+    assert as_is == {"role": "assistant", "content": "".join(texts)}
 
 
 def test_parameter_size_labels() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -114,3 +115,19 @@ def test_seeded_generation_reproduces(kobold: httpx.Client) -> None:
     second = kobold.post("/api/v1/generate", json=body).json()["results"][0]
     assert first["text"] == second["text"] and first["text"].strip()
     assert first["finish_reason"] in ("stop", "length") and first["completion_tokens"] <= 24
+
+
+def test_grammar_and_banned_tokens_over_the_wire(kobold: httpx.Client) -> None:
+    """SillyTavern sends GBNF in `grammar` and banned phrases in `banned_tokens`; both hold when streamed."""
+    grammar = 'root ::= "[" word (", " word){0,3} "]"\nword ::= [a-z]{1,6}'
+    for seed in (1, 2):
+        body = {**ST_PAYLOAD, "prompt": "Three fruits:", "max_length": 40, "temperature": 1.0, "sampler_seed": seed,
+                "grammar": grammar}
+        with kobold.stream("POST", "/api/extra/generate/stream", json=body) as r:
+            frames = list(read_frames(r))
+        text = "".join(d["token"] for _, d in frames)
+        assert re.fullmatch(r"\[[a-z]{1,6}(, [a-z]{1,6}){0,3}\]", text), text
+        assert frames[-1][1]["finish_reason"] == "stop"
+    body = {**ST_PAYLOAD, "prompt": COUNTING, "max_length": 12, "banned_tokens": [" 7"]}
+    text = kobold.post("/api/v1/generate", json=body).json()["results"][0]["text"]
+    assert " 6," in text and " 7" not in text  # greedy counting would write " 7" next

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
+import jsonschema
 import ollama
 import pytest
 
@@ -44,12 +47,67 @@ def test_generate(client: ollama.Client) -> None:
     assert limited.done_reason == "length" and limited.eval_count == 3
 
 
-def test_format_json_is_accepted(client: ollama.Client) -> None:
-    response = client.chat(model=NAME, format="json", options=OPTIONS,
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                          "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_format_schema_and_json(client: ollama.Client) -> None:
+    for seed in range(3):
+        options = {"temperature": 1.0, "seed": seed, "num_predict": 80}
+        chat = client.chat(model=NAME, format=PERSON, options=options,
+                           messages=[{"role": "user", "content": "Describe a person."}])
+        assert chat.done_reason == "stop"
+        jsonschema.validate(json.loads(chat.message.content or ""), PERSON)
+        generated = client.generate(model=NAME, prompt="A person as JSON.", format=PERSON, options=options)
+        jsonschema.validate(json.loads(generated.response), PERSON)
+    response = client.chat(model=NAME, format="json", options={"temperature": 0, "num_predict": 60},
                            messages=[{"role": "user", "content": "Describe a cat as JSON with a name field."}])
-    assert isinstance(response.message.content, str) and response.message.content
-    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
-    assert client.generate(model=NAME, prompt="A cat as JSON.", format=schema, options=OPTIONS).done
+    if response.done_reason == "stop":  # any object is allowed, so only a finished one must parse
+        assert isinstance(json.loads(response.message.content or ""), dict)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_tools_round_trip(client: ollama.Client) -> None:
+    """A request with tools parses in the client whether or not the tiny model calls one; the call and
+    its result go back in Ollama's own shape (arguments as an object)."""
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat(model=NAME, messages=ask, tools=[WEATHER], options={"temperature": 0, "num_predict": 40})
+    assert first.done and first.message.role == "assistant"
+    for call in first.message.tool_calls or []:
+        assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
+    streamed = list(client.chat(model=NAME, messages=ask, tools=[WEATHER], stream=True,
+                                options={"temperature": 0, "num_predict": 40}))
+    assert streamed[-1].done
+    history = [*ask,
+               {"role": "assistant", "content": "",
+                "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+               {"role": "tool", "tool_name": "get_weather", "content": "Sunny, 24 degrees Celsius."}]
+    answer = client.chat(model=NAME, messages=history, tools=[WEATHER], options=OPTIONS)
+    assert answer.done and (answer.message.content or answer.message.tool_calls)  # it may well call again
+    for call in answer.message.tool_calls or []:
+        assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
+
+
+def test_think_and_forced_preset(client: ollama.Client, live_server: LiveServer) -> None:
+    plain = client.chat(model=NAME, messages=QUESTION, options=OPTIONS)
+    thought = client.chat(model=NAME, messages=QUESTION, options=OPTIONS, think=True)
+    assert thought.message.content == plain.message.content and not thought.message.thinking
+    admin = {"X-Admin-Key": live_server.keys.admin}
+    options = {"temperature": 1.5, "seed": 5, "num_predict": 16}
+    try:
+        r = httpx.post(live_server.base_url + "/v1/sampling/override/switch", headers=admin,
+                       json={"overrides": {"temperature": {"override": 0.0, "force": True}}})
+        assert r.status_code == 200, r.text
+        forced = client.generate(model=NAME, prompt="Tell me a story.", options=options).response
+    finally:
+        httpx.post(live_server.base_url + "/v1/sampling/override/unload", headers=admin)
+    greedy = client.generate(model=NAME, prompt="Tell me a story.", options={**options, "temperature": 0})
+    assert forced == greedy.response
 
 
 def test_list_show_ps(client: ollama.Client) -> None:
