@@ -35,6 +35,7 @@ class Prompt:
     tokens: list[int]
     text: str | None = None
     stop: tuple[str, ...] = ()  # stop strings the chat template declares
+    param: str = "prompt"  # the request field this prompt came from, for error messages
 
 
 def _text_of(content: Any, where: str) -> str | None:
@@ -168,7 +169,7 @@ def chat_prompt(
         text += response_prefix
     add_bos = info.add_bos_token and not (info.bos_token and text.startswith(info.bos_token))
     tokens = model.engine.tokenize(text, add_bos=add_bos, special=True)
-    return Prompt(tokens, text, tuple(template.metadata.stop_strings))
+    return Prompt(tokens, text, tuple(template.metadata.stop_strings), param="messages")
 
 
 def text_prompt(model: LoadedModel, prompt: str | list[int], *, add_bos: bool | None = None) -> Prompt:
@@ -195,7 +196,7 @@ def fit_params(model: LoadedModel, prompt: Prompt, params: SamplingParams, defau
         raise ContextLengthExceededError(
             f"This model's maximum context length is {n_ctx} tokens, but the prompt has {n_prompt} tokens. "
             "Shorten the prompt or the conversation, or load the model with a larger max_seq_len.",
-            param="messages" if prompt.text is None or prompt.stop else "prompt",
+            param=prompt.param,
         )
     room = n_ctx - n_prompt
     max_tokens = params.max_tokens or default_max_tokens or room
