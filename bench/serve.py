@@ -150,17 +150,25 @@ async def one_request(client: httpx.AsyncClient, base: str, text: str, max_token
 
 async def load_phase(base: str, concurrency: int, per_worker: int, max_tokens: int, seed: int) -> dict[str, float]:
     samples: list[Sample] = []
+    errors = 0
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4)) as client:
         async def worker(w: int) -> None:
+            nonlocal errors
             for k in range(per_worker):
-                samples.append(await one_request(client, base, prompt(seed + w * 100 + k), max_tokens))
+                try:
+                    samples.append(await one_request(client, base, prompt(seed + w * 100 + k), max_tokens))
+                except httpx.HTTPError:
+                    errors += 1  # a peer that breaks under load: counted, not fatal
 
         start = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         wall = time.perf_counter() - start
+    if not samples:
+        return {"tok_s": 0.0, "ttft_p50": 0.0, "ttft_p99": 0.0, "itl_p50": 0.0, "tokens": 0, "errors": errors}
     ttfts = sorted(s.ttft for s in samples)
     gaps = sorted(g for s in samples for g in s.gaps)
     return {
+        "errors": errors,
         "tok_s": sum(s.tokens for s in samples) / wall,
         "ttft_p50": statistics.median(ttfts),
         "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
@@ -178,16 +186,16 @@ async def prefix_phase(base: str, seed: int) -> dict[str, float]:
 
 
 def fmt_table(results: dict[str, dict[int, dict[str, float]]], prefix: dict[str, dict[str, float]]) -> str:
-    lines = ["| server | conc | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | Parley/peer tok/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| server | conc | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | failed requests | Parley/peer tok/s |",
+             "|---|---|---|---|---|---|---|---|"]
     parley = results.get("parley", {})
     for name, by_c in results.items():
         for c, m in by_c.items():
             ratio = ""
-            if name != "parley" and c in parley:
+            if name != "parley" and c in parley and m["tok_s"] > 0:
                 ratio = f"{parley[c]['tok_s'] / m['tok_s']:.2f}x"
             lines.append(f"| {name} | {c} | {m['tok_s']:.1f} | {m['ttft_p50'] * 1e3:.0f} | {m['ttft_p99'] * 1e3:.0f} "
-                         f"| {m['itl_p50'] * 1e3:.1f} | {ratio} |")
+                         f"| {m['itl_p50'] * 1e3:.1f} | {m['errors']:.0f} | {ratio} |")
     lines += ["", "| server | shared 1,500-token prefix: TTFT 1st ms | TTFT 2nd ms | 2nd/1st |", "|---|---|---|---|"]
     for name, p in prefix.items():
         lines.append(f"| {name} | {p['ttft_first'] * 1e3:.0f} | {p['ttft_second'] * 1e3:.0f} | {p['ratio']:.2f} |")
