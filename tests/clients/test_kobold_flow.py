@@ -111,6 +111,9 @@ def test_abort_mid_stream_frees_the_slot(kobold: httpx.Client, live_server: Live
 
 def test_seeded_generation_reproduces(kobold: httpx.Client) -> None:
     body = {**ST_PAYLOAD, "prompt": "Once upon a time", "max_length": 24, "temperature": 1.0, "sampler_seed": 99}
+    # Warm the prompt's cache first: a reused prefix computed in another batch shape can flip a
+    # borderline token by float rounding, so compared runs must start from the same cache state.
+    kobold.post("/api/v1/generate", json={**body, "sampler_seed": 1})
     first = kobold.post("/api/v1/generate", json=body).json()["results"][0]
     second = kobold.post("/api/v1/generate", json=body).json()["results"][0]
     assert first["text"] == second["text"] and first["text"].strip()
