@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,46 +111,51 @@ class LiveServer:
         self.keys = keys
 
 
-@pytest.fixture(scope="session")
-def live_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """Parley started as users start it (python main.py), on a real socket."""
-    tmp = tmp_path_factory.mktemp("live")
+@contextmanager
+def run_server(model_dir: Path, model_name: str, tmp: Path, max_seq_len: int = 2048) -> Iterator[LiveServer]:
+    """Parley started as users start it (python main.py), on a free port; stopped on exit."""
     port = free_port()
     (tmp / "config.yml").touch()
-    log = open(tmp / "server.log", "wb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
-    proc = subprocess.Popen(
-        [
-            sys.executable, str(ROOT / "main.py"),
-            "--host", "127.0.0.1", "--port", str(port),
-            "--model-dir", str(model_dir), "--model-name", MODEL_NAME,
-            "--max-seq-len", "2048",
-            "--api-tokens-file", str(tmp / "api_tokens.yml"),
-            "--config", str(tmp / "config.yml"),
-        ],
-        cwd=tmp, stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {(tmp / 'server.log').read_text()[-3000:]}")
+    log_path = tmp / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable, str(ROOT / "main.py"),
+                "--host", "127.0.0.1", "--port", str(port),
+                "--model-dir", str(model_dir), "--model-name", model_name,
+                "--max-seq-len", str(max_seq_len),
+                "--api-tokens-file", str(tmp / "api_tokens.yml"),
+                "--config", str(tmp / "config.yml"),
+            ],
+            cwd=tmp, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        base = f"http://127.0.0.1:{port}"
         try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"server did not become healthy: {(tmp / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.1)
-    try:
-        yield LiveServer(base, proc, Keys(tmp / "api_tokens.yml"))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+            deadline = time.monotonic() + 90
+            while True:
+                if proc.poll() is not None:
+                    raise AssertionError(f"server exited: {log_path.read_text()[-3000:]}")
+                try:
+                    if httpx.get(base + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"server did not become healthy: {log_path.read_text()[-3000:]}")
+                time.sleep(0.1)
+            yield LiveServer(base, proc, Keys(tmp / "api_tokens.yml"))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="session")
+def live_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    tmp = tmp_path_factory.mktemp("live")
+    with run_server(model_dir, MODEL_NAME, tmp) as server:
+        yield server
+    shutil.rmtree(tmp, ignore_errors=True)

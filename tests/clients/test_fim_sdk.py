@@ -7,11 +7,7 @@ session's live server serves the plain model, which has no FIM tokens.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL_NAME, ROOT, Keys, LiveServer, free_port
+from tests.conftest import MODEL_NAME, LiveServer, run_server
 from tests.unit.test_fim import FIM_FILE, FIM_IDS, FIM_NAME, fim_copy
 
 PREFIX = "def add(a, b):\n    return "
@@ -33,42 +29,8 @@ def fim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]
     model_dir = tmp_path_factory.mktemp("fim-only")
     (model_dir / FIM_FILE).symlink_to(gguf_path)
     tmp = tmp_path_factory.mktemp("fim-live")
-    (tmp / "config.yml").touch()
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
-    with open(tmp / "server.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable, str(ROOT / "main.py"),
-                "--host", "127.0.0.1", "--port", str(port),
-                "--model-dir", str(model_dir), "--model-name", FIM_NAME,
-                "--max-seq-len", "512",
-                "--api-tokens-file", str(tmp / "api_tokens.yml"),
-                "--config", str(tmp / "config.yml"),
-            ],
-            cwd=tmp, stdout=log, stderr=subprocess.STDOUT, env=env,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 90
-            while True:
-                if proc.poll() is not None:
-                    raise AssertionError(f"server exited: {(tmp / 'server.log').read_text()[-3000:]}")
-                try:
-                    if httpx.get(base + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"server did not become healthy: {(tmp / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.1)
-            yield LiveServer(base, proc, Keys(tmp / "api_tokens.yml"))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with run_server(model_dir, FIM_NAME, tmp, max_seq_len=512) as server:
+        yield server
     shutil.rmtree(tmp, ignore_errors=True)
 
 
