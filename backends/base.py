@@ -13,11 +13,13 @@ import enum
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from common.constraints import Constraint
 
+from common.errors import BadRequestError
 from common.sampling import SamplingParams
 
 _request_ids = itertools.count(1)
@@ -59,6 +61,12 @@ class Usage:
     queue_seconds: float = 0.0
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
+    draft_tokens: int = 0  # speculative decoding: tokens guessed
+    accepted_draft_tokens: int = 0  # ... and kept
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
     def total_tokens(self) -> int:
@@ -82,6 +90,14 @@ class GenerationRequest:
     params: SamplingParams
     request_id: str = field(default_factory=next_request_id)
     constraint: Constraint | None = None  # compiled; each sequence gets its own state
+    loras: tuple[tuple[str, float], ...] | None = None  # adapters and scales; None = the model's active set
+
+
+@dataclass(frozen=True)
+class LoraState:
+    name: str
+    path: str
+    scaling: float  # in the active set; 0.0 when loaded but not applied by default
 
 
 @dataclass
@@ -118,6 +134,8 @@ class EngineStats:
     cached_prefix_tokens: int = 0
     requests_finished: int = 0
     tokens_generated: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
 
 class GenerationHandle(abc.ABC):
@@ -160,6 +178,24 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...
 
+    # -- LoRA adapters (backends without them keep these defaults) -------------
+    supports_lora = False
+
+    async def load_lora(self, name: str, path: Path) -> None:
+        raise BadRequestError(f"The {self.info.backend} backend cannot apply LoRA adapters.", param="loras")
+
+    async def unload_loras(self, names: list[str] | None = None) -> list[str]:
+        """Unload the named adapters (all when None); returns the names unloaded."""
+        return []
+
+    def set_loras(self, pairs: list[tuple[str, float]]) -> None:
+        """The adapters (and scales) applied to requests that do not choose their own."""
+        if pairs:
+            raise BadRequestError(f"The {self.info.backend} backend cannot apply LoRA adapters.", param="loras")
+
+    def loras(self) -> list[LoraState]:
+        return []
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Finish every pending request with FinishReason.UNLOAD and free the model."""
@@ -179,6 +215,9 @@ class LoadOptions:
     cache_mode: str = "FP16"
     flash_attention: str = "auto"
     prompt_template: str | None = None
+    draft_mode: str = "none"  # none | ngram | model
+    draft_model_path: str | None = None
+    draft_max_tokens: int = 8
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

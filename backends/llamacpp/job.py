@@ -8,7 +8,14 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from backends.base import Event, Finished, GenerationHandle, GenerationRequest, TokenLogprob
+from backends.base import (
+    Event,
+    Finished,
+    GenerationHandle,
+    GenerationRequest,
+    TokenLogprob,
+)
+from backends.llamacpp.lora import NO_LORA, LoraKey
 from backends.llamacpp.sampler import SamplerChain
 from common.stopping import TokenTextStream
 
@@ -17,11 +24,36 @@ if TYPE_CHECKING:
 
 
 class Job(GenerationHandle):
-    __slots__ = ("engine",
-        "request", "loop", "queue", "cancelled", "finished", "context", "n_prompt",
-        "n_cached", "n_generated", "max_new", "stream", "chain", "slot",
-        "cached_tokens", "t_submit", "t_admit", "t_first", "stop_ids", "params",
-        "constraint", "bans", "rewinds", "pending_logprobs", "preempted",
+    __slots__ = (
+        "bans",
+        "cached_tokens",
+        "cancelled",
+        "chain",
+        "constraint",
+        "context",
+        "engine",
+        "finished",
+        "loop",
+        "lora_key",
+        "max_new",
+        "n_accepted",
+        "n_cached",
+        "n_drafted",
+        "n_generated",
+        "n_prompt",
+        "ngram",
+        "params",
+        "pending_logprobs",
+        "preempted",
+        "queue",
+        "request",
+        "rewinds",
+        "slot",
+        "stop_ids",
+        "stream",
+        "t_admit",
+        "t_first",
+        "t_submit",
     )
 
     def __init__(
@@ -53,6 +85,10 @@ class Job(GenerationHandle):
         self.rewinds = 0
         self.preempted = False  # recomputed after the KV cache ran full; readmitted only with room to finish
         self.pending_logprobs: deque[TokenLogprob] = deque()
+        self.lora_key: LoraKey = NO_LORA  # set at submission
+        self.ngram = NgramIndex()
+        self.n_drafted = 0  # speculative tokens guessed for this request
+        self.n_accepted = 0  # ... and kept
 
     @property
     def remaining(self) -> int:
@@ -82,13 +118,49 @@ class Job(GenerationHandle):
 
 
 class Slot:
-    __slots__ = ("seq", "tokens", "job", "last_used")
+    __slots__ = ("job", "last_used", "lora_key", "seq", "tokens")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
         self.tokens: list[int] = []  # tokens whose KV this sequence holds, in order
+        self.lora_key: LoraKey = NO_LORA  # the adapter set that KV was computed under
         self.job: Job | None = None
         self.last_used = 0.0
+
+
+class NgramIndex:
+    """Where each n-gram of one sequence last occurred, extended as the sequence grows (prompt lookup)."""
+
+    __slots__ = ("table", "upto")
+
+    NGRAM_MIN = 2
+    NGRAM_MAX = 4
+
+    def __init__(self) -> None:
+        self.table: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it
+        self.upto = 0  # n-grams ending before this index are in the table
+
+    def propose(self, context: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the context's last n-gram."""
+        n_ctx = len(context)
+        if self.upto > n_ctx - 1:  # the sequence was rewound: start over
+            self.table.clear()
+            self.upto = 0
+        table, lo, hi = self.table, self.NGRAM_MIN, self.NGRAM_MAX
+        # Index every n-gram that has a continuation (ends before the last token).
+        for end in range(self.upto, n_ctx - 1):
+            for n in range(lo, hi + 1):
+                start = end - n + 1
+                if start < 0:
+                    break
+                table[tuple(context[start : end + 1])] = end + 1
+        self.upto = max(self.upto, n_ctx - 1)
+        for n in range(hi, lo - 1, -1):
+            if n_ctx >= n:
+                follow = table.get(tuple(context[n_ctx - n :]))
+                if follow is not None:
+                    return context[follow : follow + k]
+        return []
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

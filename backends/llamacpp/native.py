@@ -69,8 +69,11 @@ class NativeBatch:
     def clear(self) -> None:
         self.n = 0
 
-    def add(self, tokens: list[int], start_pos: int, seq: int, want_last_logits: bool) -> int:
-        """Append tokens of one sequence; return the batch index of the last one."""
+    def add(self, tokens: list[int], start_pos: int, seq: int, want_last_logits: bool, *, logits_from: int = -1) -> int:
+        """Append tokens of one sequence; return the batch index of the last one.
+
+        Logits come for the last token when asked, and for every token from `logits_from` on when set.
+        """
         k = len(tokens)
         a, b = self.n, self.n + k
         self.tokens[a:b] = tokens
@@ -79,6 +82,8 @@ class NativeBatch:
         self.logits[a:b] = 0
         if want_last_logits:
             self.logits[b - 1] = 1
+        if logits_from >= 0:
+            self.logits[a + logits_from : b] = 1
         self.n = b
         return b - 1
 

@@ -1,0 +1,481 @@
+"""The scheduler thread of the llama.cpp engine: admission, batching, sampling, speculation.
+
+Everything here runs on the engine's one scheduler thread, which owns the llama.cpp
+context; engine.py is the event-loop side (submission, cancellation, commands).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import llama_cpp as lc
+import numpy as np
+from loguru import logger
+
+from backends.base import Event, Finished, FinishReason, TextDelta, TokenLogprob, Usage
+from backends.llamacpp.job import Job, Slot, common_prefix
+from backends.llamacpp.lora import AdapterStore, LoraKey
+from backends.llamacpp.native import NativeBatch, NativeModel
+from backends.llamacpp.sampler import build_chain
+from backends.llamacpp.speculative import Drafter
+from common.logprobs import log_softmax, token_logprob
+from common.stopping import Release, Rewind, StopHit
+
+# Rewinds for banned strings one request may make before it is ended.
+_MAX_REWINDS = 64
+
+# A waiting job holds back for a prefilling job whose prompt it shares when
+# that saves at least this many tokens of prefill.
+_SHARE_MIN_TOKENS = 32
+
+
+class Scheduler:
+    """State shared with the event-loop side is guarded by `_cv`; the rest is this thread's own."""
+
+    native: NativeModel
+    _slots: list[Slot]
+    _batch: NativeBatch
+    _cv: threading.Condition
+    _waiting: deque[Job]
+    _commands: deque[Callable[[], None]]
+    _wake: bool
+    _stopping: bool
+    _closed: bool
+    _finished_count: int
+    _generated_count: int
+    _adapters: AdapterStore
+    _lora_turn: int
+    _drafter: Drafter | None
+    _draft_max: int
+    _drafted_count: int
+    _accepted_count: int
+
+    # -- scheduler thread ---------------------------------------------------
+    def _run(self) -> None:
+        outbox: dict[Job, list[Event]] = {}
+        try:
+            while True:
+                with self._cv:
+                    while not (self._stopping or self._wake or self._waiting or self._has_active()):
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    self._wake = False
+                    while self._commands:
+                        self._commands.popleft()()
+                    self._reap_cancelled(outbox)
+                    self._admit(outbox)
+                if self._has_active():
+                    self._step(outbox)
+                self._deliver(outbox)
+        except Exception as exc:  # noqa: BLE001 - the engine must report, not vanish
+            logger.exception("llama.cpp scheduler failed")
+            self._fail_all(outbox, FinishReason.ERROR, f"The engine failed: {exc}. Reload the model.")
+            with self._cv:
+                self._closed = True
+        else:
+            self._fail_all(outbox, FinishReason.UNLOAD, "The model was unloaded.")
+        self._deliver(outbox)
+
+    def _has_active(self) -> bool:
+        return any(s.job is not None for s in self._slots)
+
+    def _fail_all(self, outbox: dict[Job, list[Event]], reason: FinishReason, message: str) -> None:
+        with self._cv:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for job in waiting + [s.job for s in self._slots if s.job is not None]:
+            self._finish(job, reason, outbox, error=message)
+
+    def _reap_cancelled(self, outbox: dict[Job, list[Event]]) -> None:
+        if any(j.cancelled for j in self._waiting):
+            keep = deque()
+            for job in self._waiting:
+                if job.cancelled:
+                    self._finish(job, FinishReason.CANCELLED, outbox)
+                else:
+                    keep.append(job)
+            self._waiting = keep
+        for slot in self._slots:
+            if slot.job is not None and slot.job.cancelled:
+                self._finish(slot.job, FinishReason.CANCELLED, outbox)
+
+    def _kv_used(self) -> int:
+        # Upper bound: cells shared between sequences are counted once per sequence.
+        return sum(len(s.tokens) for s in self._slots)
+
+    def _admit(self, outbox: dict[Job, list[Event]]) -> None:
+        deferred: list[Job] = []
+        while self._waiting:
+            free = [s for s in self._slots if s.job is None]
+            if not free:
+                break
+            job = self._waiting.popleft()
+            if self._should_wait_for_sharer(job):
+                deferred.append(job)
+                continue
+            slot, own, source, shared = self._choose_slot(job, free)
+            need = len(job.context) - max(own, shared)
+            if job.preempted and self._has_active():
+                # It ran the cache full once: come back only when everyone can finish.
+                need += job.remaining + sum(s.job.remaining for s in self._slots if s.job is not None)
+            if not self._make_room(need, slot):
+                self._waiting.appendleft(job)
+                break
+            self._place(job, slot, own, source, shared)
+        self._waiting.extendleft(reversed(deferred))
+
+    def _should_wait_for_sharer(self, job: Job) -> bool:
+        """True when a job still prefilling shares a long prefix with this one: wait, then copy its KV."""
+        key = job.lora_key
+        cached = max((common_prefix(s.tokens, job.context) for s in self._slots if s.lora_key == key), default=0)
+        for s in self._slots:
+            other = s.job
+            if other is None or other.n_cached >= other.n_prompt or other.lora_key != key:
+                continue
+            shared = common_prefix(other.context[: other.n_prompt], job.context)
+            if shared - cached >= _SHARE_MIN_TOKENS:
+                return True
+        return False
+
+    def _choose_slot(self, job: Job, free: list[Slot]) -> tuple[Slot, int, Slot | None, int]:
+        """Pick a free slot and the best KV to reuse: (slot, own prefix, source slot, shared prefix).
+
+        Only KV computed under the job's own adapter set counts.
+        """
+        context, key = job.context, job.lora_key
+        limit = len(context) - 1  # at least one token must be decoded for logits
+        best_free, best_own = None, -1
+        for s in free:
+            own = min(common_prefix(s.tokens, context), limit) if s.lora_key == key else 0
+            better = own > best_own or (own == best_own and best_free is not None and s.last_used < best_free.last_used)
+            if better:
+                best_free, best_own = s, own
+        assert best_free is not None
+        source, shared = None, best_own
+        for s in self._slots:
+            if s is best_free or s.lora_key != key:
+                continue
+            n = min(common_prefix(s.tokens, context), limit)
+            if n > shared:
+                source, shared = s, n
+        return best_free, best_own, source, shared
+
+    def _make_room(self, need: int, target: Slot) -> bool:
+        """Evict idle cached prefixes (least recently used first) until `need` cells fit."""
+        capacity = self.native.n_ctx
+        if self._kv_used() + need <= capacity:
+            return True
+        idle = sorted(
+            (s for s in self._slots if s.job is None and s.tokens and s is not target),
+            key=lambda s: s.last_used,
+        )
+        for s in idle:
+            lc.llama_memory_seq_rm(self.native.mem, s.seq, -1, -1)
+            s.tokens = []
+            if self._kv_used() + need <= capacity:
+                return True
+        return self._kv_used() + need <= capacity or not self._has_active()
+
+    def _place(self, job: Job, slot: Slot, own: int, source: Slot | None, shared: int) -> None:
+        mem = self.native.mem
+        if source is not None and shared > own:
+            lc.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+            lc.llama_memory_seq_cp(mem, source.seq, slot.seq, 0, shared)
+            reuse = shared
+        else:
+            if not lc.llama_memory_seq_rm(mem, slot.seq, own, -1):
+                lc.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+                own = 0
+            reuse = own
+        slot.tokens = job.context[:reuse]
+        slot.lora_key = job.lora_key
+        slot.job = job
+        job.slot = slot
+        job.n_cached = reuse
+        job.cached_tokens = reuse
+        job.t_admit = time.perf_counter()
+        n = self.native
+        job.chain = build_chain(
+            job.params, vocab=n.vocab, n_vocab=n.n_vocab, n_ctx=n.n_ctx, eog_tokens=n.eog_tokens
+        )
+
+    def _step(self, outbox: dict[Job, list[Event]]) -> None:
+        # A full KV cache makes llama_decode refuse the batch (and leave the cache as it was);
+        # freeing room then retrying keeps every step productive.
+        while True:
+            fed, sample_at, key = self._fill_batch()
+            if not fed:
+                return
+            self._adapters.apply(key)
+            rc = lc.llama_decode(self.native.ctx, self._batch.finalize())
+            if rc == 0:
+                break
+            if not self._on_decode_failure(rc, [(j, t) for j, t, _ in fed], outbox):
+                return
+        for job, take, drafts in fed:
+            job.slot.tokens.extend(job.context[job.n_cached : job.n_cached + take])
+            job.n_cached += take
+            job.slot.tokens.extend(drafts)  # in KV now; what is not accepted is removed after sampling
+        for job, idx, drafts in sample_at:
+            if drafts:
+                self._verify(job, idx - len(drafts), drafts, outbox)
+            else:
+                self._sample(job, idx, outbox)
+
+    def _fill_batch(self) -> tuple[list[tuple[Job, int, list[int]]], list[tuple[Job, int, list[int]]], LoraKey]:
+        batch = self._batch
+        batch.clear()
+        budget = batch.capacity
+        sample_at: list[tuple[Job, int, list[int]]] = []
+        fed: list[tuple[Job, int, list[int]]] = []
+        active = [s.job for s in self._slots if s.job is not None and len(s.job.context) > s.job.n_cached]
+        key = self._step_lora_key(active)
+        active = [j for j in active if j.lora_key == key]
+        # Decoding sequences first (one token each, plus guesses), then prefill in admission order.
+        active.sort(key=lambda j: (len(j.context) - j.n_cached > 1, j.t_admit))
+        drafts = self._draft(active, budget)
+        for job in active:
+            pending = len(job.context) - job.n_cached
+            if budget <= 0:
+                break
+            take = min(pending, budget)
+            last = job.n_cached + take == len(job.context)
+            guess = drafts.get(job, []) if last else []
+            guess = guess[: max(0, budget - take)]
+            tokens = job.context[job.n_cached : job.n_cached + take] + guess
+            idx = batch.add(tokens, job.n_cached, job.slot.seq, last, logits_from=take - 1 if guess else -1)
+            budget -= len(tokens)
+            fed.append((job, take, guess))
+            if last:
+                sample_at.append((job, idx, guess))
+        return fed, sample_at, key
+
+    def _step_lora_key(self, active: list[Job]) -> LoraKey:
+        """The adapter set this step runs; several sets in use take turns, one step each."""
+        keys = sorted({j.lora_key for j in active})
+        if len(keys) <= 1:
+            return keys[0] if keys else self._adapters.applied
+        self._lora_turn = (self._lora_turn + 1) % len(keys)
+        return keys[self._lora_turn]
+
+    def _draft(self, active: list[Job], budget: int) -> dict[Job, list[int]]:
+        """Speculative guesses for sequences that are decoding (not prefilling)."""
+        if self._drafter is None:
+            return {}
+        wants = [
+            (j, min(self._draft_max, j.remaining - 1))
+            for j in active
+            if len(j.context) - j.n_cached == 1 and j.n_generated > 0 and j.remaining > 1
+        ]
+        room = budget - len(wants)
+        if not wants or room <= 0:
+            return {}
+        got = self._drafter.propose([(j.slot.seq, j.context, k, j.ngram) for j, k in wants])
+        out: dict[Job, list[int]] = {}
+        for job, _ in wants:
+            guess = got.get(job.slot.seq, [])[: max(0, room)]
+            if guess:
+                out[job] = guess
+                room -= len(guess)
+        return out
+
+    def _verify(self, job: Job, idx: int, drafts: list[int], outbox: dict[Job, list[Event]]) -> None:
+        """Sample at each guessed position in turn; keep guesses while the sample equals them."""
+        slot = job.slot
+        assert slot is not None
+        base = job.n_cached  # the last context token and the guesses after it are in KV
+        rewinds = job.rewinds
+        accepted = 0
+        for i in range(len(drafts) + 1):
+            self._sample(job, idx + i, outbox)
+            if job.finished or job.rewinds != rewinds:
+                break
+            if i < len(drafts) and job.context[-1] == drafts[i]:
+                accepted += 1
+                continue
+            break
+        job.n_drafted += len(drafts)
+        job.n_accepted += accepted
+        self._drafted_count += len(drafts)
+        self._accepted_count += accepted
+        if job.rewinds != rewinds:
+            return  # a banned string rewound the sequence: its KV is already cut back past the guesses
+        keep = base + accepted
+        lc.llama_memory_seq_rm(self.native.mem, slot.seq, keep, -1)
+        del slot.tokens[keep:]
+        if not job.finished:
+            job.n_cached = keep
+
+    def _on_decode_failure(self, rc: int, fed: list[tuple[Job, int]], outbox: dict[Job, list[Event]]) -> bool:
+        """Make room after a refused batch; True when the step should be retried."""
+        if rc == 1:
+            idle = [s for s in self._slots if s.job is None and s.tokens]
+            if idle:  # cached prefixes go first
+                for s in idle:
+                    lc.llama_memory_seq_rm(self.native.mem, s.seq, -1, -1)
+                    s.tokens = []
+                return True
+            victim = max((j for j, _ in fed), key=lambda j: j.t_admit)
+            if len(fed) > 1:
+                self._preempt(victim)
+                return True
+            # One sequence alone does not fit: the cache is smaller than its context.
+            self._finish(victim, FinishReason.LENGTH, outbox)
+            return False
+        for job, _ in fed:
+            self._finish(job, FinishReason.ERROR, outbox, error=f"llama_decode failed with code {rc}.")
+        return False
+
+    def _preempt(self, job: Job) -> None:
+        slot = job.slot
+        assert slot is not None
+        lc.llama_memory_seq_rm(self.native.mem, slot.seq, -1, -1)
+        slot.tokens = []
+        slot.job = None
+        job.slot = None
+        job.n_cached = 0
+        job.preempted = True
+        with self._cv:
+            self._waiting.appendleft(job)
+        logger.debug("KV cache full: preempted {} to recompute later", job.request.request_id)
+
+    def _sample(self, job: Job, idx: int, outbox: dict[Job, list[Event]]) -> None:
+        assert job.chain is not None
+        params = job.params
+        logprobs = None
+        if job.needs_logits():
+            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.native.ctx, idx), shape=(self.native.n_vocab,))
+            if params.logprobs is not None:
+                logprobs = log_softmax(logits)  # the model's own distribution, before any mask
+            if job.constraint is not None:
+                if job.constraint.is_finished():
+                    self._finish(job, FinishReason.STOP, outbox)
+                    return
+                job.constraint.apply_to_logits(logits)
+            if job.n_generated < params.min_tokens:
+                logits[list(self.native.eog_tokens)] = -np.inf
+            banned = job.bans.get(job.n_generated)
+            if banned:
+                logits[list(banned)] = -np.inf
+        token = lc.llama_sampler_sample(job.chain.ptr, self.native.ctx, idx)
+        if job.n_generated == 0:
+            job.t_first = time.perf_counter()
+        job.n_generated += 1
+        self._generated_count += 1
+        if (lc.llama_vocab_is_eog(self.native.vocab, token) and not params.ignore_eos) or token in job.stop_ids:
+            self._finish(job, FinishReason.STOP, outbox)
+            return
+        if job.constraint is not None:
+            job.constraint.advance(token)
+        job.context.append(token)
+        if logprobs is not None:
+            job.pending_logprobs.append(token_logprob(logprobs, token, params.logprobs or 0, self._piece))
+        got = job.stream.push(token, self.native.piece(token, special=not params.skip_special_tokens))
+        if isinstance(got, Rewind):
+            self._rewind(job, got, outbox)
+            return
+        if isinstance(got, StopHit):
+            self._emit(job, got.release, outbox)
+            self._finish(job, FinishReason.STOP, outbox, stop_string=got.stop)
+            return
+        self._emit(job, got, outbox)
+        if job.n_generated >= job.max_new:
+            self._finish(job, FinishReason.LENGTH, outbox)
+
+    def _piece(self, token: int) -> bytes:
+        return self.native.piece(token, special=True)
+
+    def _emit(self, job: Job, release: Release, outbox: dict[Job, list[Event]]) -> None:
+        if not release.tokens and not release.text:
+            return
+        lps: tuple[TokenLogprob, ...] = ()
+        if job.pending_logprobs:
+            lps = tuple(job.pending_logprobs.popleft() for _ in release.tokens if job.pending_logprobs)
+        outbox.setdefault(job, []).append(TextDelta(release.text, release.tokens, lps))
+
+    def _rewind(self, job: Job, rewind: Rewind, outbox: dict[Job, list[Event]]) -> None:
+        """A banned string appeared: drop its tokens and sample that position again without them."""
+        n = rewind.n_tokens
+        job.rewinds += 1
+        del job.context[-n:]
+        job.n_generated -= n
+        job.bans.setdefault(job.n_generated, set()).add(rewind.banned_token)
+        for _ in range(min(n, len(job.pending_logprobs))):
+            job.pending_logprobs.pop()
+        if job.constraint is not None:
+            job.constraint.rollback(n)
+        # Re-decode the last kept token so its logits are there to sample from again.
+        keep = len(job.context) - 1
+        assert job.slot is not None and job.chain is not None
+        lc.llama_memory_seq_rm(self.native.mem, job.slot.seq, keep, -1)
+        del job.slot.tokens[keep:]
+        job.n_cached = keep
+        lc.llama_sampler_reset(job.chain.ptr)
+        for t in job.context[job.n_prompt :]:
+            job.chain.accept(t)
+        if job.rewinds > _MAX_REWINDS:
+            logger.warning("{}: banned strings forced {} rewinds; ending the output", job.request.request_id, _MAX_REWINDS)
+            self._finish(job, FinishReason.STOP, outbox)
+
+    def _finish(
+        self,
+        job: Job,
+        reason: FinishReason,
+        outbox: dict[Job, list[Event]],
+        *,
+        stop_string: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        if job.finished:
+            return
+        job.finished = True
+        if reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self._emit(job, job.stream.flush(), outbox)
+        slot = job.slot
+        if slot is not None:
+            slot.job = None
+            slot.last_used = time.perf_counter()
+            # slot.tokens keeps what is in KV: a later request may reuse it.
+            job.slot = None
+        if job.chain is not None:
+            job.chain.free()
+            job.chain = None
+        end = time.perf_counter()
+        admitted = job.t_admit or end
+        first = job.t_first or end
+        usage = Usage(
+            prompt_tokens=job.n_prompt,
+            completion_tokens=job.n_generated,
+            cached_tokens=job.cached_tokens,
+            queue_seconds=admitted - job.t_submit,
+            prompt_seconds=max(0.0, first - admitted),
+            generation_seconds=max(0.0, end - first),
+            draft_tokens=job.n_drafted,
+            accepted_draft_tokens=job.n_accepted,
+        )
+        self._finished_count += 1
+        outbox.setdefault(job, []).append(Finished(reason, usage, stop_string=stop_string, error=error))
+
+    def _deliver(self, outbox: dict[Job, list[Event]]) -> None:
+        if not outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, list[Event]]]] = {}
+        for job, events in outbox.items():
+            by_loop.setdefault(job.loop, []).append((job, events))
+        outbox.clear()
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                pass
+
+
+def _put_all(items: list[tuple[Job, list[Event]]]) -> None:
+    for job, events in items:
+        for event in events:
+            job.queue.put_nowait(event)
