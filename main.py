@@ -29,19 +29,27 @@ def setup_logging(config: ParleyConfig) -> None:
 def serve(config: ParleyConfig) -> None:
     import uvicorn
 
+    from common.lifecycle import ParleyServer
     from endpoints.app import create_app
 
     app = create_app(config)
     loop = "asyncio" if config.developer.disable_uvloop else "auto"
     logger.info("Parley listening on http://{}:{}", config.network.host, config.network.port)
-    uvicorn.run(
-        app,
-        host=config.network.host,
-        port=config.network.port,
-        loop=loop,
-        log_level=config.logging.log_level.lower() if config.logging.log_requests else "warning",
-        timeout_graceful_shutdown=30,
+    server = ParleyServer(
+        uvicorn.Config(
+            app,
+            host=config.network.host,
+            port=config.network.port,
+            loop=loop,
+            log_level="info" if config.logging.log_level == "DEBUG" else "warning",
+            access_log=False,  # logging.log_requests writes Parley's own request lines
+            # Generations were drained before uvicorn shuts down (network.shutdown_timeout); this
+            # bounds what is left: cut streams sending their error frame, other slow requests.
+            timeout_graceful_shutdown=5,
+        ),
+        app.state.lifecycle,
     )
+    server.run()
 
 
 def export_openapi(config: ParleyConfig, output: str) -> None:

@@ -74,11 +74,25 @@ class NetworkConfig(_Section):
     )
     cors_origins: list[str] = Field(
         default_factory=list,
-        description="Origins allowed by CORS, e.g. http://localhost:3000 or *. Empty sends no CORS headers.",
+        description="Origins that browsers may call the API from, e.g. [http://localhost:3000]; [\"*\"] allows "
+        "any origin. Empty allows no cross-origin calls (no CORS headers are sent).",
     )
     max_request_body_bytes: int = Field(
         10_000_000, gt=0,
-        description="Largest accepted request body in bytes; bigger requests get 413.",
+        description="Largest accepted request body in bytes, chunked bodies included; bigger requests get 413. "
+        "Bodies are counted while they arrive and never buffered past this size.",
+    )
+    enable_metrics: bool = Field(True, description="Serve Prometheus metrics at GET /metrics.")
+    metrics_auth: Literal["none", "api", "admin"] = Field(
+        "api",
+        description="Key /metrics requires: none (open, e.g. for a scraper on a private network), api (any key; "
+        "Prometheus sends it with `authorization: {credentials: <key>}`) or admin.",
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0,
+        description="Seconds running generations may take to finish after SIGTERM or Ctrl+C. Meanwhile new "
+        "generations get 503 and /health reports draining; then the rest end with an error frame and the "
+        "process exits.",
     )
 
 
@@ -89,9 +103,48 @@ class LoggingConfig(_Section):
         "INFO",
         description="Minimum level of log messages.",
     )
-    log_prompt: bool = Field(False, description="Log each formatted prompt. May expose user data.")
-    log_generation_params: bool = Field(False, description="Log the sampling parameters of each request.")
-    log_requests: bool = Field(False, description="Log method, path and status of every HTTP request.")
+    log_requests: bool = Field(
+        False,
+        description="Log one line per HTTP request: route, status, key name, latency, and for generations the "
+        "model and token counts.",
+    )
+    log_prompt: bool = Field(
+        False, description="Add the prompt text (cut to log_prompt_chars) to the request log line. May expose "
+        "user data.",
+    )
+    log_prompt_chars: int = Field(500, ge=0, description="Longest prompt excerpt log_prompt writes, in characters.")
+    log_generation_params: bool = Field(
+        False, description="Add the sampling parameters each generation ran with to the request log line.",
+    )
+
+
+class LimitsConfig(_Section):
+    """Caps on each request, and rate limits for keys that set none in the keys file."""
+
+    max_output_tokens: int | None = Field(
+        None, ge=1,
+        description="Most tokens one request may ask to generate (max_tokens, max_completion_tokens, Kobold "
+        "max_length, Ollama options.num_predict); asking more is a 400 naming the field, asking nothing "
+        "generates at most this many. null: up to the context length.",
+    )
+    max_n: int | None = Field(
+        None, ge=1, description="Most choices (n) one request may ask for; more is a 400. null: the dialect's own cap.",
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1,
+        description="Longest prompt in tokens (after the chat template); longer is a 400 naming messages or "
+        "prompt. null: up to the context length.",
+    )
+    default_requests_per_minute: int | None = Field(
+        None, ge=1,
+        description="Generation requests per minute for API keys without their own requests_per_minute in the "
+        "keys file (per client address when auth is disabled). null: unlimited.",
+    )
+    default_tokens_per_minute: int | None = Field(
+        None, ge=1,
+        description="Generated tokens per minute for API keys without their own tokens_per_minute in the keys "
+        "file (per client address when auth is disabled). null: unlimited.",
+    )
 
 
 class ModelConfig(_Section):
@@ -255,6 +308,7 @@ class ParleyConfig(_Section):
 
     network: NetworkConfig = _section(NetworkConfig)
     logging: LoggingConfig = _section(LoggingConfig)
+    limits: LimitsConfig = _section(LimitsConfig)
     model: ModelConfig = _section(ModelConfig)
     draft_model: DraftModelConfig = _section(DraftModelConfig)
     lora: LoraConfig = _section(LoraConfig)

@@ -134,6 +134,7 @@ class ModelManager:
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
         self._lock = asyncio.Lock()
         self.default_name: str | None = None
+        self.on_loaded: Callable[[str, float], None] | None = None  # (name, seconds), e.g. for metrics
 
     # -- lookup -------------------------------------------------------------
     def available(self) -> list[ModelFile]:
@@ -262,6 +263,8 @@ class ModelManager:
             "Loaded {} in {:.2f}s: context {} tokens, {} slots",
             entry.name, time.perf_counter() - started, engine.info.n_ctx, engine.stats().slots_total,
         )
+        if self.on_loaded is not None:
+            self.on_loaded(entry.name, time.perf_counter() - started)
         return model
 
     def template_by_name(self, name: str | None) -> ChatTemplate | None:

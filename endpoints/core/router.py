@@ -54,10 +54,14 @@ def _card(model: LoadedModel) -> dict[str, Any]:
 
 
 @router.get("/health")
-async def health(models: ModelManager = Depends(get_models)) -> Response:
+async def health(request: Request, models: ModelManager = Depends(get_models)) -> Response:
     issues: list[dict[str, str]] = []
     status = "healthy"
-    if models.is_loading:
+    lifecycle = getattr(request.app.state, "lifecycle", None)
+    if lifecycle is not None and lifecycle.draining:
+        status = "draining"
+        issues.append({"time": _now(), "description": "The server is shutting down; it accepts no new generations."})
+    elif models.is_loading:
         status = "loading"
         issues.append({"time": _now(), "description": "A model is loading."})
     elif not models.loaded:

@@ -69,7 +69,7 @@ async def max_context_length(models: ModelManager = Depends(get_models)) -> dict
 
 @router.get("/api/v1/config/max_length")
 async def max_length(config: ParleyConfig = Depends(get_config)) -> dict[str, int]:
-    return {"value": default_max_length(config.model.default_max_tokens)}
+    return {"value": default_max_length(config.model.default_max_tokens, config.limits.max_output_tokens)}
 
 
 # -- generation -----------------------------------------------------------------
@@ -87,7 +87,7 @@ async def _start(
     note_unapplied(body, route)
     model = models.get()
     spec = grammar_constraint(body)
-    default_length = default_max_length(config.model.default_max_tokens)
+    default_length = default_max_length(config.model.default_max_tokens, config.limits.max_output_tokens)
     params = to_sampling_params(body, n_vocab=model.info.n_vocab, default_length=default_length, preset=presets.active)
     prompt = text_prompt(model, body.prompt)
     prompt, length = fit_context(

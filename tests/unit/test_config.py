@@ -16,7 +16,9 @@ from common.config import (
     section_models,
 )
 
-EXPECTED_SECTIONS = ["network", "logging", "model", "draft_model", "lora", "sampling", "embeddings", "developer"]
+EXPECTED_SECTIONS = [
+    "network", "logging", "limits", "model", "draft_model", "lora", "sampling", "embeddings", "developer",
+]
 
 
 @pytest.fixture(autouse=True)
