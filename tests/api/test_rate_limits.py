@@ -204,3 +204,14 @@ def test_metrics_after_requests(limited: TestClient) -> None:
 def test_metrics_need_a_key_by_default(limited: TestClient) -> None:
     r = limited.get("/metrics")
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_without_auth_the_default_limit_applies_per_client_address(model_dir: Path, tmp_path: Path) -> None:
+    from endpoints.app import create_app
+
+    config = make_config(tmp_path, model_dir, network={"disable_auth": True},
+                         limits={"default_requests_per_minute": 1})
+    with TestClient(create_app(config)) as client:
+        wait_loaded(client)
+        assert openai(client, {}, tokens=1).status_code == 200
+        assert_refused("openai", openai(client, {}, tokens=1), "requests", "testclient")  # the client's address
