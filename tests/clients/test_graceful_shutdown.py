@@ -44,30 +44,30 @@ def data_frames(lines: Iterator[str]) -> list[str]:
 def test_sigterm_refuses_new_work_while_running_streams_finish(server_with: LiveServer) -> None:
     server = server_with
     headers = {"Authorization": f"Bearer {server.keys.api}"}
-    with httpx.Client(base_url=server.base_url, headers=headers, timeout=300) as client:
-        # Long enough to outlast the checks below (milliseconds each), short enough to finish soon.
-        with client.stream("POST", "/v1/chat/completions", json=stream_body(200)) as stream:
-            lines = stream.iter_lines()
-            first = [next(lines) for _ in range(3)]  # the role chunk and the first tokens are out
-            server.proc.send_signal(signal.SIGTERM)
+    # The stream is long enough to outlast the checks below (milliseconds each), short enough to end soon.
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=300) as client, \
+            client.stream("POST", "/v1/chat/completions", json=stream_body(200)) as stream:
+        lines = stream.iter_lines()
+        first = [next(lines) for _ in range(3)]  # the role chunk and the first tokens are out
+        server.proc.send_signal(signal.SIGTERM)
 
-            health = wait_draining(server)
-            assert health.status_code == 503 and health.json()["status"] == "draining"
+        health = wait_draining(server)
+        assert health.status_code == 503 and health.json()["status"] == "draining"
 
-            chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-            refused = client.post("/v1/chat/completions", json=chat)
-            assert refused.status_code == 503, refused.text
-            assert int(refused.headers["retry-after"]) >= 1
-            assert refused.json()["error"]["code"] == "server_draining"
-            assert "shutting down" in refused.json()["error"]["message"]
-            kobold = client.post("/api/v1/generate", json={"prompt": "Hi", "max_length": 2})
-            assert kobold.status_code == 503 and kobold.json()["detail"]["type"] == "server_draining"
-            ollama = client.post("/api/chat", json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}],
-                                                    "stream": False})
-            assert ollama.status_code == 503 and "shutting down" in ollama.json()["error"]
-            assert client.get("/v1/models").status_code == 200  # only new generations are refused
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        refused = client.post("/v1/chat/completions", json=chat)
+        assert refused.status_code == 503, refused.text
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["code"] == "server_draining"
+        assert "shutting down" in refused.json()["error"]["message"]
+        kobold = client.post("/api/v1/generate", json={"prompt": "Hi", "max_length": 2})
+        assert kobold.status_code == 503 and kobold.json()["detail"]["type"] == "server_draining"
+        ollama = client.post("/api/chat", json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}],
+                                                "stream": False})
+        assert ollama.status_code == 503 and "shutting down" in ollama.json()["error"]
+        assert client.get("/v1/models").status_code == 200  # only new generations are refused
 
-            frames = data_frames(iter(first)) + data_frames(lines)
+        frames = data_frames(iter(first)) + data_frames(lines)
     assert frames[-1] == "[DONE]"
     chunks = [json.loads(f) for f in frames[:-1]]
     assert not any("error" in c for c in chunks)
@@ -81,12 +81,12 @@ def test_sigterm_refuses_new_work_while_running_streams_finish(server_with: Live
 def test_streams_outliving_the_shutdown_timeout_end_with_an_error_frame(server_with: LiveServer) -> None:
     server = server_with
     headers = {"Authorization": f"Bearer {server.keys.api}"}
-    with httpx.Client(base_url=server.base_url, headers=headers, timeout=300) as client:
-        with client.stream("POST", "/v1/chat/completions", json=stream_body(1600)) as stream:
-            lines = stream.iter_lines()
-            first = [next(lines) for _ in range(3)]
-            server.proc.send_signal(signal.SIGTERM)
-            frames = data_frames(iter(first)) + data_frames(lines)
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=300) as client, \
+            client.stream("POST", "/v1/chat/completions", json=stream_body(1600)) as stream:
+        lines = stream.iter_lines()
+        first = [next(lines) for _ in range(3)]
+        server.proc.send_signal(signal.SIGTERM)
+        frames = data_frames(iter(first)) + data_frames(lines)
     assert frames[-1] == "[DONE]"
     error = json.loads(frames[-2])["error"]
     assert error["type"] == "server_error" and "shutting down" in error["message"]
