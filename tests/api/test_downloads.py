@@ -333,6 +333,34 @@ def test_client_that_leaves_does_not_stop_the_download(
     assert sha256_of(model_dir / "left" / MODEL_FILE) == sha256_of(model_path)
 
 
+# -- shutdown ---------------------------------------------------------------------------------
+async def test_shutdown_stops_a_download_and_keeps_what_arrived(hub: FakeHub, tmp_path: Path) -> None:
+    import asyncio
+
+    from common.download_jobs import DownloadManager
+    from common.downloader import DownloadRequest
+    from common.errors import APIError
+    from common.models import scan_models
+
+    manager = DownloadManager(tmp_path, hub.url)
+    hub.release.clear()
+    hub.fail(MODEL_FILE, ("stall", 3 * TEN_MIB))
+    plan = await manager.plan(DownloadRequest(GGUF_REPO, include=["*.gguf"], folder_name="stopped"))
+    job, joined = manager.start(plan)
+    assert not joined and await asyncio.to_thread(hub.stalled.wait, 60)
+    closing = asyncio.create_task(manager.close())
+    await asyncio.sleep(0)  # close() has asked the job to stop; the next block of bytes stops it
+    hub.release.set()
+    await closing
+    with pytest.raises(APIError) as info:
+        await job.result()
+    assert info.value.status == 503 and info.value.code == "download_cancelled" and "resume" in info.value.message
+    folder = tmp_path / "stopped"
+    kept = [p.stat().st_size for p in (folder / ".parley-download").glob("*.part")]
+    assert len(kept) == 1 and 0 < kept[0] <= 3 * TEN_MIB and kept[0] % TEN_MIB == 0
+    assert (folder / ".incomplete").exists() and scan_models(tmp_path) == [] and manager.active() == []
+
+
 # -- the command line ---------------------------------------------------------------------------
 def cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     (tmp / "empty.yml").touch()
