@@ -53,17 +53,18 @@ class DownloadJob:
         loop = asyncio.get_running_loop()
 
         def report(progress: DownloadProgress) -> None:  # called from the download thread
-            loop.call_soon_threadsafe(self._publish, progress)
+            try:
+                loop.call_soon_threadsafe(self._publish, progress)
+            except RuntimeError:  # the loop has closed; nobody is watching any more
+                pass
 
         try:
             return await asyncio.to_thread(run_download, self.plan, report, self.cancel)
         finally:
             self._lock.release()
-            self._publish(None)
 
-    def _publish(self, progress: DownloadProgress | None) -> None:
-        if progress is not None:
-            self.progress = progress
+    def _publish(self, progress: DownloadProgress) -> None:
+        self.progress = progress
         self._version += 1
         waiter, self._changed = self._changed, asyncio.get_running_loop().create_future()
         waiter.set_result(None)
