@@ -215,6 +215,11 @@ class ModelConfig(_Section):
     )
     reasoning_start_marker: str = Field("<think>", min_length=1, description="Text that opens model reasoning.")
     reasoning_end_marker: str = Field("</think>", min_length=1, description="Text that closes model reasoning.")
+    hf_endpoint: str | None = Field(
+        None, pattern=r"^https?://[^\s]+$",
+        description="Hugging Face Hub address for downloads (POST /v1/download, /api/pull, main.py download), "
+        "e.g. a mirror. null uses the HF_ENDPOINT environment variable, else https://huggingface.co.",
+    )
     tool_format: Literal["auto", "hermes", "llama3", "mistral"] = Field(
         "auto",
         description="How the model writes tool calls. auto reads it from the chat template (hermes when unsure).",
@@ -571,7 +576,7 @@ class Invocation:
 
     command: str  # "serve" | "export-config" | "export-openapi" | "download"
     config: ParleyConfig
-    # export-*: output; download: repo_id, revision, include, exclude, folder_name, token
+    # export-*: output; download: repo_id, revision, include, exclude, folder_name, token, repo_type
     options: dict[str, Any]
 
 

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse
 from backends.base import LoadOptions
 from common.auth import AuthManager
 from common.config import ParleyConfig
+from common.download_jobs import DownloadManager
 from common.errors import APIError, BadRequestError, Dialect, EngineError, dialect_for_path
 from common.lifecycle import Lifecycle
 from common.metrics import Metrics
@@ -172,12 +173,14 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            await app.state.downloads.close()
             await app.state.models.close()
 
     app = FastAPI(title="Parley", version=VERSION, lifespan=lifespan)
     app.state.config = config
     app.state.auth = AuthManager.load(config.network.api_tokens_file, disabled=config.network.disable_auth)
     app.state.models = build_model_manager(config)
+    app.state.downloads = DownloadManager(Path(config.model.model_dir), config.model.hf_endpoint)
     app.state.presets = PresetState(PROJECT_ROOT / "sampler_overrides")
     if config.sampling.override_preset:
         try:
@@ -187,6 +190,7 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
     install_error_handlers(app)
     install_services(app, config)
 
+    from endpoints.core.download_router import router as download_router
     from endpoints.core.router import router as core_router
     from endpoints.kobold.router import router as kobold_router
     from endpoints.ollama.router import router as ollama_router
@@ -194,6 +198,7 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
 
     servers = set(config.network.api_servers)
     app.include_router(core_router)
+    app.include_router(download_router)
     if config.network.enable_metrics:
         from endpoints.core.metrics_router import router as metrics_router
 

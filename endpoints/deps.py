@@ -9,12 +9,17 @@ from loguru import logger
 from pydantic import BaseModel
 
 from common.config import ParleyConfig
+from common.download_jobs import DownloadManager
 from common.models import ModelManager
 from common.presets import PresetState
 
 
 def get_models(request: Request) -> ModelManager:
     return request.app.state.models
+
+
+def get_downloads(request: Request) -> DownloadManager:
+    return request.app.state.downloads
 
 
 def get_presets(request: Request) -> PresetState:

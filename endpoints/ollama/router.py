@@ -17,13 +17,14 @@ from common.auth import require_admin, require_api
 from common.chat_output import OutputOptions
 from common.config import ParleyConfig
 from common.constraints import ConstraintSpec
+from common.download_jobs import DownloadManager
 from common.errors import APIError, BadRequestError, ModelNotLoadedError
 from common.generation import Prompt, chat_prompt, compile_constraint, fit_params, submit_choices, text_prompt
 from common.models import LoadedModel, ModelFile, ModelManager
 from common.presets import PresetState
 from common.sampling import SamplingParams
 from common.streaming import ndjson_response, until_disconnect
-from endpoints.deps import get_config, get_models, get_presets, log_unknown_fields
+from endpoints.deps import get_config, get_downloads, get_models, get_presets, log_unknown_fields
 from endpoints.ollama import serving
 from endpoints.ollama.mapping import (
     chat_messages,
@@ -198,15 +199,15 @@ async def embed(body: EmbedRequest, models: ModelManager = Depends(get_models)) 
 
 
 @api.post("/pull", dependencies=[Depends(require_admin)])
-async def pull(body: PullRequest, models: ModelManager = Depends(get_models)) -> Response:
+async def pull(body: PullRequest, downloads: DownloadManager = Depends(get_downloads)) -> Response:
     """Download a GGUF repository from Hugging Face into the model directory (admin key)."""
     log_unknown_fields(body, "/api/pull")
     req = parse_pull_name(body.model)
     if body.insecure:
         logger.info("/api/pull: 'insecure' has no effect; Hugging Face is always reached over HTTPS")
     if body.stream:
-        return ndjson_response(serving.pull_stream(models.model_dir, req))
-    await serving.run_pull(models.model_dir, req)
+        return ndjson_response(serving.pull_stream(downloads, req))
+    await serving.run_pull(downloads, req)
     return JSONResponse({"status": "success"})
 
 
