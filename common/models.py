@@ -434,7 +434,7 @@ class ModelManager:
             if idle:
                 victim = min(idle, key=lambda m: m.last_used)
                 logger.info("Unloading idle model {} to make room for {}", victim.name, incoming)
-                await self._close(victim, remember=True)
+                await self._close(victim, remember=False)
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
