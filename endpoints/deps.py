@@ -25,7 +25,10 @@ async def lease_model(request: Request, name: str | None, *, always_load: bool =
     response takes the release over with `on_close=lease.detach()`.
     """
     models: ModelManager = request.app.state.models
-    admin = not models.inline_admin_only or await permission_of(request) is Permission.ADMIN
+    admin = (
+        not models.inline_loading or not models.inline_admin_only
+        or await permission_of(request) is Permission.ADMIN
+    )
     return await models.acquire(name, admin=admin, always_load=always_load)
 
 
