@@ -37,7 +37,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from loguru import logger
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationError,
+    create_model,
+)
 from ruamel.yaml import YAML, YAMLError
 
 from backends.base import LoadOptions
