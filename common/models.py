@@ -279,17 +279,23 @@ class ModelManager:
         """Load a model (or return it when loaded). `overrides` are a load request's explicit fields;
         `reload` unloads a loaded model first so they apply. Concurrent calls share one load."""
         entry = self.find(name)
-        pending = self._pending.get(entry.name)
-        if pending is not None and (overrides or backend):
-            await asyncio.gather(asyncio.shield(pending.task), return_exceptions=True)
-            reload, pending = True, None  # that load had other options: load again with these
         was_default = self.default_name == entry.name
-        if entry.name in self._loaded:
-            if not reload:
-                return self._loaded[entry.name]
-            await self.unload(entry.name)
-        if pending is None:
-            pending = self._start_load(entry, None, overrides, backend, progress)
+        while True:
+            pending = self._pending.get(entry.name)
+            if pending is not None:
+                if not (overrides or backend):
+                    return await asyncio.shield(pending.task)
+                # That load has other options: let it finish, then load again with these.
+                await asyncio.gather(asyncio.shield(pending.task), return_exceptions=True)
+                reload = True
+                continue
+            if entry.name in self._loaded:
+                if not reload:
+                    return self._loaded[entry.name]
+                await self.unload(entry.name)
+                continue  # a request may have started loading it meanwhile
+            break
+        pending = self._start_load(entry, None, overrides, backend, progress)
         model = await asyncio.shield(pending.task)
         if was_default:
             self.default_name = entry.name  # a reload keeps the default model

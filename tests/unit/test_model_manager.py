@@ -351,3 +351,22 @@ async def test_defaults_file_beside_a_gguf_and_in_a_folder(model_dir: Path, load
     assert reloaded.options.max_seq_len == 80  # type: ignore[union-attr]
     assert m.default_name == "alpha"  # a reload keeps the default model
     await m.close()
+
+
+async def test_an_admin_load_with_options_during_an_inline_load_gets_its_options(
+    model_dir: Path, loads: Loads
+) -> None:
+    m = manager(model_dir, inline_loading=True, inline_admin_only=False)
+    loads.gate = threading.Event()
+    inline = asyncio.create_task(m.acquire("beta"))
+    await asyncio.sleep(0.05)
+    admin = asyncio.create_task(m.load("beta", {"max_seq_len": 40}, reload=True))
+    await asyncio.sleep(0.05)
+    loads.gate.set()
+    lease = await inline
+    lease.release()
+    model = await admin
+    assert model.options is not None and model.options.max_seq_len == 40
+    assert loads.names == ["beta", "beta"] and loads.engines[0].closed
+    assert m.loaded["beta"] is model
+    await m.close()
