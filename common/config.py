@@ -189,11 +189,18 @@ class ModelConfig(_Section):
     )
     inline_model_loading: bool = Field(
         False,
-        description="Load the model named in a request if it is not the loaded one.",
+        description="Load the model a request names when it is in model_dir but not loaded (OpenAI, "
+        "llama.cpp and token routes; Ollama routes always do). Off: a server with one loaded model answers "
+        "every name with it.",
+    )
+    inline_model_loading_admin_only: bool = Field(
+        True,
+        description="Only requests with the admin key may load a model inline (as TabbyAPI); others get 403. "
+        "false lets any API key load models from model_dir.",
     )
     use_dummy_models: bool = Field(
         False,
-        description="List dummy_model_names in /v1/models and answer them with the loaded model, for clients "
+        description="List dummy_model_names in /v1/models and answer them with the default model, for clients "
         "that insist on a name.",
     )
     dummy_model_names: list[str] = Field(
@@ -202,7 +209,19 @@ class ModelConfig(_Section):
     )
     max_loaded_models: int = Field(
         1, ge=1,
-        description="Models kept in memory at once; the least recently used one is unloaded.",
+        description="Models kept in memory at once, each with its own engine. Loading one more unloads the "
+        "least recently used idle model; a model with running requests is never unloaded to make room.",
+    )
+    load_wait_timeout: float = Field(
+        30.0, ge=0,
+        description="Seconds a load that needs room waits for a loaded model to finish its running requests "
+        "before it is refused with 503 and Retry-After.",
+    )
+    keep_alive: float | None = Field(
+        None, ge=0,
+        description="Seconds a loaded model may sit idle (no running requests) before it is unloaded to free "
+        "memory; it is loaded again by the next request that names it. null keeps models loaded. A model's "
+        "parley.yml (or Ollama's keep_alive) sets it per model.",
     )
     default_max_tokens: int | None = Field(
         None, ge=1,

@@ -48,15 +48,7 @@ def load_options_from(config: ParleyConfig) -> LoadOptions:
 
 
 def build_model_manager(config: ParleyConfig) -> ModelManager:
-    m = config.model
-    return ModelManager(
-        Path(m.model_dir),
-        PROJECT_ROOT / "templates",
-        load_options_from(config),
-        backend=m.backend,
-        dummy_names=tuple(m.dummy_model_names) if m.use_dummy_models else (),
-        max_loaded=m.max_loaded_models,
-    )
+    return ModelManager.from_config(config, PROJECT_ROOT, load_options_from(config))
 
 
 async def load_startup_model(app: FastAPI) -> None:

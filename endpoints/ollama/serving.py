@@ -34,7 +34,7 @@ from common.tools import ToolCall, ToolCallDelta
 from endpoints.ollama.mapping import ollama_name
 
 DONE_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
-# Models stay loaded until unloaded or replaced: /api/ps shows a far expiry, as Ollama does for keep_alive -1.
+# A model without keep_alive stays loaded: /api/ps shows a far expiry, as Ollama does for keep_alive -1.
 NEVER_EXPIRES = "2318-01-01T00:00:00Z"
 
 
@@ -244,11 +244,19 @@ async def ps_body(models: ModelManager) -> dict[str, Any]:
             "size": model.info.size_bytes or (entry.size_bytes if entry else 0),
             "digest": digest(entry) if entry else "",
             "details": details(info),
-            "expires_at": NEVER_EXPIRES,
+            "expires_at": _expires_at(model),
             "size_vram": 0,
             "context_length": model.info.n_ctx,
         })
     return {"models": out}
+
+
+def _expires_at(model: LoadedModel) -> str:
+    """When keep_alive unloads the model if it stays idle (a busy model: keep_alive from now)."""
+    if model.keep_alive is None:
+        return NEVER_EXPIRES
+    left = max(0.0, model.keep_alive - model.idle_seconds())
+    return datetime.fromtimestamp(time.time() + left, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _template_source(models: ModelManager, loaded: LoadedModel | None, info: GGUFInfo | None) -> str:
