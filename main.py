@@ -4,6 +4,7 @@
     python main.py export-config [--output config_sample.yml]
     python main.py export-openapi [--output openapi.json]
     python main.py download REPO_ID [--revision R] [--include GLOB ...] [--exclude GLOB ...]
+                                    [--folder-name NAME] [--token T] [--repo-type TYPE]
 """
 
 from __future__ import annotations
@@ -29,19 +30,27 @@ def setup_logging(config: ParleyConfig) -> None:
 def serve(config: ParleyConfig) -> None:
     import uvicorn
 
+    from common.lifecycle import ParleyServer
     from endpoints.app import create_app
 
     app = create_app(config)
     loop = "asyncio" if config.developer.disable_uvloop else "auto"
     logger.info("Parley listening on http://{}:{}", config.network.host, config.network.port)
-    uvicorn.run(
-        app,
-        host=config.network.host,
-        port=config.network.port,
-        loop=loop,
-        log_level=config.logging.log_level.lower() if config.logging.log_requests else "warning",
-        timeout_graceful_shutdown=30,
+    server = ParleyServer(
+        uvicorn.Config(
+            app,
+            host=config.network.host,
+            port=config.network.port,
+            loop=loop,
+            log_level="info" if config.logging.log_level == "DEBUG" else "warning",
+            access_log=False,  # logging.log_requests writes Parley's own request lines
+            # Generations were drained before uvicorn shuts down (network.shutdown_timeout); this
+            # bounds what is left: cut streams sending their error frame, other slow requests.
+            timeout_graceful_shutdown=5,
+        ),
+        app.state.lifecycle,
     )
+    server.run()
 
 
 def export_openapi(config: ParleyConfig, output: str) -> None:
@@ -53,13 +62,14 @@ def export_openapi(config: ParleyConfig, output: str) -> None:
     logger.info("Wrote the OpenAPI schema to {}", output)
 
 
-def download(config: ParleyConfig, options: dict) -> None:
-    from common.downloader import download_cli
+def download(config: ParleyConfig, options: dict) -> int:
+    from common.download_cli import download_cli
 
-    download_cli(config, options)
+    return download_cli(config, options)
 
 
-def run(invocation: Invocation) -> None:
+def run(invocation: Invocation) -> int:
+    """Carry out the command; returns the process exit code."""
     config = invocation.config
     if invocation.command == "export-config":
         output = invocation.options.get("output") or "config_sample.yml"
@@ -68,9 +78,10 @@ def run(invocation: Invocation) -> None:
     elif invocation.command == "export-openapi":
         export_openapi(config, invocation.options.get("output") or "openapi.json")
     elif invocation.command == "download":
-        download(config, invocation.options)
+        return download(config, invocation.options)
     else:
         serve(config)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(invocation.config)
-    run(invocation)
-    return 0
+    return run(invocation)
 
 
 if __name__ == "__main__":

@@ -74,11 +74,25 @@ class NetworkConfig(_Section):
     )
     cors_origins: list[str] = Field(
         default_factory=list,
-        description="Origins allowed by CORS, e.g. http://localhost:3000 or *. Empty sends no CORS headers.",
+        description="Origins that browsers may call the API from, e.g. [http://localhost:3000]; [\"*\"] allows "
+        "any origin. Empty allows no cross-origin calls (no CORS headers are sent).",
     )
     max_request_body_bytes: int = Field(
         10_000_000, gt=0,
-        description="Largest accepted request body in bytes; bigger requests get 413.",
+        description="Largest accepted request body in bytes, chunked bodies included; bigger requests get 413. "
+        "Bodies are counted while they arrive and never buffered past this size.",
+    )
+    enable_metrics: bool = Field(True, description="Serve Prometheus metrics at GET /metrics.")
+    metrics_auth: Literal["none", "api", "admin"] = Field(
+        "api",
+        description="Key /metrics requires: none (open, e.g. for a scraper on a private network), api (any key; "
+        "Prometheus sends it with `authorization: {credentials: <key>}`) or admin.",
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0,
+        description="Seconds running generations may take to finish after SIGTERM or Ctrl+C. Meanwhile new "
+        "generations get 503 and /health reports draining; then the rest end with an error frame and the "
+        "process exits.",
     )
 
 
@@ -89,9 +103,48 @@ class LoggingConfig(_Section):
         "INFO",
         description="Minimum level of log messages.",
     )
-    log_prompt: bool = Field(False, description="Log each formatted prompt. May expose user data.")
-    log_generation_params: bool = Field(False, description="Log the sampling parameters of each request.")
-    log_requests: bool = Field(False, description="Log method, path and status of every HTTP request.")
+    log_requests: bool = Field(
+        False,
+        description="Log one line per HTTP request: route, status, key name, latency, and for generations the "
+        "model and token counts.",
+    )
+    log_prompt: bool = Field(
+        False, description="Add the prompt text (cut to log_prompt_chars) to the request log line. May expose "
+        "user data.",
+    )
+    log_prompt_chars: int = Field(500, ge=0, description="Longest prompt excerpt log_prompt writes, in characters.")
+    log_generation_params: bool = Field(
+        False, description="Add the sampling parameters each generation ran with to the request log line.",
+    )
+
+
+class LimitsConfig(_Section):
+    """Caps on each request, and rate limits for keys that set none in the keys file."""
+
+    max_output_tokens: int | None = Field(
+        None, ge=1,
+        description="Most tokens one request may ask to generate (max_tokens, max_completion_tokens, Kobold "
+        "max_length, Ollama options.num_predict); asking more is a 400 naming the field, asking nothing "
+        "generates at most this many. null: up to the context length.",
+    )
+    max_n: int | None = Field(
+        None, ge=1, description="Most choices (n) one request may ask for; more is a 400. null: the dialect's own cap.",
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1,
+        description="Longest prompt in tokens (after the chat template); longer is a 400 naming messages or "
+        "prompt. null: up to the context length.",
+    )
+    default_requests_per_minute: int | None = Field(
+        None, ge=1,
+        description="Generation requests per minute for API keys without their own requests_per_minute in the "
+        "keys file (per client address when auth is disabled). null: unlimited.",
+    )
+    default_tokens_per_minute: int | None = Field(
+        None, ge=1,
+        description="Generated tokens per minute for API keys without their own tokens_per_minute in the keys "
+        "file (per client address when auth is disabled). null: unlimited.",
+    )
 
 
 class ModelConfig(_Section):
@@ -136,11 +189,18 @@ class ModelConfig(_Section):
     )
     inline_model_loading: bool = Field(
         False,
-        description="Load the model named in a request if it is not the loaded one.",
+        description="Load the model a request names when it is in model_dir but not loaded (OpenAI, "
+        "llama.cpp and token routes; Ollama routes always do). Off: a server with one loaded model answers "
+        "every name with it.",
+    )
+    inline_model_loading_admin_only: bool = Field(
+        True,
+        description="Only requests with the admin key may load a model inline (as TabbyAPI); others get 403. "
+        "false lets any API key load models from model_dir.",
     )
     use_dummy_models: bool = Field(
         False,
-        description="List dummy_model_names in /v1/models and answer them with the loaded model, for clients "
+        description="List dummy_model_names in /v1/models and answer them with the default model, for clients "
         "that insist on a name.",
     )
     dummy_model_names: list[str] = Field(
@@ -149,7 +209,19 @@ class ModelConfig(_Section):
     )
     max_loaded_models: int = Field(
         1, ge=1,
-        description="Models kept in memory at once; the least recently used one is unloaded.",
+        description="Models kept in memory at once, each with its own engine. Loading one more unloads the "
+        "least recently used idle model; a model with running requests is never unloaded to make room.",
+    )
+    load_wait_timeout: float = Field(
+        30.0, ge=0,
+        description="Seconds a load that needs room waits for a loaded model to finish its running requests "
+        "before it is refused with 503 and Retry-After.",
+    )
+    keep_alive: float | None = Field(
+        None, ge=0,
+        description="Seconds a loaded model may sit idle (no running requests) before it is unloaded to free "
+        "memory; it is loaded again by the next request that names it. null keeps models loaded. A model's "
+        "parley.yml (or Ollama's keep_alive) sets it per model.",
     )
     default_max_tokens: int | None = Field(
         None, ge=1,
@@ -162,6 +234,11 @@ class ModelConfig(_Section):
     )
     reasoning_start_marker: str = Field("<think>", min_length=1, description="Text that opens model reasoning.")
     reasoning_end_marker: str = Field("</think>", min_length=1, description="Text that closes model reasoning.")
+    hf_endpoint: str | None = Field(
+        None, pattern=r"^https?://[^\s]+$",
+        description="Hugging Face Hub address for downloads (POST /v1/download, /api/pull, main.py download), "
+        "e.g. a mirror. null uses the HF_ENDPOINT environment variable, else https://huggingface.co.",
+    )
     tool_format: Literal["auto", "hermes", "llama3", "mistral"] = Field(
         "auto",
         description="How the model writes tool calls. auto reads it from the chat template (hermes when unsure).",
@@ -255,6 +332,7 @@ class ParleyConfig(_Section):
 
     network: NetworkConfig = _section(NetworkConfig)
     logging: LoggingConfig = _section(LoggingConfig)
+    limits: LimitsConfig = _section(LimitsConfig)
     model: ModelConfig = _section(ModelConfig)
     draft_model: DraftModelConfig = _section(DraftModelConfig)
     lora: LoraConfig = _section(LoraConfig)
@@ -517,7 +595,7 @@ class Invocation:
 
     command: str  # "serve" | "export-config" | "export-openapi" | "download"
     config: ParleyConfig
-    # export-*: output; download: repo_id, revision, include, exclude, folder_name, token
+    # export-*: output; download: repo_id, revision, include, exclude, folder_name, token, repo_type
     options: dict[str, Any]
 
 

@@ -134,6 +134,9 @@ def build_parser(config_cls: type[BaseModel]) -> argparse.ArgumentParser:
                           help="Skip files matching these globs.")
     download.add_argument("--folder-name", default=None, metavar="NAME",
                           help="Folder under model_dir to download into. Default: the repository name.")
-    download.add_argument("--token", default=None, help="Hugging Face token for gated or private repos.")
+    download.add_argument("--token", default=None,
+                          help="Hugging Face token for gated or private repos. Default: HF_TOKEN or the stored login.")
+    download.add_argument("--repo-type", default="model", choices=["model", "dataset", "space"],
+                          help="Kind of repository. Default: model.")
     add_config_flags(download, config_cls)
     return parser

@@ -27,6 +27,7 @@ from backends.base import (
 from common.constraints import Constraint, ConstraintSpec
 from common.errors import BadRequestError, ContextLengthExceededError
 from common.models import LoadedModel
+from common.request_context import current_request
 from common.sampling import SamplingParams
 
 
@@ -187,11 +188,13 @@ def text_prompt(model: LoadedModel, prompt: str | list[int], *, add_bos: bool | 
 
 
 def fit_params(model: LoadedModel, prompt: Prompt, params: SamplingParams, default_max_tokens: int | None) -> SamplingParams:
-    """Check the prompt fits the context; settle max_tokens and stop strings."""
+    """Check the prompt fits the context and the server's caps; settle max_tokens and stop strings."""
     n_ctx = model.info.n_ctx
     n_prompt = len(prompt.tokens)
     if n_prompt == 0:
         raise BadRequestError("The prompt is empty after tokenization; send some text.", param="prompt")
+    ctx = current_request()
+    ceiling = ctx.fit(n_prompt, prompt.param, params.max_tokens) if ctx is not None else None
     if n_prompt >= n_ctx:
         raise ContextLengthExceededError(
             f"This model's maximum context length is {n_ctx} tokens, but the prompt has {n_prompt} tokens. "
@@ -199,9 +202,12 @@ def fit_params(model: LoadedModel, prompt: Prompt, params: SamplingParams, defau
             param=prompt.param,
         )
     room = n_ctx - n_prompt
-    max_tokens = params.max_tokens or default_max_tokens or room
+    max_tokens = min(params.max_tokens or default_max_tokens or room, room, ceiling or room)
     stop = params.stop + tuple(s for s in prompt.stop if s not in params.stop)
-    return params.with_updates(max_tokens=min(max_tokens, room), stop=stop)
+    fitted = params.with_updates(max_tokens=max_tokens, stop=stop)
+    if ctx is not None:
+        ctx.record_prompt(model.name, n_prompt, prompt.text, fitted)
+    return fitted
 
 
 @dataclass
@@ -228,13 +234,23 @@ def submit_choices(
     n: int,
     constraint: Constraint | None = None,
 ) -> list[GenerationHandle]:
-    """Queue n choices at once; a refusal (busy, unloading) cancels those already queued."""
+    """Queue n choices at once; a refusal (busy, unloading) cancels those already queued.
+
+    Within an HTTP request, the request is first admitted (n cap, draining, rate
+    limits) and each handle is observed for metrics and token accounting.
+    """
+    ctx = current_request()
+    if ctx is not None:
+        ctx.admit(n)
     handles: list[GenerationHandle] = []
     try:
         for i in range(n):
             p = params if (n == 1 or params.seed is None) else params.with_updates(seed=params.seed + i)
             request = GenerationRequest(list(prompt.tokens), p, constraint=constraint)
-            handles.append(model.engine.submit(request))
+            handle = model.engine.submit(request)
+            if ctx is not None:
+                handle = ctx.observe(handle, model.name, counts_prompt=i == 0)
+            handles.append(handle)
     except BaseException:
         for h in handles:
             h.cancel()

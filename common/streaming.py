@@ -45,11 +45,19 @@ async def _guarded(
 
 class _OwningStreamingResponse(StreamingResponse):
     """Cancels its generations when the response ends, even if the body never started
-    (a client that leaves before the first byte would otherwise leave them running)."""
+    (a client that leaves before the first byte would otherwise leave them running),
+    then runs `on_close` (which releases the request's model lease)."""
 
-    def __init__(self, content: AsyncIterator[str], handles: Sequence[GenerationHandle], **kw: Any) -> None:
+    def __init__(
+        self,
+        content: AsyncIterator[str],
+        handles: Sequence[GenerationHandle],
+        on_close: Callable[[], None] | None = None,
+        **kw: Any,
+    ) -> None:
         super().__init__(content, **kw)
         self._handles = handles
+        self._on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
@@ -57,6 +65,8 @@ class _OwningStreamingResponse(StreamingResponse):
         finally:
             for handle in self._handles:
                 handle.cancel()
+            if self._on_close is not None:
+                self._on_close()
 
 
 def sse_response(
@@ -65,8 +75,10 @@ def sse_response(
     *,
     done_marker: bool = True,
     handles: Sequence[GenerationHandle] = (),
+    on_close: Callable[[], None] | None = None,
 ) -> StreamingResponse:
-    """Server-sent events. `frames` yields already-encoded `data: ...\\n\\n` strings."""
+    """Server-sent events. `frames` yields already-encoded `data: ...\\n\\n` strings;
+    `on_close` runs once the response has ended, however it ended."""
 
     def on_error(err: APIError) -> list[str]:
         out = [f"data: {dumps(err.body(dialect))}\n\n"]
@@ -79,16 +91,24 @@ def sse_response(
     return _OwningStreamingResponse(
         _guarded(frames, on_error),
         handles,
+        on_close,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-def ndjson_response(lines: AsyncIterator[str], *, handles: Sequence[GenerationHandle] = ()) -> StreamingResponse:
+def ndjson_response(
+    lines: AsyncIterator[str],
+    *,
+    handles: Sequence[GenerationHandle] = (),
+    on_close: Callable[[], None] | None = None,
+) -> StreamingResponse:
     def on_error(err: APIError) -> list[str]:
         return [dumps(err.ollama_body()) + "\n"]
 
-    return _OwningStreamingResponse(_guarded(lines, on_error), handles, media_type="application/x-ndjson")
+    return _OwningStreamingResponse(
+        _guarded(lines, on_error), handles, on_close, media_type="application/x-ndjson"
+    )
 
 
 async def _wait_disconnect(request: Request) -> None:

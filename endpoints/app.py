@@ -17,9 +17,15 @@ from starlette.responses import JSONResponse
 from backends.base import LoadOptions
 from common.auth import AuthManager
 from common.config import ParleyConfig
+from common.download_jobs import DownloadManager
 from common.errors import APIError, BadRequestError, Dialect, EngineError, dialect_for_path
+from common.lifecycle import Lifecycle
+from common.metrics import Metrics
 from common.models import ModelManager
 from common.presets import PresetState
+from common.ratelimit import RateLimiter
+from common.request_context import Services
+from endpoints.middleware import ParleyMiddleware
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VERSION = "0.1.0"
@@ -42,15 +48,7 @@ def load_options_from(config: ParleyConfig) -> LoadOptions:
 
 
 def build_model_manager(config: ParleyConfig) -> ModelManager:
-    m = config.model
-    return ModelManager(
-        Path(m.model_dir),
-        PROJECT_ROOT / "templates",
-        load_options_from(config),
-        backend=m.backend,
-        dummy_names=tuple(m.dummy_model_names) if m.use_dummy_models else (),
-        max_loaded=m.max_loaded_models,
-    )
+    return ModelManager.from_config(config, PROJECT_ROOT, load_options_from(config))
 
 
 async def load_startup_model(app: FastAPI) -> None:
@@ -125,6 +123,35 @@ def install_error_handlers(app: FastAPI) -> None:
         return render(request, EngineError(f"Internal server error{detail}. The server keeps running; retry."))
 
 
+def install_services(app: FastAPI, config: ParleyConfig) -> None:
+    """Rate limits, metrics and the shutdown state on app.state.services; the middleware using them; CORS."""
+    metrics = Metrics() if config.network.enable_metrics else None
+    lifecycle = Lifecycle(config.network.shutdown_timeout)
+    services = Services(config, RateLimiter(), lifecycle, metrics)
+    app.state.services = services
+    app.state.lifecycle = lifecycle
+    models: ModelManager = app.state.models
+    if metrics is not None:
+        metrics.watch(
+            lambda: {name: m.engine for name, m in models.loaded.items()},
+            lambda: lifecycle.in_flight,
+            lambda: lifecycle.draining,
+        )
+        models.on_loaded = metrics.model_loaded
+    app.add_middleware(ParleyMiddleware, services=services)
+    # Added last, so it is outermost: refusals (413, 429, 503) carry CORS headers too.
+    if config.network.cors_origins:
+        origins = config.network.cors_origins
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],
+        )
+        logger.info("CORS: browsers may call this server from {}", "any origin" if "*" in origins else origins)
+
+
 def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -138,12 +165,14 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            await app.state.downloads.close()
             await app.state.models.close()
 
     app = FastAPI(title="Parley", version=VERSION, lifespan=lifespan)
     app.state.config = config
     app.state.auth = AuthManager.load(config.network.api_tokens_file, disabled=config.network.disable_auth)
     app.state.models = build_model_manager(config)
+    app.state.downloads = DownloadManager(Path(config.model.model_dir), config.model.hf_endpoint)
     app.state.presets = PresetState(PROJECT_ROOT / "sampler_overrides")
     if config.sampling.override_preset:
         try:
@@ -151,14 +180,9 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
         except APIError as exc:
             raise SystemExit(f"sampling.override_preset: {exc.message}") from None
     install_error_handlers(app)
-    if config.network.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=config.network.cors_origins,
-            allow_methods=["*"],
-            allow_headers=["*"],
-        )
+    install_services(app, config)
 
+    from endpoints.core.download_router import router as download_router
     from endpoints.core.router import router as core_router
     from endpoints.kobold.router import router as kobold_router
     from endpoints.ollama.router import router as ollama_router
@@ -166,6 +190,11 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
 
     servers = set(config.network.api_servers)
     app.include_router(core_router)
+    app.include_router(download_router)
+    if config.network.enable_metrics:
+        from endpoints.core.metrics_router import router as metrics_router
+
+        app.include_router(metrics_router)
     if "openai" in servers:
         from endpoints.core.llamacpp_router import router as llamacpp_router
 

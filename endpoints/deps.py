@@ -8,13 +8,33 @@ from fastapi import Request
 from loguru import logger
 from pydantic import BaseModel
 
+from common.auth import Permission, permission_of
 from common.config import ParleyConfig
-from common.models import ModelManager
+from common.download_jobs import DownloadManager
+from common.models import ModelLease, ModelManager
 from common.presets import PresetState
 
 
 def get_models(request: Request) -> ModelManager:
     return request.app.state.models
+
+
+def get_downloads(request: Request) -> DownloadManager:
+    return request.app.state.downloads
+
+
+async def lease_model(request: Request, name: str | None, *, always_load: bool = False) -> ModelLease:
+    """A lease on the model a request names (loading it inline when the config allows).
+
+    Use as `with await lease_model(request, body.model) as lease:`; a streaming
+    response takes the release over with `on_close=lease.detach()`.
+    """
+    models: ModelManager = request.app.state.models
+    admin = (
+        not models.inline_loading or not models.inline_admin_only
+        or await permission_of(request) is Permission.ADMIN
+    )
+    return await models.acquire(name, admin=admin, always_load=always_load)
 
 
 def get_presets(request: Request) -> PresetState:

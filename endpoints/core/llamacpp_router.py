@@ -27,11 +27,11 @@ from common.generation import (
     raise_if_failed,
     submit_choices,
 )
-from common.models import LoadedModel, ModelManager
-from common.presets import PresetState, build_params
+from common.models import LoadedModel
+from common.presets import Preset, PresetState, build_params
 from common.sampling import SamplingParams
 from common.streaming import dumps, sse_response, until_disconnect
-from endpoints.deps import get_config, get_models, get_presets, log_unknown_fields
+from endpoints.deps import get_config, get_presets, lease_model, log_unknown_fields
 from endpoints.openai.serving import stream_failure
 
 router = APIRouter(tags=["llama.cpp"], dependencies=[Depends(require_api)])
@@ -74,7 +74,7 @@ class DetokenizeRequest(BaseModel):
     model: str | None = None
 
 
-def infill_params(body: InfillRequest, presets: PresetState) -> SamplingParams:
+def infill_params(body: InfillRequest, preset: Preset | None) -> SamplingParams:
     """llama.cpp fields -> SamplingParams: llama.cpp defaults < preset < sent < forced."""
     if body.n_predict == 0:
         raise BadRequestError(
@@ -93,7 +93,7 @@ def infill_params(body: InfillRequest, presets: PresetState) -> SamplingParams:
     if body.stop is not None:
         stops = [body.stop] if isinstance(body.stop, str) else body.stop
         sent["stop"] = tuple(s for s in stops if s)
-    return build_params(sent, presets.active, LLAMACPP_DEFAULTS)
+    return build_params(sent, preset, LLAMACPP_DEFAULTS)
 
 
 def stop_type(finish: Finished) -> str:
@@ -179,28 +179,32 @@ async def infill_stream(
 async def infill(
     body: InfillRequest,
     request: Request,
-    models: ModelManager = Depends(get_models),
     config: ParleyConfig = Depends(get_config),
     presets: PresetState = Depends(get_presets),
 ) -> Response:
     """llama.cpp's code completion: the text between input_prefix and input_suffix."""
     log_unknown_fields(body, "/infill")
-    model = models.get(body.model)
-    prompt = fim_prompt(model, body.input_prefix, body.input_suffix, middle=body.prompt, param="input_suffix")
-    params = fit_params(model, prompt, infill_params(body, presets), config.model.default_max_tokens)
-    (handle,) = submit_choices(model, prompt, params, 1)
-    if body.stream:
-        return sse_response(infill_stream(model, prompt, params, handle), Dialect.OPENAI,
-                            done_marker=False, handles=[handle])
-    result = await until_disconnect(request, infill_response(model, prompt, params, handle), [handle])
-    return JSONResponse(result)
+    with await lease_model(request, body.model) as lease:
+        model = lease.model
+        prompt = fim_prompt(model, body.input_prefix, body.input_suffix, middle=body.prompt, param="input_suffix")
+        params = fit_params(model, prompt, infill_params(body, model.preset(presets.active)), config.model.default_max_tokens)
+        (handle,) = submit_choices(model, prompt, params, 1)
+        if body.stream:
+            return sse_response(infill_stream(model, prompt, params, handle), Dialect.OPENAI,
+                                done_marker=False, handles=[handle], on_close=lease.detach())
+        result = await until_disconnect(request, infill_response(model, prompt, params, handle), [handle])
+        return JSONResponse(result)
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, models: ModelManager = Depends(get_models)) -> dict[str, Any]:
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     """Token ids of `content`; with_pieces pairs each id with its text (or its bytes when not UTF-8)."""
     log_unknown_fields(body, "/tokenize")
-    model = models.get(body.model)
+    with await lease_model(request, body.model) as lease:
+        return _tokenize(body, lease.model)
+
+
+def _tokenize(body: TokenizeRequest, model: LoadedModel) -> dict[str, Any]:
     add_bos = body.add_special and model.info.add_bos_token
     tokens = model.engine.tokenize(body.content, add_bos=add_bos, special=body.parse_special)
     if not body.with_pieces:
@@ -217,15 +221,16 @@ async def tokenize(body: TokenizeRequest, models: ModelManager = Depends(get_mod
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, models: ModelManager = Depends(get_models)) -> dict[str, Any]:
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
     """The text of token ids (special tokens included, as llama.cpp renders them)."""
     log_unknown_fields(body, "/detokenize")
-    model = models.get(body.model)
-    n_vocab = model.info.n_vocab
-    bad = next((t for t in body.tokens if not 0 <= t < n_vocab), None)
-    if bad is not None:
-        raise BadRequestError(
-            f"Token id {bad} is outside the vocabulary (0..{n_vocab - 1}); send ids from /tokenize.",
-            param="tokens",
-        )
-    return {"content": model.engine.detokenize(body.tokens, special=True)}
+    with await lease_model(request, body.model) as lease:
+        model = lease.model
+        n_vocab = model.info.n_vocab
+        bad = next((t for t in body.tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise BadRequestError(
+                f"Token id {bad} is outside the vocabulary (0..{n_vocab - 1}); send ids from /tokenize.",
+                param="tokens",
+            )
+        return {"content": model.engine.detokenize(body.tokens, special=True)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 
 class ModelLoadRequest(BaseModel):
@@ -54,3 +54,24 @@ class SamplerOverrideSwitchRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     preset: str | None = Field(None, validation_alias=AliasChoices("preset", "name"))
     overrides: dict[str, Any] | None = None
+
+
+class DownloadBody(BaseModel):
+    """POST /v1/download: TabbyAPI's fields, plus `stream`."""
+
+    model_config = ConfigDict(extra="allow")
+    repo_id: str = Field(..., min_length=1, max_length=200, description="Hub repository, 'owner/name'.")
+    revision: str | None = Field(None, description="Branch, tag or commit. Default: the repo's main branch.")
+    include: list[str] = Field(default_factory=list, max_length=100, description="Only files matching these globs.")
+    exclude: list[str] = Field(default_factory=list, max_length=100, description="Skip files matching these globs.")
+    folder_name: str | None = Field(None, description="Folder in the model directory. Default: the repo name.")
+    token: str | None = Field(None, max_length=1000, description="Hub token for gated or private repos.")
+    repo_type: Literal["model", "dataset", "space"] = "model"
+    stream: bool = Field(True, description="SSE progress frames; false answers one JSON object when done.")
+
+    @field_validator("include", "exclude", mode="before")
+    @classmethod
+    def _one_glob(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value

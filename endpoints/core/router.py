@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from loguru import logger
 from starlette.responses import JSONResponse, Response
 
@@ -16,9 +15,11 @@ from backends.base import LoadOptions
 from common.auth import Permission, permission_of, require_admin, require_api
 from common.errors import BadRequestError, Dialect
 from common.generation import chat_prompt
+from common.model_files import ModelFile
 from common.models import LoadedModel, ModelManager
 from common.presets import PresetState, list_presets
 from common.streaming import dumps, sse_response
+from endpoints.core.model_cards import card, health_entry, model_list
 from endpoints.core.protocol import (
     ModelLoadRequest,
     ModelUnloadRequest,
@@ -27,56 +28,32 @@ from endpoints.core.protocol import (
     TokenDecodeRequest,
     TokenEncodeRequest,
 )
-from endpoints.deps import get_models, get_presets
+from endpoints.deps import get_models, get_presets, lease_model
 
 router = APIRouter(tags=["Core"])
 
 
-def _card(model: LoadedModel) -> dict[str, Any]:
-    info = model.info
-    return {
-        "id": model.name,
-        "object": "model",
-        "created": int(model.loaded_at),
-        "owned_by": "parley",
-        "parameters": {
-            **info.load_options,
-            "backend": info.backend,
-            "prompt_template": model.template.name if model.template else None,
-            "prompt_template_content": model.template.source if model.template else None,
-            "n_ctx_train": info.n_ctx_train,
-            "architecture": info.architecture,
-            "quantization": info.quantization,
-            "parameter_count": info.parameter_count,
-            "size_bytes": info.size_bytes,
-        },
-    }
-
-
 @router.get("/health")
-async def health(models: ModelManager = Depends(get_models)) -> Response:
+async def health(request: Request, models: ModelManager = Depends(get_models)) -> Response:
+    """503 while the first model loads or the server drains; per model: state, leases, idle time and engine stats."""
     issues: list[dict[str, str]] = []
     status = "healthy"
-    if models.is_loading:
+    entries: dict[str, dict[str, Any]] = {name: health_entry(m) for name, m in models.loaded.items()}
+    for name in models.loading:
+        entries.setdefault(name, {"state": "loading"})
+    for name in models.idle_unloaded:
+        entries.setdefault(name, {"state": "unloaded_idle"})  # loaded again by the next request naming it
+    lifecycle = getattr(request.app.state, "lifecycle", None)
+    if lifecycle is not None and lifecycle.draining:
+        status = "draining"
+        issues.append({"time": _now(), "description": "The server is shutting down; it accepts no new generations."})
+    elif not models.loaded and models.is_loading:
         status = "loading"
         issues.append({"time": _now(), "description": "A model is loading."})
-    elif not models.loaded:
+    elif not models.loaded and not models.idle_unloaded:
         issues.append({"time": _now(), "description": "No model is loaded; POST /v1/model/load."})
-    engines = {}
-    for name, model in models.loaded.items():
-        st = model.engine.stats()
-        engines[name] = {
-            "slots_total": st.slots_total,
-            "slots_active": st.slots_active,
-            "queue_depth": st.queue_depth,
-            "kv_cells_total": st.kv_cells_total,
-            "kv_cells_used": st.kv_cells_used,
-            "kv_cells_cached": st.cached_prefix_tokens,
-            "requests_finished": st.requests_finished,
-            "tokens_generated": st.tokens_generated,
-        }
     code = 503 if status != "healthy" else 200
-    return JSONResponse({"status": status, "issues": issues, "models": engines}, status_code=code)
+    return JSONResponse({"status": status, "issues": issues, "models": entries}, status_code=code)
 
 
 def _now() -> str:
@@ -86,37 +63,44 @@ def _now() -> str:
 @router.get("/v1/models", dependencies=[Depends(require_api)])
 @router.get("/v1/model/list", dependencies=[Depends(require_api)])
 async def list_models(request: Request, models: ModelManager = Depends(get_models)) -> dict[str, Any]:
-    permission = await permission_of(request)
-    loaded = models.loaded
-    data = [_card(m) for m in loaded.values()]
-    if permission is Permission.ADMIN:
-        for f in models.available():
-            if f.name not in loaded:
-                data.append({
-                    "id": f.name, "object": "model", "created": int(f.modified), "owned_by": "parley",
-                    "parameters": {"format": f.format, "size_bytes": f.size_bytes, "loaded": False},
-                })
-    return {"object": "list", "data": data}
+    """Loaded models; the whole model directory for the admin key, or for every key when any key may
+    load models inline."""
+    whole = (models.inline_loading and not models.inline_admin_only) or (
+        await permission_of(request) is Permission.ADMIN
+    )
+    return {"object": "list", "data": await model_list(models, whole_directory=whole)}
 
 
 @router.get("/v1/model", dependencies=[Depends(require_api)])
-async def current_model(models: ModelManager = Depends(get_models)) -> dict[str, Any]:
-    return _card(models.get())
+async def current_model(
+    models: ModelManager = Depends(get_models),
+    model: str | None = Query(None, alias="model", description="A model name; none: the default model."),
+    name: str | None = Query(None, description="Same as model."),
+) -> dict[str, Any]:
+    """The default model's card, or the named model's (loaded or not)."""
+    wanted = model or name
+    if not wanted or wanted == "default" or wanted in models.dummy_names or wanted in models.loaded:
+        resolved = models.get(wanted).name
+        return await card(models, resolved, _file(models, resolved))
+    entry = models.find(wanted)  # 404 naming the available models
+    return await card(models, entry.name, entry)
+
+
+def _file(models: ModelManager, name: str) -> ModelFile | None:
+    return next((m for m in models.available() if m.name == name), None)
 
 
 @router.post("/v1/model/load", dependencies=[Depends(require_admin)])
 async def load_model(body: ModelLoadRequest, models: ModelManager = Depends(get_models)) -> Response:
+    """Load (or reload with new options): options settle as config < the model's parley.yml < this body."""
     entry = models.find(body.model_name)  # 400/404 before the stream starts
-    changes = {
+    overrides = {
         k: v
         for k, v in body.model_dump(exclude={"model_name", "backend"}, exclude_none=True).items()
         if k in LoadOptions.__dataclass_fields__
     }
-    options = replace(models.default_options, **changes)
     if body.prompt_template:
         models.template_by_name(body.prompt_template)  # fail fast on a bad name
-    if entry.name in models.loaded:
-        await models.unload(entry.name)  # a load of a loaded model reloads it with the new options
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -126,7 +110,9 @@ async def load_model(body: ModelLoadRequest, models: ModelManager = Depends(get_
         event = {"model_type": "model", "module": int(value * steps), "modules": steps, "status": "processing"}
         loop.call_soon_threadsafe(queue.put_nowait, event)
 
-    task = asyncio.create_task(models.load(entry.name, options, progress, backend=body.backend))
+    task = asyncio.create_task(
+        models.load(entry.name, overrides, progress, backend=body.backend, reload=True)
+    )
 
     async def frames() -> AsyncIterator[str]:
         last = -1
@@ -148,14 +134,19 @@ async def load_model(body: ModelLoadRequest, models: ModelManager = Depends(get_
 
 @router.post("/v1/model/unload", dependencies=[Depends(require_admin)])
 async def unload_model(body: ModelUnloadRequest | None = None, models: ModelManager = Depends(get_models)) -> dict[str, Any]:
+    """Unload the named model (every model without a name) now; its running requests end with an error."""
     name = body.model_name if body else None
     unloaded = await models.unload(name)
     return {"unloaded": unloaded}
 
 
 @router.post("/v1/token/encode", dependencies=[Depends(require_api)])
-async def encode(body: TokenEncodeRequest, models: ModelManager = Depends(get_models)) -> dict[str, Any]:
-    model = models.get(body.model)
+async def encode(body: TokenEncodeRequest, request: Request) -> dict[str, Any]:
+    with await lease_model(request, body.model) as lease:
+        return _encode(body, lease.model)
+
+
+def _encode(body: TokenEncodeRequest, model: LoadedModel) -> dict[str, Any]:
     if body.messages is not None:
         text = chat_prompt(model, body.messages).text or ""
     elif body.text is not None:
@@ -168,8 +159,12 @@ async def encode(body: TokenEncodeRequest, models: ModelManager = Depends(get_mo
 
 
 @router.post("/v1/token/decode", dependencies=[Depends(require_api)])
-async def decode(body: TokenDecodeRequest, models: ModelManager = Depends(get_models)) -> dict[str, Any]:
-    model = models.get(body.model)
+async def decode(body: TokenDecodeRequest, request: Request) -> dict[str, Any]:
+    with await lease_model(request, body.model) as lease:
+        return _decode(body, lease.model)
+
+
+def _decode(body: TokenDecodeRequest, model: LoadedModel) -> dict[str, Any]:
     bad = next((t for t in body.tokens if not 0 <= t < model.info.n_vocab), None)
     if bad is not None:
         raise BadRequestError(f"Token id {bad} is outside the vocabulary (0..{model.info.n_vocab - 1}).", param="tokens")

@@ -61,8 +61,10 @@ KOBOLD_DEFAULTS: dict[str, Any] = {
 }
 
 
-def default_max_length(config_default: int | None) -> int:
-    return config_default or DEFAULT_MAX_LENGTH
+def default_max_length(config_default: int | None, ceiling: int | None = None) -> int:
+    """Tokens generated when a request sends no max_length (never above the server's ceiling)."""
+    length = config_default or DEFAULT_MAX_LENGTH
+    return min(length, ceiling) if ceiling else length
 
 
 def _str_list(value: list[str] | str | None) -> tuple[str, ...]:

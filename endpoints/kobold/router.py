@@ -17,10 +17,10 @@ from common.auth import AuthManager, require_api
 from common.config import ParleyConfig
 from common.errors import BadRequestError, Dialect
 from common.generation import compile_constraint, fit_params, submit_choices, text_prompt
-from common.models import ModelManager
+from common.models import LoadedModel
 from common.presets import PresetState
 from common.streaming import sse_response, until_disconnect
-from endpoints.deps import get_config, get_models, get_presets, log_unknown_fields
+from endpoints.deps import get_config, get_presets, lease_model, log_unknown_fields
 from endpoints.kobold import serving
 from endpoints.kobold.genkeys import AbortOutcome, GenEntry, GenRegistry, get_registry, owner_of
 from endpoints.kobold.mapping import (
@@ -41,8 +41,9 @@ KOBOLDCPP_VERSION = "1.80"
 
 # -- info ---------------------------------------------------------------------
 @router.get("/api/v1/model")
-async def model_name(models: ModelManager = Depends(get_models)) -> dict[str, str]:
-    return {"result": f"koboldcpp/{models.get().name}"}
+async def model_name(request: Request) -> dict[str, str]:
+    with await lease_model(request, None) as lease:  # the default model (brought back if idle-unloaded)
+        return {"result": f"koboldcpp/{lease.model.name}"}
 
 
 @router.get("/api/v1/info/version")
@@ -63,20 +64,21 @@ async def server_version(request: Request) -> dict[str, Any]:
 
 @router.get("/api/v1/config/max_context_length")
 @router.get("/api/extra/true_max_context_length")
-async def max_context_length(models: ModelManager = Depends(get_models)) -> dict[str, int]:
-    return {"value": models.get().info.n_ctx}
+async def max_context_length(request: Request) -> dict[str, int]:
+    with await lease_model(request, None) as lease:
+        return {"value": lease.model.info.n_ctx}
 
 
 @router.get("/api/v1/config/max_length")
 async def max_length(config: ParleyConfig = Depends(get_config)) -> dict[str, int]:
-    return {"value": default_max_length(config.model.default_max_tokens)}
+    return {"value": default_max_length(config.model.default_max_tokens, config.limits.max_output_tokens)}
 
 
 # -- generation -----------------------------------------------------------------
 async def _start(
     body: GenerateRequest,
     request: Request,
-    models: ModelManager,
+    model: LoadedModel,
     config: ParleyConfig,
     presets: PresetState,
     registry: GenRegistry,
@@ -85,10 +87,10 @@ async def _start(
     """Map, fit and submit the request; register it for abort and check."""
     log_unknown_fields(body, route)
     note_unapplied(body, route)
-    model = models.get()
     spec = grammar_constraint(body)
-    default_length = default_max_length(config.model.default_max_tokens)
-    params = to_sampling_params(body, n_vocab=model.info.n_vocab, default_length=default_length, preset=presets.active)
+    default_length = default_max_length(config.model.default_max_tokens, config.limits.max_output_tokens)
+    preset = model.preset(presets.active)
+    params = to_sampling_params(body, n_vocab=model.info.n_vocab, default_length=default_length, preset=preset)
     prompt = text_prompt(model, body.prompt)
     prompt, length = fit_context(
         model, prompt, max_length=params.max_tokens or default_length, max_context_length=body.max_context_length
@@ -109,30 +111,30 @@ async def _start(
 async def generate(
     body: GenerateRequest,
     request: Request,
-    models: ModelManager = Depends(get_models),
     config: ParleyConfig = Depends(get_config),
     presets: PresetState = Depends(get_presets),
     registry: GenRegistry = Depends(get_registry),
 ) -> Response:
-    entry = await _start(body, request, models, config, presets, registry, "/api/v1/generate")
-    work = serving.generate_response(entry, registry, trim_stop=body.trim_stop)
-    return JSONResponse(await until_disconnect(request, work))
+    with await lease_model(request, None) as lease:
+        entry = await _start(body, request, lease.model, config, presets, registry, "/api/v1/generate")
+        work = serving.generate_response(entry, registry, trim_stop=body.trim_stop)
+        return JSONResponse(await until_disconnect(request, work))
 
 
 @router.post("/api/extra/generate/stream")
 async def generate_stream(
     body: GenerateRequest,
     request: Request,
-    models: ModelManager = Depends(get_models),
     config: ParleyConfig = Depends(get_config),
     presets: PresetState = Depends(get_presets),
     registry: GenRegistry = Depends(get_registry),
 ) -> Response:
     if body.n != 1:
         raise BadRequestError("Streaming generates one answer; send n=1 or use /api/v1/generate.", param="n")
-    entry = await _start(body, request, models, config, presets, registry, "/api/extra/generate/stream")
-    frames = serving.generate_stream(entry, registry, trim_stop=body.trim_stop)
-    return sse_response(frames, Dialect.KOBOLD, done_marker=False)
+    with await lease_model(request, None) as lease:
+        entry = await _start(body, request, lease.model, config, presets, registry, "/api/extra/generate/stream")
+        frames = serving.generate_stream(entry, registry, trim_stop=body.trim_stop)
+        return sse_response(frames, Dialect.KOBOLD, done_marker=False, on_close=lease.detach())
 
 
 @router.post("/api/extra/abort")
@@ -166,26 +168,28 @@ async def check(
 # -- tokens -------------------------------------------------------------------------
 @router.post("/api/extra/tokencount")
 @router.post("/api/extra/tokenize")
-async def tokencount(body: TokenizeRequest, models: ModelManager = Depends(get_models)) -> dict[str, Any]:
-    model = models.get()
-    if body.special:
-        ids = text_prompt(model, body.prompt).tokens  # counted as /generate would send it
-    else:
-        ids = model.engine.tokenize(body.prompt, add_bos=False, special=True)
-    return {"value": len(ids), "ids": ids}
+async def tokencount(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    with await lease_model(request, None) as lease:
+        model = lease.model
+        if body.special:
+            ids = text_prompt(model, body.prompt).tokens  # counted as /generate would send it
+        else:
+            ids = model.engine.tokenize(body.prompt, add_bos=False, special=True)
+        return {"value": len(ids), "ids": ids}
 
 
 @router.post("/api/extra/detokenize")
-async def detokenize(body: DetokenizeRequest, models: ModelManager = Depends(get_models)) -> dict[str, Any]:
-    model = models.get()
-    info = model.info
-    bad = next((t for t in body.ids if not 0 <= t < info.n_vocab), None)
-    if bad is not None:
-        raise BadRequestError(
-            f"Token id {bad} is outside the vocabulary (0..{info.n_vocab - 1}); send ids from /api/extra/tokenize.",
-            param="ids",
-        )
-    ids = body.ids
-    if ids and info.add_bos_token and ids[0] == info.bos_token_id:
-        ids = ids[1:]  # the BOS tokencount adds is not part of the text
-    return {"result": model.engine.detokenize(ids, special=True), "success": True}
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+    with await lease_model(request, None) as lease:
+        model = lease.model
+        info = model.info
+        bad = next((t for t in body.ids if not 0 <= t < info.n_vocab), None)
+        if bad is not None:
+            raise BadRequestError(
+                f"Token id {bad} is outside the vocabulary (0..{info.n_vocab - 1}); send ids from /api/extra/tokenize.",
+                param="ids",
+            )
+        ids = body.ids
+        if ids and info.add_bos_token and ids[0] == info.bos_token_id:
+            ids = ids[1:]  # the BOS tokencount adds is not part of the text
+        return {"result": model.engine.detokenize(ids, special=True), "success": True}

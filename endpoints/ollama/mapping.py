@@ -18,6 +18,7 @@ from common.constraints import ConstraintSpec
 from common.downloader import DownloadRequest, check_repo_id
 from common.errors import BadRequestError, ModelNotFoundError
 from common.generation import Prompt
+from common.model_files import parse_keep_alive
 from common.models import LoadedModel, ModelFile, ModelManager
 from common.presets import Preset, build_params
 from common.sampling import SamplingParams
@@ -120,15 +121,13 @@ def is_unload(keep_alive: KeepAlive) -> bool:
     return bool(_ZERO_DURATION.fullmatch(keep_alive.strip()))
 
 
-def note_keep_alive(keep_alive: KeepAlive, route: str) -> None:
-    """keep_alive on a request that generates: models stay loaded until unloaded or replaced."""
-    if keep_alive is None:
-        return
-    if is_unload(keep_alive):
-        logger.info("{}: keep_alive=0 with a prompt leaves the model loaded; send an empty prompt "
-                    "(or no messages) with keep_alive 0 to unload it", route)
-    else:
-        logger.debug("{}: keep_alive={!r} noted; models stay loaded until unloaded or replaced", route, keep_alive)
+def keep_alive_seconds(keep_alive: KeepAlive) -> float | None:
+    """Ollama's keep_alive as idle seconds before unloading: a number is seconds, a string a duration
+    ("5m", "1h30m"); negative means never (None)."""
+    try:
+        return parse_keep_alive(keep_alive)
+    except ValueError as exc:
+        raise BadRequestError(f"keep_alive: {exc}.", param="keep_alive") from None
 
 
 def format_constraint(fmt: str | dict[str, Any] | None) -> ConstraintSpec | None:

@@ -2,12 +2,15 @@
 
 A request naming a model that is in the model directory but not loaded loads
 it, as Ollama does; an empty prompt (or no messages) only loads it, and with
-`keep_alive: 0` unloads it.
+`keep_alive: 0` unloads it (once its running requests end). `keep_alive` on
+any request sets how long the model stays loaded once idle (Ollama's
+semantics; a negative value keeps it loaded).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from loguru import logger
@@ -17,13 +20,14 @@ from common.auth import require_admin, require_api
 from common.chat_output import OutputOptions
 from common.config import ParleyConfig
 from common.constraints import ConstraintSpec
-from common.errors import APIError, BadRequestError, ModelNotLoadedError
+from common.download_jobs import DownloadManager
+from common.errors import APIError, BadRequestError
 from common.generation import Prompt, chat_prompt, compile_constraint, fit_params, submit_choices, text_prompt
-from common.models import LoadedModel, ModelFile, ModelManager
+from common.models import ModelFile, ModelLease, ModelManager
 from common.presets import PresetState
 from common.sampling import SamplingParams
 from common.streaming import ndjson_response, until_disconnect
-from endpoints.deps import get_config, get_models, get_presets, log_unknown_fields
+from endpoints.deps import get_config, get_downloads, get_models, get_presets, log_unknown_fields
 from endpoints.ollama import serving
 from endpoints.ollama.mapping import (
     chat_messages,
@@ -31,14 +35,14 @@ from endpoints.ollama.mapping import (
     format_constraint,
     generate_messages,
     is_unload,
+    keep_alive_seconds,
     no_images,
-    note_keep_alive,
     output_options,
     parse_pull_name,
     thinking_vars,
     to_sampling_params,
 )
-from endpoints.ollama.protocol import ChatRequest, EmbedRequest, GenerateRequest, PullRequest, ShowRequest
+from endpoints.ollama.protocol import ChatRequest, EmbedRequest, GenerateRequest, KeepAlive, PullRequest, ShowRequest
 
 OLLAMA_VERSION = "0.6.3"
 
@@ -52,29 +56,26 @@ async def root() -> PlainTextResponse:
     return PlainTextResponse("Ollama is running")
 
 
-async def _use_model(models: ModelManager, entry: ModelFile, timing: serving.Timing) -> LoadedModel:
-    """The named model, loading it first when it is not loaded (Ollama semantics)."""
-    if entry.name in models.loaded:
-        return models.get(entry.name)
+async def _use_model(
+    models: ModelManager, entry: ModelFile, timing: serving.Timing, keep_alive: KeepAlive
+) -> ModelLease:
+    """A lease on the named model, loading it first when it is not loaded (Ollama semantics)."""
+    seconds = keep_alive_seconds(keep_alive)
+    loaded = entry.name in models.loaded
     started = time.perf_counter()
-    model = await models.load(entry.name)
-    timing.load_ns = int((time.perf_counter() - started) * 1e9)
-    return model
-
-
-async def _unload(models: ModelManager, entry: ModelFile) -> None:
-    if entry.name not in models.loaded:
-        return
-    try:
-        await models.unload(entry.name)
-    except ModelNotLoadedError:
-        pass  # unloaded meanwhile by another request
+    lease = await models.acquire(entry.name, always_load=True)
+    if not loaded:
+        timing.load_ns = int((time.perf_counter() - started) * 1e9)
+    if keep_alive is not None:
+        await models.set_keep_alive(lease.model, seconds)
+    return lease
 
 
 async def _run(
-    request: Request, model: LoadedModel, prompt: Prompt, params: SamplingParams, config: ParleyConfig,
+    request: Request, lease: ModelLease, prompt: Prompt, params: SamplingParams, config: ParleyConfig,
     timing: serving.Timing, spec: ConstraintSpec | None, options: OutputOptions, *, stream: bool, chat: bool,
 ) -> Response:
+    model = lease.model
     if options.tool_format is not None:
         params = params.with_updates(skip_special_tokens=False)  # some formats mark calls with special tokens
     params = fit_params(model, prompt, params, config.model.default_max_tokens)
@@ -82,7 +83,7 @@ async def _run(
     handle = submit_choices(model, prompt, params, 1, constraint)[0]
     if stream:
         lines = serving.generation_stream(handle, model.name, timing, options, chat=chat)
-        return ndjson_response(lines, handles=[handle])
+        return ndjson_response(lines, handles=[handle], on_close=lease.detach())
     work = serving.generation_response(handle, model.name, timing, options, chat=chat)
     return JSONResponse(await until_disconnect(request, work, [handle]))
 
@@ -100,7 +101,7 @@ async def generate(
     timing = serving.Timing()
     entry = find_model_file(models, body.model)
     if not body.prompt and is_unload(body.keep_alive):
-        await _unload(models, entry)
+        await models.unload_when_idle(entry.name)
         return JSONResponse(serving.status_body(entry.name, "unload", chat=False))
     if body.suffix:
         raise BadRequestError(
@@ -112,11 +113,17 @@ async def generate(
         logger.info("{}: ignoring 'template'; the model's chat template applies (use raw=true for your own)", route)
     if body.context:
         logger.info("{}: ignoring 'context'; send the conversation to /api/chat instead", route)
-    if body.prompt:
-        note_keep_alive(body.keep_alive, route)
-    model = await _use_model(models, entry, timing)
-    if not body.prompt:
-        return JSONResponse(serving.status_body(entry.name, "load", chat=False))
+    with await _use_model(models, entry, timing, body.keep_alive) as lease:
+        if not body.prompt:
+            return JSONResponse(serving.status_body(entry.name, "load", chat=False))
+        return await _generate(body, request, lease, config, presets, timing, spec)
+
+
+async def _generate(
+    body: GenerateRequest, request: Request, lease: ModelLease, config: ParleyConfig, presets: PresetState,
+    timing: serving.Timing, spec: ConstraintSpec | None,
+) -> Response:
+    route, model = "/api/generate", lease.model
     if body.raw:
         if body.system:
             logger.info("{}: raw=true, so 'system' is not applied", route)
@@ -124,9 +131,9 @@ async def generate(
     else:
         messages = generate_messages(body.prompt, body.system)
         prompt = chat_prompt(model, messages, template_vars=thinking_vars(body.think))
-    params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route=route, preset=presets.active)
+    params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route=route, preset=model.preset(presets.active))
     options = output_options(model, prompt, config.model, think=body.think)
-    return await _run(request, model, prompt, params, config, timing, spec, options, stream=body.stream, chat=False)
+    return await _run(request, lease, prompt, params, config, timing, spec, options, stream=body.stream, chat=False)
 
 
 @api.post("/chat")
@@ -142,15 +149,21 @@ async def chat(
     timing = serving.Timing()
     entry = find_model_file(models, body.model)
     if not body.messages and is_unload(body.keep_alive):
-        await _unload(models, entry)
+        await models.unload_when_idle(entry.name)
         return JSONResponse(serving.status_body(entry.name, "unload", chat=True))
     messages = chat_messages(body.messages, entry.name)
     spec = format_constraint(body.format)
-    if messages:
-        note_keep_alive(body.keep_alive, route)
-    model = await _use_model(models, entry, timing)
-    if not messages:
-        return JSONResponse(serving.status_body(entry.name, "load", chat=True))
+    with await _use_model(models, entry, timing, body.keep_alive) as lease:
+        if not messages:
+            return JSONResponse(serving.status_body(entry.name, "load", chat=True))
+        return await _chat(body, messages, request, lease, config, presets, timing, spec)
+
+
+async def _chat(
+    body: ChatRequest, messages: list[dict[str, Any]], request: Request, lease: ModelLease, config: ParleyConfig,
+    presets: PresetState, timing: serving.Timing, spec: ConstraintSpec | None,
+) -> Response:
+    route, model = "/api/chat", lease.model
     # Like Ollama, a final assistant message is a prefix the model continues.
     last = messages[-1]
     continue_final = last["role"] == "assistant" and bool(last.get("content")) and not last.get("tool_calls")
@@ -158,9 +171,9 @@ async def chat(
         model, messages, continue_final_message=continue_final, tools=body.tools,
         template_vars=thinking_vars(body.think),
     )
-    params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route=route, preset=presets.active)
+    params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route=route, preset=model.preset(presets.active))
     options = output_options(model, prompt, config.model, think=body.think, tools=body.tools)
-    return await _run(request, model, prompt, params, config, timing, spec, options, stream=body.stream, chat=True)
+    return await _run(request, lease, prompt, params, config, timing, spec, options, stream=body.stream, chat=True)
 
 
 @api.get("/tags")
@@ -198,15 +211,15 @@ async def embed(body: EmbedRequest, models: ModelManager = Depends(get_models)) 
 
 
 @api.post("/pull", dependencies=[Depends(require_admin)])
-async def pull(body: PullRequest, models: ModelManager = Depends(get_models)) -> Response:
+async def pull(body: PullRequest, downloads: DownloadManager = Depends(get_downloads)) -> Response:
     """Download a GGUF repository from Hugging Face into the model directory (admin key)."""
     log_unknown_fields(body, "/api/pull")
     req = parse_pull_name(body.model)
     if body.insecure:
         logger.info("/api/pull: 'insecure' has no effect; Hugging Face is always reached over HTTPS")
     if body.stream:
-        return ndjson_response(serving.pull_stream(models.model_dir, req))
-    await serving.run_pull(models.model_dir, req)
+        return ndjson_response(serving.pull_stream(downloads, req))
+    await serving.run_pull(downloads, req)
     return JSONResponse({"status": "success"})
 
 

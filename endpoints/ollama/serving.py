@@ -7,12 +7,10 @@ as an object; a streamed call is sent once, in the chunk where it completes.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -25,7 +23,8 @@ from loguru import logger
 from backends.base import Finished, FinishReason, GenerationHandle, TextDelta
 from backends.registry import gguf_file
 from common.chat_output import ChatDeltas, ChatOutput, OutputOptions, parse_whole
-from common.downloader import DownloadRequest, download, target_folder
+from common.download_jobs import DownloadJob, DownloadManager
+from common.downloader import DownloadPlan, DownloadRequest
 from common.errors import APIError
 from common.generation import collect, merge_events, raise_if_failed
 from common.gguf_info import GGUFInfo, parameter_size, read_gguf_info_async
@@ -35,9 +34,8 @@ from common.tools import ToolCall, ToolCallDelta
 from endpoints.ollama.mapping import ollama_name
 
 DONE_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
-# Models stay loaded until unloaded or replaced: /api/ps shows a far expiry, as Ollama does for keep_alive -1.
+# A model without keep_alive stays loaded: /api/ps shows a far expiry, as Ollama does for keep_alive -1.
 NEVER_EXPIRES = "2318-01-01T00:00:00Z"
-PULL_PROGRESS_SECONDS = 2.0
 
 
 @dataclass
@@ -246,11 +244,19 @@ async def ps_body(models: ModelManager) -> dict[str, Any]:
             "size": model.info.size_bytes or (entry.size_bytes if entry else 0),
             "digest": digest(entry) if entry else "",
             "details": details(info),
-            "expires_at": NEVER_EXPIRES,
+            "expires_at": _expires_at(model),
             "size_vram": 0,
             "context_length": model.info.n_ctx,
         })
     return {"models": out}
+
+
+def _expires_at(model: LoadedModel) -> str:
+    """When keep_alive unloads the model if it stays idle (a busy model: keep_alive from now)."""
+    if model.keep_alive is None:
+        return NEVER_EXPIRES
+    left = max(0.0, model.keep_alive - model.idle_seconds())
+    return datetime.fromtimestamp(time.time() + left, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _template_source(models: ModelManager, loaded: LoadedModel | None, info: GGUFInfo | None) -> str:
@@ -302,110 +308,46 @@ async def show_body(models: ModelManager, entry: ModelFile) -> dict[str, Any]:
 
 
 # -- pull ------------------------------------------------------------------------
-def _folder_bytes(folder: Path) -> int:
-    total = 0
-    for f in folder.rglob("*"):
-        try:
-            total += f.stat().st_size if f.is_file() else 0
-        except OSError:
-            continue
-    return total
-
-
-def _remove_if_empty(folder: Path) -> None:
-    """Remove a folder a failed pull created, when it holds no model file yet."""
-    if folder.is_dir() and not any(folder.glob("*.gguf")) and not (folder / "config.json").exists():
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def pull_error(req: DownloadRequest, exc: BaseException) -> APIError:
-    if isinstance(exc, APIError):
-        return exc
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    if isinstance(exc, GatedRepoError):
-        return APIError(f"'{req.repo_id}' is gated on Hugging Face: accept its terms on the website and "
-                        "download it with a token (POST /v1/download).", status=403, code="gated_repo")
-    if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError)):
-        return APIError(f"'{req.repo_id}' was not found on Hugging Face. Check the owner and repo name "
-                        "(private repos need a token: use POST /v1/download).", status=404, code="model_not_found")
-    return APIError(
-        f"Pulling '{req.repo_id}' from Hugging Face failed ({type(exc).__name__}: {str(exc)[:300]}). "
-        "Check the network (or HF_ENDPOINT) and pull again.",
-        status=502, code="pull_failed",
-    )
-
-
-def _manifest(req: DownloadRequest) -> DownloadRequest:
-    """Blocking: list the repo's GGUF files; settle which to download (Ollama's default is Q4_K_M)."""
-    from huggingface_hub import HfApi
-
-    # model_info fails at once when the hub is unreachable (list_repo_files retries for ~20 s).
-    info = HfApi().model_info(req.repo_id, revision=req.revision, token=req.token)
-    files = [s.rfilename for s in info.siblings or []]
-    ggufs = [f for f in files if f.lower().endswith(".gguf")]
-    if req.include:
-        ggufs = [f for f in ggufs if any(fnmatch(f, p) for p in req.include)]
+def pick_ggufs(plan: DownloadPlan, include: list[str]) -> DownloadPlan:
+    """The GGUF files a pull takes: those of the named quantization, else Q4_K_M as Ollama does, else all."""
+    ggufs = [f.path for f in plan.files if f.path.lower().endswith(".gguf")]
+    if include:
+        ggufs = [f for f in ggufs if any(fnmatch(f, p) for p in include)]
+    repo = plan.request.repo_id
     if not ggufs:
-        wanted = f" matching {', '.join(req.include)}" if req.include else ""
+        wanted = f" matching {', '.join(include)}" if include else ""
         raise APIError(
-            f"'{req.repo_id}' has no GGUF file{wanted}. Pick a GGUF repository and a quantization it has "
+            f"'{repo}' has no GGUF file{wanted}. Pick a GGUF repository and a quantization it has "
             "(e.g. hf.co/<owner>/<repo>:Q4_K_M).", status=404, code="model_not_found",
         )
-    if not req.include and len(ggufs) > 1:
+    if not include and len(ggufs) > 1:
         preferred = [f for f in ggufs if "q4_k_m" in f.lower()]
         if preferred:
-            logger.info("Pulling {}: no quantization named, taking Q4_K_M like Ollama", req.repo_id)
-            return replace(req, include=preferred)
-    return replace(req, include=req.include or ggufs)
+            logger.info("Pulling {}: no quantization named, taking Q4_K_M like Ollama", repo)
+            ggufs = preferred
+    return plan.narrowed(ggufs)
 
 
-async def run_pull(model_dir: Path, req: DownloadRequest, progress: Callable[[int], None] | None = None) -> Path:
-    """List, then download in a worker thread; `progress(bytes)` every few seconds."""
-    try:
-        req = await asyncio.to_thread(_manifest, req)
-    except Exception as exc:
-        raise pull_error(req, exc) from exc
-    folder = target_folder(model_dir, req)
-    existed = folder.exists()
-    task = asyncio.ensure_future(asyncio.to_thread(download, model_dir, req))
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=PULL_PROGRESS_SECONDS)
-            if done:
-                break
-            if progress is not None:
-                progress(await asyncio.to_thread(_folder_bytes, folder))
-        path = task.result()
-        if not any(path.glob("*.gguf")):
-            raise APIError(f"Pulling '{req.repo_id}' brought no GGUF file; Hugging Face may have become "
-                           "unreachable. Pull again.", status=502, code="pull_failed")
-    except asyncio.CancelledError:
-        logger.info("Pull of {} left by the client; the download finishes in the background", req.repo_id)
-        raise
-    except Exception as exc:
-        if not existed:
-            _remove_if_empty(folder)
-        raise pull_error(req, exc) from exc
-    return path
+async def start_pull(downloads: DownloadManager, req: DownloadRequest) -> DownloadJob:
+    """List the repo, settle the GGUF files, start (or join) their download. Errors come before any output."""
+    plan = await downloads.plan(replace(req, include=[]))
+    job, _joined = downloads.start(pick_ggufs(plan, req.include))
+    return job
 
 
-async def pull_stream(model_dir: Path, req: DownloadRequest) -> AsyncIterator[str]:
-    """NDJSON statuses: pulling manifest, pulling <repo> {completed}, success; a failure is an {"error"} line."""
+async def run_pull(downloads: DownloadManager, req: DownloadRequest) -> Path:
+    """Pull and wait; a client that leaves only stops waiting (the download finishes in the background)."""
+    job = await start_pull(downloads, req)
+    return (await job.result()).folder
+
+
+async def pull_stream(downloads: DownloadManager, req: DownloadRequest) -> AsyncIterator[str]:
+    """NDJSON statuses: pulling manifest, pulling <repo> {completed, total}, success; a failure is an {"error"} line."""
     yield dumps({"status": "pulling manifest"}) + "\n"
-    updates: asyncio.Queue[int] = asyncio.Queue()
-    task = asyncio.ensure_future(run_pull(model_dir, req, updates.put_nowait))
-    try:
-        while not task.done():
-            getter = asyncio.ensure_future(updates.get())
-            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                yield dumps({"status": f"pulling {req.repo_id}", "completed": getter.result()}) + "\n"
-            else:
-                getter.cancel()
-        path = task.result()
-    finally:
-        if not task.done():
-            task.cancel()
-    logger.info("Pulled {} into {}", req.repo_id, path)
+    job = await start_pull(downloads, req)
+    async for progress in job.updates():
+        status = {"status": f"pulling {req.repo_id}", "completed": progress.bytes_done, "total": progress.bytes_total}
+        yield dumps(status) + "\n"
+    result = await job.result()
+    logger.info("Pulled {} into {}", req.repo_id, result.folder)
     yield dumps({"status": "success"}) + "\n"

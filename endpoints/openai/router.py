@@ -11,10 +11,10 @@ from common.config import ParleyConfig
 from common.errors import BadRequestError, Dialect
 from common.fim import fim_prompt, has_fim
 from common.generation import chat_prompt, compile_constraint, fit_params, submit_choices, text_prompt
-from common.models import ModelManager
+from common.models import ModelLease
 from common.presets import PresetState
 from common.streaming import sse_response, until_disconnect
-from endpoints.deps import get_config, get_models, get_presets, log_unknown_fields
+from endpoints.deps import get_config, get_presets, lease_model, log_unknown_fields
 from endpoints.openai import serving
 from endpoints.openai.mapping import chat_constraint, constraint_spec, to_sampling_params
 from endpoints.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -26,12 +26,18 @@ router = APIRouter(tags=["OpenAI"], dependencies=[Depends(require_api)])
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
-    models: ModelManager = Depends(get_models),
     config: ParleyConfig = Depends(get_config),
     presets: PresetState = Depends(get_presets),
 ) -> Response:
     log_unknown_fields(body, "/v1/chat/completions")
-    model = models.get(body.model)
+    with await lease_model(request, body.model) as lease:
+        return await _chat(body, request, lease, config, presets)
+
+
+async def _chat(
+    body: ChatCompletionRequest, request: Request, lease: ModelLease, config: ParleyConfig, presets: PresetState
+) -> Response:
+    model = lease.model
     template_vars = {**(body.chat_template_kwargs or {}), **(body.template_vars or {})}
     if body.reasoning_effort:
         template_vars.setdefault("reasoning_effort", body.reasoning_effort)
@@ -58,7 +64,8 @@ async def chat_completions(
     spec = chat_constraint(body, options.tool_format)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    params = to_sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, preset=presets.active)
+    preset = model.preset(presets.active)
+    params = to_sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, preset=preset)
     if options.tool_format is not None:
         params = params.with_updates(skip_special_tokens=False)  # some formats mark calls with special tokens
     params = fit_params(model, prompt, params, mc.default_max_tokens)
@@ -70,7 +77,7 @@ async def chat_completions(
         frames = serving.chat_stream(
             handles, model.name, options, include_usage=include_usage, want_logprobs=want_logprobs
         )
-        return sse_response(frames, Dialect.OPENAI, handles=handles)
+        return sse_response(frames, Dialect.OPENAI, handles=handles, on_close=lease.detach())
     work = serving.chat_response(handles, model.name, options, want_logprobs=want_logprobs)
     return JSONResponse(await until_disconnect(request, work, handles))
 
@@ -79,12 +86,18 @@ async def chat_completions(
 async def completions(
     body: CompletionRequest,
     request: Request,
-    models: ModelManager = Depends(get_models),
     config: ParleyConfig = Depends(get_config),
     presets: PresetState = Depends(get_presets),
 ) -> Response:
     log_unknown_fields(body, "/v1/completions")
-    model = models.get(body.model)
+    with await lease_model(request, body.model) as lease:
+        return await _completions(body, request, lease, config, presets)
+
+
+async def _completions(
+    body: CompletionRequest, request: Request, lease: ModelLease, config: ParleyConfig, presets: PresetState
+) -> Response:
+    model = lease.model
     raw = body.prompt
     if isinstance(raw, str):
         prompts: list[str | list[int]] = [raw]
@@ -104,7 +117,8 @@ async def completions(
             "send one string as 'prompt', or the prompts in separate requests.",
             param="prompt",
         )
-    base = to_sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, preset=presets.active)
+    preset = model.preset(presets.active)
+    base = to_sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, preset=preset)
     constraint = await compile_constraint(model, constraint_spec(body, body.response_format))
     groups = []
     echo_texts: list[str] = []
@@ -130,7 +144,7 @@ async def completions(
             groups[0], model.name, include_usage=include_usage, want_logprobs=want_logprobs,
             echo_text=echo_texts[0] if echo_texts else "",
         )
-        return sse_response(frames, Dialect.OPENAI, handles=groups[0])
+        return sse_response(frames, Dialect.OPENAI, handles=groups[0], on_close=lease.detach())
     every = [h for g in groups for h in g]
     work = serving.completion_response(groups, model.name, echo_texts, want_logprobs=want_logprobs)
     return JSONResponse(await until_disconnect(request, work, every))

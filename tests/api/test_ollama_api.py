@@ -342,7 +342,7 @@ def test_pull_failure_is_a_clean_error(client: TestClient, monkeypatch: pytest.M
     assert lines[0] == {"status": "pulling manifest"}
     assert list(lines[-1]) == ["error"] and "no-such-model" in lines[-1]["error"]
     r = client.post("/api/pull", json={"model": "parley-test/no-such-model", "stream": False})
-    assert r.status_code == 502 and "pull again" in r.json()["error"]
+    assert r.status_code == 503 and "Cannot reach the Hugging Face Hub" in r.json()["error"]
     assert NAME in [m["name"] for m in client.get("/api/tags").json()["models"]]
     assert len(client.get("/api/tags").json()["models"]) == 1  # the failed pull left no folder behind
 
@@ -481,36 +481,36 @@ def test_parameter_size_labels() -> None:
         "8B", "7.2B", "135M", "134.52M", "600K", "12"]
 
 
-def test_pull_success_framing(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The stream of a pull that works, with the network part replaced by a local write."""
+def test_pull_from_a_hub(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pull that works, against a local stand-in for the hub: Q4_K_M chosen, streamed progress, listed."""
     import shutil
-    import time
     from pathlib import Path
 
-    from common.downloader import DownloadRequest
-    from endpoints.ollama import serving
+    import huggingface_hub.constants
 
-    def fake_download(model_dir: Path, req: DownloadRequest) -> Path:
-        folder = model_dir / req.repo_id.split("/")[-1]
-        folder.mkdir()
-        (folder / "part.bin").write_bytes(b"x" * 1000)
-        time.sleep(0.6)
-        (folder / "tiny.gguf").write_bytes(b"not really a gguf")
-        return folder
+    from tests.fake_hub import FakeHub
 
-    monkeypatch.setattr(serving, "_manifest", lambda req: req)
-    monkeypatch.setattr(serving, "download", fake_download)
-    monkeypatch.setattr(serving, "PULL_PROGRESS_SECONDS", 0.2)
     folder = Path(client.app.state.models.model_dir) / "fake-pull"
-    try:
-        with client.stream("POST", "/api/pull", json={"model": "hf.co/someone/fake-pull"}) as r:
-            lines = ndjson(r)
-        assert lines[0] == {"status": "pulling manifest"} and lines[-1] == {"status": "success"}
-        progress = lines[1:-1]
-        assert progress and all(p["status"] == "pulling someone/fake-pull" for p in progress)
-        assert progress[-1]["completed"] >= 1000
-        # A broken file is listed with empty details rather than failing the listing.
-        listed = {m["name"]: m for m in client.get("/api/tags").json()["models"]}
-        assert listed["fake-pull:latest"]["details"]["family"] == ""
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    with FakeHub() as hub:
+        hub.add_repo("someone/fake-pull", {
+            "fake-pull-Q4_K_M.gguf": b"not really a gguf" * 1000,
+            "fake-pull-Q8_0.gguf": b"not this one" * 1000,
+            "README.md": b"readme",
+        })
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        try:
+            with client.stream("POST", "/api/pull", json={"model": "hf.co/someone/fake-pull"}) as r:
+                lines = ndjson(r)
+            assert lines[0] == {"status": "pulling manifest"} and lines[-1] == {"status": "success"}
+            progress = lines[1:-1]
+            assert progress and all(p["status"] == "pulling someone/fake-pull" for p in progress)
+            assert progress[-1]["completed"] == progress[-1]["total"] == 17000
+            assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["fake-pull-Q4_K_M.gguf"]
+            # A broken file is listed with empty details rather than failing the listing.
+            listed = {m["name"]: m for m in client.get("/api/tags").json()["models"]}
+            assert listed["fake-pull:latest"]["details"]["family"] == ""
+            # A quantization the repo lacks: a clean 404 naming it.
+            r = client.post("/api/pull", json={"model": "someone/fake-pull:Q2_K", "stream": False})
+            assert r.status_code == 404 and "Q2_K" in r.json()["error"]
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -85,7 +85,7 @@ def test_load_classmethod(tokens: Path) -> None:
 
 
 def test_entries_are_parsed_and_secret_not_in_repr(manager: AuthManager) -> None:
-    assert manager.entries == (KeyEntry(API, Permission.API), KeyEntry(ADMIN, Permission.ADMIN))
+    assert manager.entries == (KeyEntry(API, Permission.API, "api"), KeyEntry(ADMIN, Permission.ADMIN, "admin"))
     assert API not in repr(manager.entries)
 
 

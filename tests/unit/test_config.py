@@ -16,7 +16,9 @@ from common.config import (
     section_models,
 )
 
-EXPECTED_SECTIONS = ["network", "logging", "model", "draft_model", "lora", "sampling", "embeddings", "developer"]
+EXPECTED_SECTIONS = [
+    "network", "logging", "limits", "model", "draft_model", "lora", "sampling", "embeddings", "developer",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -335,18 +337,23 @@ def test_export_openapi_command_takes_config_flags() -> None:
 def test_download_command() -> None:
     invocation = parse_invocation(
         ["download", "org/repo", "--revision", "main", "--include", "*.gguf", "*.json", "--exclude", "*f16*",
-         "--folder-name", "mine", "--token", "hf_x", "--model-dir", "/data/models"],
+         "--folder-name", "mine", "--token", "hf_x", "--model-dir", "/data/models", "--repo-type", "dataset",
+         "--hf-endpoint", "http://127.0.0.1:8080"],
         environ={},
     )
     assert invocation.command == "download"
     assert invocation.options == {
         "repo_id": "org/repo", "revision": "main", "include": ["*.gguf", "*.json"], "exclude": ["*f16*"],
-        "folder_name": "mine", "token": "hf_x",
+        "folder_name": "mine", "token": "hf_x", "repo_type": "dataset",
     }
     assert invocation.config.model.model_dir == "/data/models"
+    assert invocation.config.model.hf_endpoint == "http://127.0.0.1:8080"
 
     minimal = parse_invocation(["download", "org/repo"], environ={}).options
-    assert minimal == {"repo_id": "org/repo", "revision": None, "include": [], "exclude": [], "folder_name": None, "token": None}
+    assert minimal == {"repo_id": "org/repo", "revision": None, "include": [], "exclude": [], "folder_name": None,
+                       "token": None, "repo_type": "model"}
+    with pytest.raises(ConfigError, match="hf_endpoint"):
+        parse_invocation(["download", "org/repo", "--hf-endpoint", "huggingface.co"], environ={})
     with pytest.raises(ConfigError, match="REPO_ID"):
         parse_invocation(["download"], environ={})
 

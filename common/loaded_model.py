@@ -1,0 +1,108 @@
+"""A loaded model and the leases requests hold on it.
+
+`LoadedModel` is one engine with its chat template, load options and
+per-model defaults. A `ModelLease` marks a running request: the manager never
+unloads a model with leases to make room or for idleness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, final
+
+from backends.base import Engine, LoadOptions, ModelInfo
+from common.constraints import ConstraintCompiler, TokenizerAdapter
+from common.model_files import ModelDefaults, combine_presets
+from common.presets import Preset
+from common.templating import ChatTemplate
+
+if TYPE_CHECKING:
+    from common.models import ModelManager
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    engine: Engine
+    template: ChatTemplate | None
+    options: LoadOptions | None = None
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
+    keep_alive: float | None = None  # idle seconds before unloading; None: never
+    backend: str | None = None
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    active: int = 0  # leases held by running requests
+    _compiler: ConstraintCompiler | None = None
+    _compiler_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.engine.info
+
+    def preset(self, server: Preset | None) -> Preset | None:
+        """The sampler preset for a request: the server's, with this model's defaults on top."""
+        return combine_presets(server, self.defaults.sampling)
+
+    def busy(self) -> bool:
+        if self.active:
+            return True
+        stats = self.engine.stats()
+        return bool(stats.slots_active or stats.queue_depth)
+
+    def idle_seconds(self) -> float:
+        return 0.0 if self.active else max(0.0, time.monotonic() - self.last_used)
+
+    async def constraint_compiler(self) -> ConstraintCompiler:
+        """Built on first use (reading the whole vocabulary takes a fraction of a second)."""
+        async with self._compiler_lock:
+            if self._compiler is None:
+                self._compiler = await asyncio.to_thread(self._build_compiler)
+            return self._compiler
+
+    def _build_compiler(self) -> ConstraintCompiler:
+        info, engine = self.info, self.engine
+        pieces = [engine.token_piece(t) for t in range(info.n_vocab)]
+        adapter = TokenizerAdapter.from_pieces(
+            pieces,
+            info.eog_token_ids or (info.eos_token_id,),
+            info.control_token_ids,
+            bos_token=info.bos_token_id,
+            n_vocab=info.n_vocab,
+            tokenize=lambda data: engine.tokenize(data.decode("utf-8", "replace"), add_bos=False, special=False),
+        )
+        return ConstraintCompiler(adapter)
+
+
+@final
+class ModelLease:
+    """One running request's hold on a model; release it when the request ends (idempotent).
+
+    `with lease:` releases on exit unless `detach()` handed the release to a
+    streaming response, which calls it when the stream ends.
+    """
+
+    def __init__(self, manager: ModelManager, model: LoadedModel) -> None:
+        self.model = model
+        self._manager = manager
+        self._released = False
+        self._detached = False
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._manager._release(self.model)
+
+    def detach(self) -> Callable[[], None]:
+        self._detached = True
+        return self.release
+
+    def __enter__(self) -> ModelLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._detached or exc[0] is not None:
+            self.release()

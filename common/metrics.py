@@ -1,0 +1,126 @@
+"""Prometheus metrics, one registry per app (never the process-wide default one).
+
+Counters and histograms are updated as requests run (HTTP middleware, the
+generation event stream, model loads, refusals); engine gauges (queue depth,
+active sequences, KV cells) are read from each loaded engine's `stats()` when
+/metrics is scraped, so they cost nothing between scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from loguru import logger
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+# (name, help, EngineStats attribute)
+ENGINE_GAUGES = (
+    ("parley_queue_depth", "Requests waiting for a free sequence slot.", "queue_depth"),
+    ("parley_active_sequences", "Sequences being generated (or prefilled) now.", "slots_active"),
+    ("parley_sequence_slots", "Sequence slots the engine runs at once (max_batch_size).", "slots_total"),
+    ("parley_kv_cells_used", "KV cache cells held by running sequences.", "kv_cells_used"),
+    ("parley_kv_cells_total", "KV cache cells in the context.", "kv_cells_total"),
+    ("parley_kv_cells_cached", "KV cache cells holding reusable prefixes of finished requests.",
+     "cached_prefix_tokens"),
+)
+
+
+class EngineCollector(Collector):
+    """Gauges read from every loaded engine at scrape time, and the server's own state."""
+
+    def __init__(
+        self,
+        engines: Callable[[], Mapping[str, Any]],
+        in_flight: Callable[[], int],
+        draining: Callable[[], bool],
+    ) -> None:
+        self._engines = engines
+        self._in_flight = in_flight
+        self._draining = draining
+
+    def collect(self) -> Iterable[Metric]:
+        families = {name: GaugeMetricFamily(name, doc, labels=["model"]) for name, doc, _ in ENGINE_GAUGES}
+        loaded = self._engines()
+        for model_name, engine in loaded.items():
+            try:
+                stats = engine.stats()
+            except Exception as exc:  # noqa: BLE001 - a scrape must not fail because one engine did
+                logger.warning("Metrics: could not read the stats of {}: {}", model_name, exc)
+                continue
+            for name, _, attr in ENGINE_GAUGES:
+                families[name].add_metric([model_name], float(getattr(stats, attr)))
+        yield from families.values()
+        yield GaugeMetricFamily("parley_models_loaded", "Models loaded now.", value=len(loaded))
+        yield GaugeMetricFamily(
+            "parley_generations_in_flight", "Generation requests admitted and not finished yet.",
+            value=self._in_flight(),
+        )
+        yield GaugeMetricFamily(
+            "parley_draining", "1 while the server finishes running requests before it exits.",
+            value=1.0 if self._draining() else 0.0,
+        )
+
+
+class Metrics:
+    """Every series Parley exports, on its own registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.http_requests = Counter(
+            "parley_http_requests", "HTTP requests by route template and status.",
+            ["method", "route", "status"], registry=r,
+        )
+        self.http_duration = Histogram(
+            "parley_http_request_duration_seconds",
+            "Time from a request's arrival until its response (a whole stream) is sent.",
+            ["method", "route"], buckets=HTTP_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "parley_prompt_tokens", "Prompt tokens of finished generations (once per prompt, whatever n).",
+            ["model"], registry=r,
+        )
+        self.generated_tokens = Counter(
+            "parley_generated_tokens", "Tokens generated (completion tokens, every choice).", ["model"], registry=r,
+        )
+        self.generations = Counter(
+            "parley_generations", "Finished generations (one per choice) by finish reason.",
+            ["model", "finish_reason"], registry=r,
+        )
+        self.ttft = Histogram(
+            "parley_time_to_first_token_seconds", "Time from a request's arrival to its first generated token.",
+            ["model"], buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.itl = Histogram(
+            "parley_inter_token_latency_seconds", "Time between two generated tokens of one sequence.",
+            ["model"], buckets=ITL_BUCKETS, registry=r,
+        )
+        self.model_load = Histogram(
+            "parley_model_load_seconds", "Time a model load took.", ["model"], buckets=LOAD_BUCKETS, registry=r,
+        )
+        self.rate_limited = Counter(
+            "parley_rate_limit_refusals", "Requests refused with 429, by key name and limit (requests or tokens).",
+            ["key", "limit"], registry=r,
+        )
+        self.draining_refusals = Counter(
+            "parley_draining_refusals", "Generation requests refused with 503 while the server was draining.",
+            registry=r,
+        )
+
+    def watch(self, engines: Callable[[], Mapping[str, Any]], in_flight: Callable[[], int],
+              draining: Callable[[], bool]) -> None:
+        """Add the scrape-time gauges: `engines()` maps model names to engines with a stats() method."""
+        self.registry.register(EngineCollector(engines, in_flight, draining))
+
+    def model_loaded(self, name: str, seconds: float) -> None:
+        self.model_load.labels(name).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,270 @@
+"""What the server knows about the HTTP request being served, for the generation pipeline.
+
+The HTTP middleware (endpoints/middleware.py) opens a `RequestContext` for
+every request and makes it current for the request's task (a `ContextVar`:
+each request sees its own, nothing is shared between requests). The shared
+pipeline in common/generation.py, which every dialect passes through, calls
+into it at two points:
+
+- `fit_params` -> `RequestContext.fit`: the per-request caps (prompt tokens,
+  max tokens) with the field name of the request's dialect;
+- `submit_choices` -> `RequestContext.admit` and `observe`: the `n` cap,
+  refusal while draining, the rate limits, and an observed handle whose
+  events feed the metrics (tokens, time to first token, inter-token latency)
+  and charge the tokens generated to the caller's budget.
+
+Without a current context (a direct call, a benchmark) these are skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from backends.base import Event, Finished, FinishReason, GenerationHandle, TextDelta
+from common.auth import KeyEntry, Permission
+from common.config import ParleyConfig
+from common.errors import BadRequestError, Dialect, RateLimitError, dialect_for_path
+from common.lifecycle import Lifecycle
+from common.metrics import Metrics
+from common.ratelimit import Limits, RateLimiter, Subject
+from common.sampling import SamplingParams
+
+_current: ContextVar[RequestContext | None] = ContextVar("parley_request", default=None)
+
+
+def current_request() -> RequestContext | None:
+    return _current.get()
+
+
+@dataclass
+class Services:
+    """The per-app objects behind limits, metrics and shutdown (on app.state.services)."""
+
+    config: ParleyConfig
+    limiter: RateLimiter
+    lifecycle: Lifecycle
+    metrics: Metrics | None
+
+    def subject(self, key: KeyEntry | None, client: str) -> Subject:
+        """Who a request is limited as: its key, or its client address when auth is off."""
+        limits = self.config.limits
+        default = Limits(limits.default_requests_per_minute, limits.default_tokens_per_minute)
+        if key is None:
+            return Subject(f"ip:{client}", client, default)
+        if key.unlimited:
+            return Subject(f"key:{key.fingerprint}", key.name, Limits())
+        uses_default = key.permission is Permission.API
+        return Subject(
+            f"key:{key.fingerprint}",
+            key.name,
+            Limits(
+                key.requests_per_minute or (default.requests_per_minute if uses_default else None),
+                key.tokens_per_minute or (default.tokens_per_minute if uses_default else None),
+            ),
+        )
+
+
+def max_tokens_field(path: str) -> tuple[str, str]:
+    """(param, how the message names it) of the output-length field in a route's dialect."""
+    dialect = dialect_for_path(path)
+    if dialect is Dialect.KOBOLD:
+        return "max_length", "max_length"
+    if dialect is Dialect.OLLAMA:
+        return "options.num_predict", "options.num_predict"
+    if path.startswith("/infill"):
+        return "n_predict", "n_predict"
+    if path.startswith("/v1/chat/"):
+        return "max_tokens", "max_tokens (or max_completion_tokens)"
+    return "max_tokens", "max_tokens"
+
+
+class RequestContext:
+    """One HTTP request: its caller, its generations, and what the request log reports."""
+
+    def __init__(self, services: Services, scope: dict[str, Any]) -> None:
+        self.services = services
+        self.scope = scope
+        self.method: str = scope.get("method", "")
+        self.path: str = scope.get("path", "")
+        client = scope.get("client")
+        self.client: str = client[0] if client else "unknown"
+        self.started = time.perf_counter()
+        self.status: int | None = None
+        self.subject: Subject | None = None
+        self.admitted = False
+        self.handles: list[ObservedHandle] = []
+        self.model: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.prompt_text: str | None = None
+        self.params: SamplingParams | None = None
+
+    # -- set by the middleware ------------------------------------------------
+    def activate(self) -> Any:
+        return _current.set(self)
+
+    def deactivate(self, token: Any) -> None:
+        _current.reset(token)
+
+    @property
+    def key(self) -> KeyEntry | None:
+        """The key the auth dependency accepted (it stores it in request.state)."""
+        state = self.scope.get("state")
+        return state.get("api_key") if isinstance(state, dict) else None
+
+    @property
+    def key_name(self) -> str:
+        key = self.key
+        if key is not None:
+            return key.name
+        return "-" if not self.services.config.network.disable_auth else f"ip:{self.client}"
+
+    def close(self) -> None:
+        """The response is sent: settle every generation's tokens and leave the running set."""
+        for handle in self.handles:
+            handle.settle()
+        if self.admitted:
+            self.services.lifecycle.end(self)
+
+    # -- called by the generation pipeline -----------------------------------------
+    def fit(self, n_prompt: int, prompt_param: str, requested: int | None) -> int | None:
+        """Check the request's caps; return the ceiling for max_tokens (None: no ceiling)."""
+        limits = self.services.config.limits
+        if limits.max_prompt_tokens is not None and n_prompt > limits.max_prompt_tokens:
+            raise BadRequestError(
+                f"The prompt has {n_prompt} tokens; this server accepts at most {limits.max_prompt_tokens} "
+                f"(limits.max_prompt_tokens). Shorten {prompt_param}.",
+                param=prompt_param, code="prompt_too_long",
+            )
+        cap = limits.max_output_tokens
+        if cap is not None and requested is not None and requested > cap:
+            param, named = max_tokens_field(self.path)
+            raise BadRequestError(
+                f"{named} is {requested}; this server generates at most {cap} tokens per request "
+                f"(limits.max_output_tokens). Send {param} <= {cap}.",
+                param=param,
+            )
+        return cap
+
+    def record_prompt(self, model: str, n_prompt: int, text: str | None, params: SamplingParams) -> None:
+        self.model = model
+        self.prompt_tokens += n_prompt
+        if text is not None:
+            self.prompt_text = text if self.prompt_text is None else self.prompt_text + "\n" + text
+        self.params = params
+
+    def admit(self, n: int) -> None:
+        """Before a generation is queued: the n cap, draining, then the caller's rate limits."""
+        max_n = self.services.config.limits.max_n
+        if max_n is not None and n > max_n:
+            raise BadRequestError(
+                f"n is {n}; this server generates at most {max_n} choices per request (limits.max_n). "
+                f"Send n <= {max_n}, or several requests.",
+                param="n",
+            )
+        if self.admitted:
+            return  # a request with several prompts is admitted once
+        services = self.services
+        if services.lifecycle.draining:
+            if services.metrics is not None:
+                services.metrics.draining_refusals.inc()
+            raise services.lifecycle.refusal()
+        subject = services.subject(self.key, self.client)
+        refusal = services.limiter.admit(subject)
+        if refusal is not None:
+            if services.metrics is not None:
+                services.metrics.rate_limited.labels(subject.name, refusal.kind.value).inc()
+            err = RateLimitError(refusal.message(subject.name), headers={"Retry-After": str(refusal.retry_after)})
+            err.type = refusal.kind.value  # OpenAI's 429: type "requests" or "tokens", code rate_limit_exceeded
+            raise err
+        self.subject = subject
+        self.admitted = True
+        services.lifecycle.begin(self)
+
+    def observe(self, handle: GenerationHandle, model: str, *, counts_prompt: bool) -> ObservedHandle:
+        observed = ObservedHandle(handle, self, model, counts_prompt=counts_prompt)
+        self.handles.append(observed)
+        return observed
+
+    def abort(self, message: str) -> None:
+        """The server is shutting down: end this request's generations with an error."""
+        for handle in self.handles:
+            handle.abort(message)
+
+    def charge(self, tokens: int) -> None:
+        self.completion_tokens += tokens
+        if self.subject is not None:
+            self.services.limiter.charge(self.subject, tokens)
+
+
+class ObservedHandle(GenerationHandle):
+    """A generation handle whose events feed the metrics and the caller's token budget."""
+
+    def __init__(self, inner: GenerationHandle, ctx: RequestContext, model: str, *, counts_prompt: bool) -> None:
+        self.inner = inner
+        self.request = inner.request
+        self._ctx = ctx
+        self._model = model
+        self._counts_prompt = counts_prompt
+        self._aborted: str | None = None
+        self._generated = 0
+        self._last: float | None = None
+        self._settled = False
+
+    async def events(self) -> AsyncIterator[Event]:
+        metrics = self._ctx.services.metrics
+        try:
+            async with aclosing(self.inner.events()) as events:
+                async for ev in events:
+                    if isinstance(ev, TextDelta):
+                        self._tokens(len(ev.token_ids), metrics)
+                        yield ev
+                        continue
+                    if self._aborted is not None and ev.reason is FinishReason.CANCELLED:
+                        ev = Finished(FinishReason.ERROR, ev.usage, error=self._aborted)
+                    self.settle(ev)
+                    yield ev
+        finally:
+            self.settle()
+
+    def _tokens(self, k: int, metrics: Metrics | None) -> None:
+        if not k:
+            return
+        now = time.perf_counter()
+        if metrics is not None:
+            if self._last is None:
+                metrics.ttft.labels(self._model).observe(now - self._ctx.started)
+            else:
+                gap = (now - self._last) / k
+                itl = metrics.itl.labels(self._model)
+                for _ in range(k):
+                    itl.observe(gap)
+        self._last = now
+        self._generated += k
+
+    def settle(self, finish: Finished | None = None) -> None:
+        """Count the generation once: from its Finished usage, or the tokens seen when it never finished."""
+        if self._settled:
+            return
+        self._settled = True
+        tokens = finish.usage.completion_tokens if finish is not None else self._generated
+        metrics = self._ctx.services.metrics
+        if metrics is not None:
+            metrics.generated_tokens.labels(self._model).inc(tokens)
+            reason = finish.reason.value if finish is not None else "cancelled"
+            metrics.generations.labels(self._model, reason).inc()
+            if finish is not None and self._counts_prompt:
+                metrics.prompt_tokens.labels(self._model).inc(finish.usage.prompt_tokens)
+        self._ctx.charge(tokens)
+
+    def abort(self, message: str) -> None:
+        self._aborted = message
+        self.inner.cancel()
+
+    def cancel(self) -> None:
+        self.inner.cancel()
