@@ -233,8 +233,11 @@ def submit_choices(
     params: SamplingParams,
     n: int,
     constraint: Constraint | None = None,
+    loras: tuple[tuple[str, float], ...] | None = None,
 ) -> list[GenerationHandle]:
     """Queue n choices at once; a refusal (busy, unloading) cancels those already queued.
+
+    `loras` picks adapters and scales for these choices only (None: the model's active set).
 
     Within an HTTP request, the request is first admitted (n cap, draining, rate
     limits) and each handle is observed for metrics and token accounting.
@@ -246,7 +249,7 @@ def submit_choices(
     try:
         for i in range(n):
             p = params if (n == 1 or params.seed is None) else params.with_updates(seed=params.seed + i)
-            request = GenerationRequest(list(prompt.tokens), p, constraint=constraint)
+            request = GenerationRequest(list(prompt.tokens), p, constraint=constraint, loras=loras)
             handle = model.engine.submit(request)
             if ctx is not None:
                 handle = ctx.observe(handle, model.name, counts_prompt=i == 0)
@@ -311,6 +314,8 @@ def total_usage(finishes: list[Finished]) -> Usage:
         usage.completion_tokens += f.usage.completion_tokens
         usage.generation_seconds = max(usage.generation_seconds, f.usage.generation_seconds)
         usage.prompt_seconds = max(usage.prompt_seconds, f.usage.prompt_seconds)
+        usage.draft_tokens += f.usage.draft_tokens
+        usage.accepted_draft_tokens += f.usage.accepted_draft_tokens
     if finishes:
         usage.prompt_tokens = finishes[0].usage.prompt_tokens
         usage.cached_tokens = min(f.usage.cached_tokens for f in finishes)

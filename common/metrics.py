@@ -13,7 +13,7 @@ from typing import Any
 
 from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -58,6 +58,24 @@ class EngineCollector(Collector):
             for name, _, attr in ENGINE_GAUGES:
                 families[name].add_metric([model_name], float(getattr(stats, attr)))
         yield from families.values()
+        drafted = CounterMetricFamily(
+            "parley_draft_tokens", "Speculative decoding: tokens guessed by the drafter.", labels=["model"]
+        )
+        accepted = CounterMetricFamily(
+            "parley_accepted_draft_tokens", "Speculative decoding: guessed tokens the model kept.", labels=["model"]
+        )
+        rate = GaugeMetricFamily(
+            "parley_draft_acceptance_rate", "Speculative decoding: accepted / guessed since load.", labels=["model"]
+        )
+        for model_name, engine in loaded.items():
+            stats = engine.stats()
+            drafted.add_metric([model_name], float(stats.draft_tokens))
+            accepted.add_metric([model_name], float(stats.accepted_draft_tokens))
+            if stats.draft_tokens:
+                rate.add_metric([model_name], stats.accepted_draft_tokens / stats.draft_tokens)
+        yield drafted
+        yield accepted
+        yield rate
         yield GaugeMetricFamily("parley_models_loaded", "Models loaded now.", value=len(loaded))
         yield GaugeMetricFamily(
             "parley_generations_in_flight", "Generation requests admitted and not finished yet.",

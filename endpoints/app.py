@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -19,6 +20,7 @@ from common.auth import AuthManager
 from common.config import ParleyConfig
 from common.download_jobs import DownloadManager
 from common.errors import APIError, BadRequestError, Dialect, EngineError, dialect_for_path
+from common.loras import draft_options, find_lora
 from common.lifecycle import Lifecycle
 from common.metrics import Metrics
 from common.models import ModelManager
@@ -32,8 +34,8 @@ VERSION = "0.1.0"
 
 
 def load_options_from(config: ParleyConfig) -> LoadOptions:
-    m = config.model
-    return LoadOptions(
+    m, d = config.model, config.draft_model
+    options = LoadOptions(
         max_seq_len=m.max_seq_len,
         cache_size=m.cache_size,
         max_batch_size=m.max_batch_size,
@@ -44,7 +46,38 @@ def load_options_from(config: ParleyConfig) -> LoadOptions:
         cache_mode=m.cache_mode,
         flash_attention=m.flash_attention,
         prompt_template=m.prompt_template,
+        draft_mode=d.draft_mode,
+        draft_max_tokens=d.draft_max_tokens,
     )
+    if d.draft_mode == "model" or d.draft_model_name:
+        try:
+            resolved = draft_options(Path(d.draft_model_dir), d.draft_mode, d.draft_model_name, None, options)
+        except APIError as exc:
+            raise SystemExit(f"draft_model: {exc.message}") from None
+        options = replace(options, **resolved)
+    return options
+
+
+async def apply_startup_loras(app: FastAPI, model_name: str) -> None:
+    """Load the adapters `lora.loras` names onto the startup model and make them its active set."""
+    config: ParleyConfig = app.state.config
+    if not config.lora.loras:
+        return
+    model = app.state.models.loaded.get(model_name)
+    if model is None:
+        return
+    lora_dir = Path(config.lora.lora_dir)
+    pairs = []
+    for entry in config.lora.loras:
+        try:
+            found = find_lora(lora_dir, entry.name)
+            await model.engine.load_lora(found.name, found.path)
+        except APIError as exc:
+            logger.error("LoRA '{}' was not loaded: {}", entry.name, exc.message)
+            continue
+        pairs.append((found.name, entry.scaling))
+    model.engine.set_loras(pairs)
+    logger.info("LoRA adapters active on {}: {}", model_name, ", ".join(f"{n}@{s:g}" for n, s in pairs) or "none")
 
 
 def build_model_manager(config: ParleyConfig) -> ModelManager:
@@ -66,7 +99,8 @@ async def load_startup_model(app: FastAPI) -> None:
             return
         name = found[0].name
     try:
-        await models.load(name)
+        loaded = await models.load(name)
+        await apply_startup_loras(app, loaded.name)
     except APIError as exc:
         logger.error("Could not load '{}': {}", name, exc.message)
     except Exception:
@@ -183,6 +217,7 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
     install_services(app, config)
 
     from endpoints.core.download_router import router as download_router
+    from endpoints.core.lora_router import router as lora_router
     from endpoints.core.router import router as core_router
     from endpoints.kobold.router import router as kobold_router
     from endpoints.ollama.router import router as ollama_router
@@ -191,6 +226,7 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
     servers = set(config.network.api_servers)
     app.include_router(core_router)
     app.include_router(download_router)
+    app.include_router(lora_router)
     if config.network.enable_metrics:
         from endpoints.core.metrics_router import router as metrics_router
 

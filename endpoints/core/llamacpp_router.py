@@ -115,6 +115,8 @@ def _timings(finish: Finished) -> dict[str, Any]:
         "predicted_ms": predicted_ms,
         "predicted_per_token_ms": predicted_ms / u.completion_tokens if u.completion_tokens else 0.0,
         "predicted_per_second": u.completion_tokens / u.generation_seconds if u.generation_seconds else 0.0,
+        "draft_n": u.draft_tokens,
+        "draft_n_accepted": u.accepted_draft_tokens,
     }
 
 

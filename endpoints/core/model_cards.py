@@ -108,4 +108,6 @@ def health_entry(model: LoadedModel) -> dict[str, Any]:
         "kv_cells_cached": st.cached_prefix_tokens,
         "requests_finished": st.requests_finished,
         "tokens_generated": st.tokens_generated,
+        "draft_tokens": st.draft_tokens,
+        "accepted_draft_tokens": st.accepted_draft_tokens,
     }

@@ -7,6 +7,15 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 
+class DraftModelLoad(BaseModel):
+    """Speculative decoding for a load: a draft model (same tokenizer) or n-gram lookup."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    draft_model_name: str | None = Field(None, min_length=1)
+    draft_mode: Literal["none", "model", "ngram"] | None = None
+    draft_max_tokens: int | None = Field(None, ge=1, le=64)
+
+
 class ModelLoadRequest(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
 
@@ -21,6 +30,7 @@ class ModelLoadRequest(BaseModel):
     n_threads: int | None = Field(None, ge=1)
     n_gpu_layers: int | None = Field(None, ge=-1)
     flash_attention: Literal["auto", "on", "off"] | None = None
+    draft_model: DraftModelLoad | None = None
 
 
 class ModelUnloadRequest(BaseModel):
@@ -75,3 +85,22 @@ class DownloadBody(BaseModel):
         if value is None:
             return []
         return [value] if isinstance(value, str) else value
+
+
+class LoraChoiceModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=200)
+    scaling: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
+
+
+class LoraLoadRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    loras: list[LoraChoiceModel] = Field(..., max_length=16)
+    model: str | None = None
+
+
+class LoraUnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    loras: list[str] | None = Field(None, max_length=64)
+    model: str | None = None
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -14,7 +15,9 @@ from starlette.responses import JSONResponse, Response
 from backends.base import LoadOptions
 from common.auth import Permission, permission_of, require_admin, require_api
 from common.errors import BadRequestError, Dialect
+from common.config import ParleyConfig
 from common.generation import chat_prompt
+from common.loras import draft_options
 from common.model_files import ModelFile
 from common.models import LoadedModel, ModelManager
 from common.presets import PresetState, list_presets
@@ -28,7 +31,7 @@ from endpoints.core.protocol import (
     TokenDecodeRequest,
     TokenEncodeRequest,
 )
-from endpoints.deps import get_models, get_presets, lease_model
+from endpoints.deps import get_config, get_models, get_presets, lease_model
 
 router = APIRouter(tags=["Core"])
 
@@ -91,7 +94,11 @@ def _file(models: ModelManager, name: str) -> ModelFile | None:
 
 
 @router.post("/v1/model/load", dependencies=[Depends(require_admin)])
-async def load_model(body: ModelLoadRequest, models: ModelManager = Depends(get_models)) -> Response:
+async def load_model(
+    body: ModelLoadRequest,
+    models: ModelManager = Depends(get_models),
+    config: ParleyConfig = Depends(get_config),
+) -> Response:
     """Load (or reload with new options): options settle as config < the model's parley.yml < this body."""
     entry = models.find(body.model_name)  # 400/404 before the stream starts
     overrides = {
@@ -101,6 +108,12 @@ async def load_model(body: ModelLoadRequest, models: ModelManager = Depends(get_
     }
     if body.prompt_template:
         models.template_by_name(body.prompt_template)  # fail fast on a bad name
+    if body.draft_model is not None:
+        d = body.draft_model
+        overrides.update(
+            draft_options(Path(config.draft_model.draft_model_dir), d.draft_mode, d.draft_model_name,
+                          d.draft_max_tokens, models.default_options)
+        )
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

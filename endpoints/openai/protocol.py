@@ -76,6 +76,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class LoraChoice(BaseModel):
+    """One adapter for this request only: a name loaded with /v1/lora/load, and its strength."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=200)
+    scaling: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
+
+
+def lora_pairs(loras: list[LoraChoice] | None) -> tuple[tuple[str, float], ...] | None:
+    return None if loras is None else tuple((c.name, c.scaling) for c in loras)
+
+
 class ChatCompletionRequest(SamplerFields):
     model: str | None = None
     messages: list[dict[str, Any]] = Field(..., min_length=1)
@@ -96,6 +108,7 @@ class ChatCompletionRequest(SamplerFields):
     template_vars: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    loras: list[LoraChoice] | None = Field(None, max_length=16)
 
 
 class CompletionRequest(SamplerFields):
@@ -108,5 +121,6 @@ class CompletionRequest(SamplerFields):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1, le=16)
+    loras: list[LoraChoice] | None = Field(None, max_length=16)
     user: str | None = None
     response_format: dict[str, Any] | None = None

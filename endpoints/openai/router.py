@@ -17,7 +17,7 @@ from common.streaming import sse_response, until_disconnect
 from endpoints.deps import get_config, get_presets, lease_model, log_unknown_fields
 from endpoints.openai import serving
 from endpoints.openai.mapping import chat_constraint, constraint_spec, to_sampling_params
-from endpoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from endpoints.openai.protocol import ChatCompletionRequest, CompletionRequest, lora_pairs
 
 router = APIRouter(tags=["OpenAI"], dependencies=[Depends(require_api)])
 
@@ -70,7 +70,7 @@ async def _chat(
         params = params.with_updates(skip_special_tokens=False)  # some formats mark calls with special tokens
     params = fit_params(model, prompt, params, mc.default_max_tokens)
     constraint = await compile_constraint(model, spec)
-    handles = submit_choices(model, prompt, params, body.n, constraint)
+    handles = submit_choices(model, prompt, params, body.n, constraint, lora_pairs(body.loras))
     want_logprobs = logprobs is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -129,7 +129,7 @@ async def _completions(
             else:
                 prompt = text_prompt(model, p, add_bos=body.add_bos_token)
             params = fit_params(model, prompt, base, config.model.default_max_tokens)
-            groups.append(submit_choices(model, prompt, params, body.n, constraint))
+            groups.append(submit_choices(model, prompt, params, body.n, constraint, lora_pairs(body.loras)))
             if body.echo:
                 echo_texts.append(prompt.text if prompt.text is not None else model.engine.detokenize(prompt.tokens))
     except BaseException:

@@ -24,12 +24,19 @@ def new_id(prefix: str) -> str:
 
 
 def usage_body(usage: Usage) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
+    if usage.draft_tokens:
+        body["speculative"] = {
+            "draft_tokens": usage.draft_tokens,
+            "accepted_tokens": usage.accepted_draft_tokens,
+            "acceptance_rate": round(usage.accepted_draft_tokens / usage.draft_tokens, 4),
+        }
+    return body
 
 
 def stream_failure(finish: Finished) -> APIError | None:

@@ -1,0 +1,93 @@
+"""LoRA adapters and draft models on disk: listing them and resolving names safely.
+
+Adapter names resolve only inside `lora.lora_dir`, draft model names only
+inside `draft_model.draft_model_dir`, with the same confinement rules as
+model names (no paths, `..` or leading dots).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backends.base import LoadOptions
+from common.errors import BadRequestError, ModelNotFoundError
+from common.model_files import confine_name, scan_models
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    name: str
+    path: Path  # the adapter's GGUF
+    size_bytes: int
+
+
+def scan_loras(lora_dir: Path) -> list[LoraFile]:
+    """`NAME.gguf` files, and folders holding one adapter GGUF, directly inside lora_dir."""
+    found: list[LoraFile] = []
+    if not lora_dir.is_dir():
+        return found
+    for entry in sorted(lora_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file() and entry.suffix.lower() == ".gguf":
+            found.append(LoraFile(entry.stem, entry, entry.stat().st_size))
+        elif entry.is_dir() and not (entry / ".incomplete").exists():
+            ggufs = sorted(entry.glob("*.gguf"))
+            if ggufs:
+                found.append(LoraFile(entry.name, ggufs[0], ggufs[0].stat().st_size))
+    return found
+
+
+def find_lora(lora_dir: Path, name: str) -> LoraFile:
+    confine_name(name, "lora")
+    wanted = name[:-5] if name.lower().endswith(".gguf") else name
+    available = scan_loras(lora_dir)
+    for lora in available:
+        if lora.name == wanted:
+            return lora
+    names = ", ".join(x.name for x in available) or "none"
+    raise ModelNotFoundError(
+        f"LoRA '{name}' is not in the LoRA directory '{lora_dir}'. Available: {names}. "
+        "Put the adapter GGUF there (convert PEFT adapters with llama.cpp's convert_lora_to_gguf.py).",
+        param="loras",
+        code="lora_not_found",
+    )
+
+
+def find_draft_model(draft_dir: Path, name: str) -> Path:
+    """The GGUF of a draft model named in draft_dir."""
+    confine_name(name, "draft_model")
+    wanted = name[:-5] if name.lower().endswith(".gguf") else name
+    available = scan_models(draft_dir)
+    for entry in available:
+        if entry.name == wanted:
+            if entry.path.is_file():
+                return entry.path
+            ggufs = sorted(entry.path.glob("*.gguf"))
+            if ggufs:
+                return ggufs[0]
+    names = ", ".join(m.name for m in available) or "none"
+    raise ModelNotFoundError(
+        f"Draft model '{name}' is not in '{draft_dir}'. Available: {names}. Pick a small model with the "
+        "same tokenizer as the main model.",
+        param="draft_model_name",
+    )
+
+
+def draft_options(
+    draft_dir: Path, mode: str | None, name: str | None, max_tokens: int | None, base: LoadOptions
+) -> dict[str, Any]:
+    """LoadOptions fields for speculative decoding, checked and resolved."""
+    mode = mode or ("model" if name else base.draft_mode)
+    out: dict[str, Any] = {"draft_mode": mode, "draft_max_tokens": max_tokens or base.draft_max_tokens}
+    if mode == "model":
+        if not name and not base.draft_model_path:
+            raise BadRequestError(
+                "draft_mode 'model' needs a draft model: set draft_model_name.", param="draft_model_name"
+            )
+        out["draft_model_path"] = str(find_draft_model(draft_dir, name)) if name else base.draft_model_path
+    else:
+        out["draft_model_path"] = None
+    return out
