@@ -210,6 +210,8 @@ async def completion_response(
         usage.prompt_tokens += g.prompt_tokens
         usage.completion_tokens += g.completion_tokens
         usage.cached_tokens += g.cached_tokens
+        usage.draft_tokens += g.draft_tokens
+        usage.accepted_draft_tokens += g.accepted_draft_tokens
     return {
         "id": new_id("cmpl"),
         "object": "text_completion",

@@ -1,0 +1,139 @@
+"""Speculative decoding on the real model: n-gram lookup and a draft model (the model itself).
+
+Equivalence is checked one request at a time: with several sequences in the
+unified KV cache, rejected guesses leave holes that later tokens fill, which
+changes the order attention sums over cells and can flip a near-tie token by
+float rounding (the same holds for plain batching when sequences end and free
+cells). The concurrent test checks completion and cache bookkeeping instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from backends.base import Finished, GenerationRequest, LoadOptions, TextDelta
+from backends.llamacpp.engine import LlamaCppEngine
+from common.sampling import SamplingParams
+from tests.conftest import MODEL_NAME, Keys, make_config, wait_loaded
+
+COPY = (
+    "<|im_start|>user\nCopy this text exactly: The harbour master keeps a ledger of every ship that enters "
+    "the bay, noting its name, its cargo, the hour it docked and the berth it was given.<|im_end|>\n"
+    "<|im_start|>assistant\nThe harbour master keeps a ledger"
+)
+PROMPTS = [
+    COPY,
+    "<|im_start|>user\nName three colours of the rainbow.<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time, in a small village by the sea,",
+]
+
+
+async def _run(engine: LlamaCppEngine, text: str, params: SamplingParams) -> tuple[str, Finished]:
+    tokens = engine.tokenize(text, add_bos=False, special=True)
+    out: list[str] = []
+    finish = None
+    async for ev in engine.generate(GenerationRequest(tokens, params)):
+        if isinstance(ev, TextDelta):
+            out.append(ev.text)
+        else:
+            finish = ev
+    assert finish is not None
+    return "".join(out), finish
+
+
+def _outputs(model_path: Path, params: SamplingParams, **draft: object) -> list[tuple[str, Finished]]:
+    async def main() -> list[tuple[str, Finished]]:
+        options = LoadOptions(max_seq_len=1024, max_batch_size=4, n_threads=2, **draft)  # type: ignore[arg-type]
+        engine = await asyncio.to_thread(LlamaCppEngine.load, model_path, "m", options)
+        try:
+            results = []
+            for text in PROMPTS:
+                await _run(engine, text, params)  # the compared run starts from a cached prompt, as plain runs do
+                results.append(await _run(engine, text, params))
+            engine.check_consistency()
+            return results
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=48)
+SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=48)
+
+
+@pytest.fixture(scope="module")
+def plain(model_path: Path) -> dict[str, list[tuple[str, Finished]]]:
+    return {"greedy": _outputs(model_path, GREEDY), "seeded": _outputs(model_path, SEEDED)}
+
+
+@pytest.mark.parametrize("kind", ["greedy", "seeded"])
+def test_ngram_drafting_gives_the_plain_output(model_path: Path, plain, kind: str) -> None:
+    params = GREEDY if kind == "greedy" else SEEDED
+    spec = _outputs(model_path, params, draft_mode="ngram", draft_max_tokens=6)
+    assert [t for t, _ in spec] == [t for t, _ in plain[kind]]
+    copy_usage = spec[0][1].usage
+    assert copy_usage.draft_tokens > 0 and copy_usage.accepted_draft_tokens > 0
+    assert copy_usage.completion_tokens == plain[kind][0][1].usage.completion_tokens
+
+
+def test_draft_model_gives_the_plain_output_and_mostly_agrees(model_path: Path, plain) -> None:
+    spec = _outputs(model_path, GREEDY, draft_mode="model", draft_model_path=str(model_path), draft_max_tokens=4)
+    assert [t for t, _ in spec] == [t for t, _ in plain["greedy"]]
+    drafted = sum(f.usage.draft_tokens for _, f in spec)
+    accepted = sum(f.usage.accepted_draft_tokens for _, f in spec)
+    assert drafted > 0 and accepted / drafted > 0.8  # the same model guesses its own greedy choices
+
+
+def test_concurrent_speculative_streams_finish_and_leave_a_clean_cache(model_path: Path) -> None:
+    async def main() -> None:
+        options = LoadOptions(max_seq_len=512, max_batch_size=4, draft_mode="ngram", draft_max_tokens=8)
+        engine = await asyncio.to_thread(LlamaCppEngine.load, model_path, "m", options)
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=40)
+            results = await asyncio.gather(*[_run(engine, COPY, params) for _ in range(3)], _run(engine, PROMPTS[1], params))
+            for text, finish in results:
+                assert text and finish.reason.value in ("stop", "length")
+                assert finish.usage.completion_tokens > 0
+            stats = engine.stats()
+            assert stats.slots_active == 0 and stats.kv_cells_used == 0
+            assert stats.draft_tokens >= stats.accepted_draft_tokens > 0
+            engine.check_consistency()
+        finally:
+            await engine.close()
+
+    asyncio.run(main())
+
+
+def test_speculation_through_the_api_reports_acceptance(model_dir: Path, tmp_path: Path) -> None:
+    from endpoints.app import create_app
+
+    config = make_config(tmp_path, model_dir, draft_model={"draft_mode": "ngram", "draft_max_tokens": 6})
+    with TestClient(create_app(config)) as client:
+        wait_loaded(client)
+        keys = Keys(tmp_path / "api_tokens.yml")
+        r = client.post(
+            "/v1/completions",
+            json={"model": MODEL_NAME, "prompt": COPY, "max_tokens": 32, "temperature": 0},
+            headers=keys.api_headers(),
+        )
+        assert r.status_code == 200, r.text
+        spec = r.json()["usage"]["speculative"]
+        assert spec["draft_tokens"] >= spec["accepted_tokens"] > 0
+        assert spec["acceptance_rate"] == round(spec["accepted_tokens"] / spec["draft_tokens"], 4)
+        health = client.get("/health").json()["models"][MODEL_NAME]
+        assert health["draft_tokens"] >= spec["draft_tokens"]
+        metrics = client.get("/metrics", headers=keys.api_headers()).text
+        assert f'parley_accepted_draft_tokens_total{{model="{MODEL_NAME}"}}' in metrics
+        assert "parley_draft_acceptance_rate" in metrics
+        # A load naming a draft model that is not there is refused before anything unloads.
+        r = client.post(
+            "/v1/model/load",
+            json={"model_name": MODEL_NAME, "draft_model": {"draft_model_name": "no-such-draft"}},
+            headers=keys.admin_headers(),
+        )
+        assert r.status_code == 404 and r.json()["error"]["param"] == "draft_model_name"
