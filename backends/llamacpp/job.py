@@ -28,6 +28,7 @@ class Job(GenerationHandle):
         "bans",
         "cached_tokens",
         "cancelled",
+        "draft_len",
         "chain",
         "constraint",
         "context",
@@ -89,6 +90,7 @@ class Job(GenerationHandle):
         self.ngram = NgramIndex()
         self.n_drafted = 0  # speculative tokens guessed for this request
         self.n_accepted = 0  # ... and kept
+        self.draft_len = 0  # guesses to ask for next step (0: the engine's maximum)
 
     @property
     def remaining(self) -> int:

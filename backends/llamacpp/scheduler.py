@@ -268,7 +268,7 @@ class Scheduler:
         if self._drafter is None:
             return {}
         wants = [
-            (j, min(self._draft_max, j.remaining - 1))
+            (j, min(j.draft_len or self._draft_max, self._draft_max, j.remaining - 1))
             for j in active
             if len(j.context) - j.n_cached == 1 and j.n_generated > 0 and j.remaining > 1
         ]
@@ -301,6 +301,9 @@ class Scheduler:
             break
         job.n_drafted += len(drafts)
         job.n_accepted += accepted
+        # Guess as far as guesses have been landing: double after a full hit, else one past the hits.
+        # Each guessed position costs nearly a token's compute on CPUs, so misses are not free.
+        job.draft_len = min(2 * len(drafts), self._draft_max) if accepted == len(drafts) else accepted + 1
         self._drafted_count += len(drafts)
         self._accepted_count += accepted
         if job.rewinds != rewinds:
