@@ -80,7 +80,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first_param: str | None = None
     for err in exc.errors():
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
+        param = ".".join(loc) or ("body" if tuple(err.get("loc", ())) == ("body",) else None)
         first_param = first_param or param
         msg = err.get("msg", "invalid value")
         if err.get("type") == "json_invalid":

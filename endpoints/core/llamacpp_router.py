@@ -32,9 +32,17 @@ from common.presets import PresetState, build_params
 from common.sampling import SamplingParams
 from common.streaming import dumps, sse_response, until_disconnect
 from endpoints.deps import get_config, get_models, get_presets, log_unknown_fields
+from endpoints.error_docs import error_responses
+from endpoints.json_body import StrictJSONRoute
+from endpoints.names import ModelName
 from endpoints.openai.serving import stream_failure
 
-router = APIRouter(tags=["llama.cpp"], dependencies=[Depends(require_api)])
+router = APIRouter(
+    tags=["llama.cpp"],
+    dependencies=[Depends(require_api)],
+    route_class=StrictJSONRoute,
+    responses=error_responses(Dialect.OPENAI),
+)
 
 # llama.cpp server's sampling defaults, for clients that send none.
 LLAMACPP_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
@@ -46,7 +54,7 @@ class InfillRequest(BaseModel):
     input_prefix: str = ""
     input_suffix: str = ""
     prompt: str = Field("", description="Text the completion starts with, placed after the middle token.")
-    model: str | None = None
+    model: ModelName | None = None
     n_predict: int = Field(-1, ge=-1, description="Most tokens to generate; -1 = until the context is full.")
     temperature: float | None = Field(None, ge=0)
     top_k: int | None = Field(None, ge=-1)
@@ -64,14 +72,14 @@ class TokenizeRequest(BaseModel):
     add_special: bool = False
     parse_special: bool = True
     with_pieces: bool = False
-    model: str | None = None
+    model: ModelName | None = None
 
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     tokens: list[int]
-    model: str | None = None
+    model: ModelName | None = None
 
 
 def infill_params(body: InfillRequest, presets: PresetState) -> SamplingParams:

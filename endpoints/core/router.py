@@ -28,8 +28,14 @@ from endpoints.core.protocol import (
     TokenEncodeRequest,
 )
 from endpoints.deps import get_models, get_presets
+from endpoints.error_docs import error_responses
+from endpoints.json_body import StrictJSONRoute
 
-router = APIRouter(tags=["Core"])
+router = APIRouter(
+    tags=["Core"],
+    route_class=StrictJSONRoute,
+    responses=error_responses(Dialect.OPENAI),
+)
 
 
 def _card(model: LoadedModel) -> dict[str, Any]:
