@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from endpoints.names import ModelName
+
 
 def _alias(*names: str) -> AliasChoices:
     return AliasChoices(*names)
@@ -77,7 +79,7 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(SamplerFields):
-    model: str | None = None
+    model: ModelName | None = None
     messages: list[dict[str, Any]] = Field(..., min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -99,7 +101,7 @@ class ChatCompletionRequest(SamplerFields):
 
 
 class CompletionRequest(SamplerFields):
-    model: str | None = None
+    model: ModelName | None = None
     prompt: str | list[str] | list[int] | list[list[int]] = Field(...)
     suffix: str | None = None
     stream: bool = False
