@@ -194,8 +194,9 @@ async def infill(
     """llama.cpp's code completion: the text between input_prefix and input_suffix."""
     log_unknown_fields(body, "/infill")
     model = models.get(body.model)
+    requested = infill_params(body, presets)  # the request's own mistakes first
     prompt = fim_prompt(model, body.input_prefix, body.input_suffix, middle=body.prompt, param="input_suffix")
-    params = fit_params(model, prompt, infill_params(body, presets), config.model.default_max_tokens)
+    params = fit_params(model, prompt, requested, config.model.default_max_tokens)
     (handle,) = submit_choices(model, prompt, params, 1)
     if body.stream:
         return sse_response(infill_stream(model, prompt, params, handle), Dialect.OPENAI,
