@@ -82,7 +82,9 @@ async def health(models: ModelManager = Depends(get_models)) -> Response:
             "tokens_generated": st.tokens_generated,
         }
     code = 503 if status != "healthy" else 200
-    return JSONResponse({"status": status, "issues": issues, "models": engines}, status_code=code)
+    # Live asyncio tasks: flat when idle; a count that grows with traffic is a leak (the soak test watches it).
+    tasks = len(asyncio.all_tasks())
+    return JSONResponse({"status": status, "issues": issues, "models": engines, "tasks": tasks}, status_code=code)
 
 
 def _now() -> str:
