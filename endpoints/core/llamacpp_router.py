@@ -36,6 +36,7 @@ from endpoints.error_docs import error_responses
 from endpoints.json_body import StrictJSONRoute
 from endpoints.names import ModelName
 from endpoints.openai.serving import stream_failure
+from endpoints.wire import WireModel
 
 router = APIRouter(
     tags=["llama.cpp"],
@@ -48,7 +49,7 @@ router = APIRouter(
 LLAMACPP_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
 
 
-class InfillRequest(BaseModel):
+class InfillRequest(WireModel):
     model_config = ConfigDict(extra="allow")
 
     input_prefix: str = ""
@@ -75,7 +76,7 @@ class TokenizeRequest(BaseModel):
     model: ModelName | None = None
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(WireModel):
     model_config = ConfigDict(extra="allow")
 
     tokens: list[int]

@@ -7,13 +7,13 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from endpoints.names import ModelName
-
+from endpoints.wire import WireModel
 
 # Context sizes past this overflow llama.cpp's 32-bit counts long before any model needs them.
 MAX_CONTEXT = 1 << 24
 
 
-class ModelLoadRequest(BaseModel):
+class ModelLoadRequest(WireModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
 
     model_name: str = Field(..., min_length=1, validation_alias=AliasChoices("model_name", "name", "model"))
@@ -43,7 +43,7 @@ class TokenEncodeRequest(BaseModel):
     encode_special_tokens: bool = True
 
 
-class TokenDecodeRequest(BaseModel):
+class TokenDecodeRequest(WireModel):
     model_config = ConfigDict(extra="allow")
     tokens: list[int]
     model: ModelName | None = None

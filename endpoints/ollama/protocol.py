@@ -11,12 +11,13 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from endpoints.names import ModelName
+from endpoints.wire import WireModel
 
 # Durations as Ollama clients send them: seconds (number) or a Go duration ("5m", "0s", "-1").
 KeepAlive = float | int | str | None
 
 
-class Options(BaseModel):
+class Options(WireModel):
     """The `options` object; None = not sent (Ollama's default applies)."""
 
     model_config = ConfigDict(extra="allow")
@@ -61,7 +62,7 @@ LOAD_TIME_OPTIONS = (
 )
 
 
-class _Request(BaseModel):
+class _Request(WireModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     # Older clients send `name`; Ollama accepts both.

@@ -12,13 +12,14 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from endpoints.names import ModelName
+from endpoints.wire import WireModel
 
 
 def _alias(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
 
-class SamplerFields(BaseModel):
+class SamplerFields(WireModel):
     """Every sampler knob a client may send; None = not sent (preset or default applies)."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)

@@ -194,6 +194,12 @@ def ollama_chat(**fields: Any) -> dict[str, Any]:
 FIELD_CASES: list[tuple[str, str, dict[str, Any], str]] = [
     # OpenAI chat
     ("/v1/chat/completions", "temperature", chat(temperature=-5), "temperature"),
+    ("/v1/chat/completions", "max_tokens_bool", chat(max_tokens=True), "max_tokens"),
+    ("/v1/chat/completions", "alias_bool", chat(rep_pen=False), "rep_pen"),
+    ("/v1/token/decode", "token_bool", {"tokens": [1, True]}, "tokens"),
+    ("/api/v1/generate", "max_length_bool", kobold(max_length=False), "max_length"),
+    ("/api/chat", "num_predict_bool", ollama_chat(options={"num_predict": True}), "num_predict"),
+    ("/infill", "n_predict_bool", {"input_prefix": "a", "n_predict": True}, "n_predict"),
     ("/v1/chat/completions", "top_k", chat(top_k=-3), "top_k"),
     ("/v1/chat/completions", "n", chat(n=0), "n"),
     ("/v1/chat/completions", "n_huge", chat(n=2**40), "n"),
