@@ -64,7 +64,7 @@ def check_json_value(data: Any) -> None:
     stack: list[tuple[Any, str, int]] = [(data, "", 0)]
     while stack:
         value, path, depth = stack.pop()
-        if depth > MAX_DEPTH:
+        if depth >= MAX_DEPTH:
             raise BadRequestError(
                 f"The request body nests deeper than {MAX_DEPTH} levels at '{path}'; flatten it.",
                 param=path or None,

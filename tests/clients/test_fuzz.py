@@ -36,7 +36,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.conftest import MODEL_NAME, LiveServer, run_server
 
-EXAMPLES = {GenerationMode.POSITIVE: 8, GenerationMode.NEGATIVE: 5}
+EXAMPLES = {GenerationMode.POSITIVE: 10, GenerationMode.NEGATIVE: 6}
 CAP = 8
 # Replace or unload the model, or download from the network: not fuzzed (tests/api covers their validation).
 SKIPPED = {("POST", "/v1/model/load"), ("POST", "/v1/model/unload"), ("POST", "/api/pull")}
