@@ -2,9 +2,11 @@
 
 Parley runs as users run it, with the real model. For each operation
 schemathesis generates valid (positive) and schema-violating (negative)
-requests; each must answer without a 5xx, in the schema's declared status
-codes and response shapes (the dialect error models of endpoints/error_docs.py
-for 4xx), and the server must be healthy with nothing leaked at the end.
+requests; each must answer without a 5xx, with the schema's declared status
+codes, content types and response shapes (the dialect error models of
+endpoints/error_docs.py for 4xx/5xx, in place of FastAPI's default 422
+`HTTPValidationError`, which Parley never sends), negative data must be
+refused, and the server must be healthy with nothing leaked at the end.
 
 Bounded: generation fields are capped (max_tokens, max_length, n_predict and
 Ollama's num_predict at 8, n at 2), a few examples per operation, no
@@ -29,6 +31,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
     negative_data_rejection,
     response_schema_conformance,
     status_code_conformance,
@@ -80,7 +83,7 @@ def test_fuzz_every_operation(fuzz_server: LiveServer) -> None:
     base = fuzz_server.base_url
     auth = {"Authorization": f"Bearer {fuzz_server.keys.admin}"}
     schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
-    checks = [not_a_server_error, status_code_conformance, response_schema_conformance]
+    checks = [not_a_server_error, status_code_conformance, response_schema_conformance, content_type_conformance]
     failures: list[str] = []
     counts: Counter[str] = Counter()
     statuses: Counter[int] = Counter()
