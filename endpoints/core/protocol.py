@@ -6,20 +6,26 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
+from endpoints.names import ModelName
+from endpoints.wire import WireModel
 
-class ModelLoadRequest(BaseModel):
+# Context sizes past this overflow llama.cpp's 32-bit counts long before any model needs them.
+MAX_CONTEXT = 1 << 24
+
+
+class ModelLoadRequest(WireModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
 
     model_name: str = Field(..., min_length=1, validation_alias=AliasChoices("model_name", "name", "model"))
-    max_seq_len: int | None = Field(None, ge=16)
-    cache_size: int | None = Field(None, ge=16)
+    max_seq_len: int | None = Field(None, ge=16, le=MAX_CONTEXT)
+    cache_size: int | None = Field(None, ge=16, le=MAX_CONTEXT)
     cache_mode: Literal["FP16", "Q8_0", "Q4_0"] | None = None
     chunk_size: int | None = Field(None, ge=64, le=8192)
     max_batch_size: int | None = Field(None, ge=1, le=256)
     prompt_template: str | None = None
     backend: str | None = None
-    n_threads: int | None = Field(None, ge=1)
-    n_gpu_layers: int | None = Field(None, ge=-1)
+    n_threads: int | None = Field(None, ge=1, le=1024)
+    n_gpu_layers: int | None = Field(None, ge=-1, le=100_000)
     flash_attention: Literal["auto", "on", "off"] | None = None
 
 
@@ -32,22 +38,22 @@ class TokenEncodeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     text: str | None = None
     messages: list[dict[str, Any]] | None = None
-    model: str | None = None
+    model: ModelName | None = None
     add_bos_token: bool = True
     encode_special_tokens: bool = True
 
 
-class TokenDecodeRequest(BaseModel):
+class TokenDecodeRequest(WireModel):
     model_config = ConfigDict(extra="allow")
     tokens: list[int]
-    model: str | None = None
+    model: ModelName | None = None
     decode_special_tokens: bool = True
 
 
 class TemplateSwitchRequest(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
     prompt_template_name: str = Field(..., min_length=1, validation_alias=AliasChoices("prompt_template_name", "name"))
-    model: str | None = None
+    model: ModelName | None = None
 
 
 class SamplerOverrideSwitchRequest(BaseModel):
