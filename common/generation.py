@@ -49,7 +49,12 @@ def _text_of(content: Any, where: str) -> str | None:
             if isinstance(part, str):
                 texts.append(part)
             elif isinstance(part, dict) and part.get("type") in ("text", "input_text"):
-                texts.append(str(part.get("text", "")))
+                text = part.get("text", "")
+                if not isinstance(text, str):
+                    raise BadRequestError(
+                        f"{where}.content[{i}].text must be a string.", param=f"{where}.content[{i}].text"
+                    )
+                texts.append(text)
             elif isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
                 raise BadRequestError(
                     f"{where}.content[{i}] is an image, and the loaded model cannot read images. "
@@ -70,8 +75,14 @@ def _tool_calls_for_template(calls: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(calls, list):
         raise BadRequestError(f"{where}.tool_calls must be a list.", param=f"{where}.tool_calls")
     out = []
-    for call in calls:
-        call = dict(call) if isinstance(call, dict) else {}
+    for j, call in enumerate(calls):
+        if not isinstance(call, dict) or not isinstance(call.get("function") or {}, dict):
+            raise BadRequestError(
+                f"{where}.tool_calls[{j}] must be an object like "
+                "{'id': ..., 'type': 'function', 'function': {'name': ..., 'arguments': '...'}}.",
+                param=f"{where}.tool_calls[{j}]",
+            )
+        call = dict(call)
         fn = dict(call.get("function") or {})
         args = fn.get("arguments")
         if isinstance(args, str):
@@ -120,6 +131,13 @@ def normalize_messages(
         m = dict(msg)
         m["role"] = "system" if role == "developer" else role
         m["content"] = _text_of(msg.get("content"), where)
+        if m["content"] is None and not (role == "assistant" and msg.get("tool_calls")):
+            # As OpenAI: only an assistant message that calls tools may leave out its text.
+            state = "null" if "content" in msg else "missing"
+            raise BadRequestError(
+                f"{where}.content is {state}; a {role} message needs text (a string or a list of text parts).",
+                param=f"{where}.content",
+            )
         if msg.get("tool_calls"):
             m["tool_calls"] = _tool_calls_for_template(msg["tool_calls"], where)
             if not template_knows_tool_calls:
@@ -187,8 +205,28 @@ def text_prompt(model: LoadedModel, prompt: str | list[int], *, add_bos: bool | 
     return Prompt(model.engine.tokenize(prompt, add_bos=add_bos, special=True), prompt)
 
 
+def check_token_ids(params: SamplingParams, n_vocab: int) -> None:
+    """Token ids in sampling fields must exist: an unknown id would be silently ignored (or, in
+    allowed_tokens, leave nothing to sample)."""
+    fields = (
+        ("logit_bias", tuple(params.logit_bias)),
+        ("banned_tokens", params.banned_tokens),
+        ("allowed_tokens", params.allowed_tokens),
+        ("stop_token_ids", params.stop_token_ids),
+    )
+    for name, ids in fields:
+        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise BadRequestError(
+                f"'{name}' has token id {bad}, outside the vocabulary (0..{n_vocab - 1}); "
+                "look ids up with /v1/token/encode.",
+                param=name,
+            )
+
+
 def fit_params(model: LoadedModel, prompt: Prompt, params: SamplingParams, default_max_tokens: int | None) -> SamplingParams:
-    """Check the prompt fits the context and the server's caps; settle max_tokens and stop strings."""
+    """Check the prompt fits the context and the server's caps and the token ids exist; settle max_tokens and stop strings."""
+    check_token_ids(params, model.info.n_vocab)
     n_ctx = model.info.n_ctx
     n_prompt = len(prompt.tokens)
     if n_prompt == 0:

@@ -78,12 +78,18 @@ class SamplingParams:
             value = getattr(self, name)
             if value is None:
                 continue
-            if (low is not None and value < low) or (high is not None and value > high):
+            if value != value or (low is not None and value < low) or (high is not None and value > high):
                 lo = "-inf" if low is None else low
                 hi = "inf" if high is None else high
                 raise BadRequestError(
                     f"'{name}' must be between {lo} and {hi}, got {value}.", param=name
                 )
+        bad_bias = next((b for b in self.logit_bias.values() if not -100.0 <= b <= 100.0), None)
+        if bad_bias is not None:
+            raise BadRequestError(
+                f"'logit_bias' values must be between -100 and 100 (-100 bans a token), got {bad_bias}.",
+                param="logit_bias",
+            )
         if self.mirostat_mode not in (0, 1, 2):
             raise BadRequestError(
                 "'mirostat_mode' must be 0 (off), 1 or 2.", param="mirostat_mode"

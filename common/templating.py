@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 
 import jinja2
 import jinja2.ext
+import jinja2.runtime
 from jinja2 import nodes
 from jinja2.exceptions import SecurityError, TemplateSyntaxError
 from jinja2.parser import Parser
@@ -39,6 +40,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from common.errors import BadRequestError
 
 TEMPLATE_SUFFIX = ".jinja"
+
+# Limits on what one template expression may build (see _ChatTemplateEnvironment).
+MAX_REPEAT = 1_000_000
+MAX_EXPONENT = 1_000
 
 # The code object filename Jinja gives compiled templates made by from_string.
 _JINJA_FILENAME = "<template>"
@@ -98,10 +103,28 @@ class _ChatTemplateEnvironment(ImmutableSandboxedEnvironment):
     fails, so probing templates are stopped at once with a clear error.
     """
 
+    # `"a" * 10**10` or `2 ** 10**9` would exhaust memory or CPU before any output.
+    intercepted_binops = frozenset({"*", "**"})
+
     def unsafe_undefined(self, obj: Any, attribute: str) -> NoReturn:
         raise SecurityError(
             f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
         )
+
+    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if (
+                    isinstance(seq, (str, list, tuple))
+                    and isinstance(times, int)
+                    and len(seq) * times > MAX_REPEAT
+                ):
+                    raise SecurityError(
+                        f"repeating a sequence into {len(seq) * times} items is over the limit of {MAX_REPEAT}"
+                    )
+        elif operator == "**" and isinstance(right, int) and abs(right) > MAX_EXPONENT:
+            raise SecurityError(f"exponent {right} is over the limit of {MAX_EXPONENT}")
+        return super().call_binop(context, operator, left, right)
 
 
 def _raise_exception(message: Any) -> NoReturn:

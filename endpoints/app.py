@@ -107,12 +107,21 @@ async def load_startup_model(app: FastAPI) -> None:
         logger.exception("Could not load '{}'", name)
 
 
+def _param_of(loc: list[str | int]) -> str | None:
+    """A pydantic location as clients write it: messages[0].content."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts = []
     first_param: str | None = None
     for err in exc.errors():
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
+        param = _param_of([x for x in err.get("loc", ()) if x != "body"])
+        if param is None and tuple(err.get("loc", ())) == ("body",):
+            param = "body"
         first_param = first_param or param
         msg = err.get("msg", "invalid value")
         if err.get("type") == "json_invalid":

@@ -32,21 +32,30 @@ from common.presets import Preset, PresetState, build_params
 from common.sampling import SamplingParams
 from common.streaming import dumps, sse_response, until_disconnect
 from endpoints.deps import get_config, get_presets, lease_model, log_unknown_fields
+from endpoints.error_docs import error_responses
+from endpoints.json_body import StrictJSONRoute
+from endpoints.names import ModelName
 from endpoints.openai.serving import stream_failure
+from endpoints.wire import WireModel
 
-router = APIRouter(tags=["llama.cpp"], dependencies=[Depends(require_api)])
+router = APIRouter(
+    tags=["llama.cpp"],
+    dependencies=[Depends(require_api)],
+    route_class=StrictJSONRoute,
+    responses=error_responses(Dialect.OPENAI),
+)
 
 # llama.cpp server's sampling defaults, for clients that send none.
 LLAMACPP_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
 
 
-class InfillRequest(BaseModel):
+class InfillRequest(WireModel):
     model_config = ConfigDict(extra="allow")
 
     input_prefix: str = ""
     input_suffix: str = ""
     prompt: str = Field("", description="Text the completion starts with, placed after the middle token.")
-    model: str | None = None
+    model: ModelName | None = None
     n_predict: int = Field(-1, ge=-1, description="Most tokens to generate; -1 = until the context is full.")
     temperature: float | None = Field(None, ge=0)
     top_k: int | None = Field(None, ge=-1)
@@ -64,14 +73,14 @@ class TokenizeRequest(BaseModel):
     add_special: bool = False
     parse_special: bool = True
     with_pieces: bool = False
-    model: str | None = None
+    model: ModelName | None = None
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(WireModel):
     model_config = ConfigDict(extra="allow")
 
     tokens: list[int]
-    model: str | None = None
+    model: ModelName | None = None
 
 
 def infill_params(body: InfillRequest, preset: Preset | None) -> SamplingParams:
@@ -188,8 +197,9 @@ async def infill(
     log_unknown_fields(body, "/infill")
     with await lease_model(request, body.model) as lease:
         model = lease.model
+        requested = infill_params(body, model.preset(presets.active))  # the request's own mistakes first
         prompt = fim_prompt(model, body.input_prefix, body.input_suffix, middle=body.prompt, param="input_suffix")
-        params = fit_params(model, prompt, infill_params(body, model.preset(presets.active)), config.model.default_max_tokens)
+        params = fit_params(model, prompt, requested, config.model.default_max_tokens)
         (handle,) = submit_choices(model, prompt, params, 1)
         if body.stream:
             return sse_response(infill_stream(model, prompt, params, handle), Dialect.OPENAI,

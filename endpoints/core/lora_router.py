@@ -15,13 +15,15 @@ from loguru import logger
 
 from common.auth import require_admin, require_api
 from common.config import ParleyConfig
-from common.errors import APIError
+from common.errors import APIError, Dialect
 from common.loras import find_lora, scan_loras
 from common.models import ModelManager
 from endpoints.core.protocol import LoraLoadRequest, LoraUnloadRequest
 from endpoints.deps import get_config, get_models
+from endpoints.error_docs import error_responses
+from endpoints.json_body import StrictJSONRoute
 
-router = APIRouter(tags=["LoRA"])
+router = APIRouter(tags=["LoRA"], route_class=StrictJSONRoute, responses=error_responses(Dialect.OPENAI))
 
 
 def _card(name: str, scaling: float | None = None, **extra: Any) -> dict[str, Any]:

@@ -6,8 +6,11 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
+from endpoints.names import ModelName
+from endpoints.wire import WireModel
 
-class DraftModelLoad(BaseModel):
+
+class DraftModelLoad(WireModel):
     """Speculative decoding for a load: a draft model (same tokenizer) or n-gram lookup."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
@@ -16,19 +19,23 @@ class DraftModelLoad(BaseModel):
     draft_max_tokens: int | None = Field(None, ge=1, le=64)
 
 
-class ModelLoadRequest(BaseModel):
+# Context sizes past this overflow llama.cpp's 32-bit counts long before any model needs them.
+MAX_CONTEXT = 1 << 24
+
+
+class ModelLoadRequest(WireModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
 
     model_name: str = Field(..., min_length=1, validation_alias=AliasChoices("model_name", "name", "model"))
-    max_seq_len: int | None = Field(None, ge=16)
-    cache_size: int | None = Field(None, ge=16)
+    max_seq_len: int | None = Field(None, ge=16, le=MAX_CONTEXT)
+    cache_size: int | None = Field(None, ge=16, le=MAX_CONTEXT)
     cache_mode: Literal["FP16", "Q8_0", "Q4_0"] | None = None
     chunk_size: int | None = Field(None, ge=64, le=8192)
     max_batch_size: int | None = Field(None, ge=1, le=256)
     prompt_template: str | None = None
     backend: str | None = None
-    n_threads: int | None = Field(None, ge=1)
-    n_gpu_layers: int | None = Field(None, ge=-1)
+    n_threads: int | None = Field(None, ge=1, le=1024)
+    n_gpu_layers: int | None = Field(None, ge=-1, le=100_000)
     flash_attention: Literal["auto", "on", "off"] | None = None
     draft_model: DraftModelLoad | None = None
 
@@ -42,22 +49,22 @@ class TokenEncodeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     text: str | None = None
     messages: list[dict[str, Any]] | None = None
-    model: str | None = None
+    model: ModelName | None = None
     add_bos_token: bool = True
     encode_special_tokens: bool = True
 
 
-class TokenDecodeRequest(BaseModel):
+class TokenDecodeRequest(WireModel):
     model_config = ConfigDict(extra="allow")
     tokens: list[int]
-    model: str | None = None
+    model: ModelName | None = None
     decode_special_tokens: bool = True
 
 
 class TemplateSwitchRequest(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
     prompt_template_name: str = Field(..., min_length=1, validation_alias=AliasChoices("prompt_template_name", "name"))
-    model: str | None = None
+    model: ModelName | None = None
 
 
 class SamplerOverrideSwitchRequest(BaseModel):
@@ -87,20 +94,20 @@ class DownloadBody(BaseModel):
         return [value] if isinstance(value, str) else value
 
 
-class LoraChoiceModel(BaseModel):
+class LoraChoiceModel(WireModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(..., min_length=1, max_length=200)
     scaling: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
 
 
-class LoraLoadRequest(BaseModel):
+class LoraLoadRequest(WireModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
     loras: list[LoraChoiceModel] = Field(..., max_length=16)
-    model: str | None = None
+    model: ModelName | None = None
 
 
 class LoraUnloadRequest(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
     loras: list[str] | None = Field(None, max_length=64)
-    model: str | None = None
+    model: ModelName | None = None
 

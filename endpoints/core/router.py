@@ -32,8 +32,14 @@ from endpoints.core.protocol import (
     TokenEncodeRequest,
 )
 from endpoints.deps import get_config, get_models, get_presets, lease_model
+from endpoints.error_docs import error_responses
+from endpoints.json_body import StrictJSONRoute
 
-router = APIRouter(tags=["Core"])
+router = APIRouter(
+    tags=["Core"],
+    route_class=StrictJSONRoute,
+    responses=error_responses(Dialect.OPENAI),
+)
 
 
 @router.get("/health")
@@ -56,7 +62,9 @@ async def health(request: Request, models: ModelManager = Depends(get_models)) -
     elif not models.loaded and not models.idle_unloaded:
         issues.append({"time": _now(), "description": "No model is loaded; POST /v1/model/load."})
     code = 503 if status != "healthy" else 200
-    return JSONResponse({"status": status, "issues": issues, "models": entries}, status_code=code)
+    # Live asyncio tasks: flat when idle; a count that grows with traffic is a leak (the soak test watches it).
+    tasks = len(asyncio.all_tasks())
+    return JSONResponse({"status": status, "issues": issues, "models": entries, "tasks": tasks}, status_code=code)
 
 
 def _now() -> str:

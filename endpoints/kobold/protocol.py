@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, ConfigDict, Field
+
+from endpoints.wire import WireModel
 
 # KoboldCpp's sampler order (rep pen, top_k, top_a, tfs, typical, top_p, temperature).
 DEFAULT_SAMPLER_ORDER: tuple[int, ...] = (6, 0, 1, 3, 4, 2, 5)
 
 
-class KoboldModel(BaseModel):
+class KoboldModel(WireModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
 

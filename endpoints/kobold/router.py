@@ -21,6 +21,8 @@ from common.models import LoadedModel
 from common.presets import PresetState
 from common.streaming import sse_response, until_disconnect
 from endpoints.deps import get_config, get_presets, lease_model, log_unknown_fields
+from endpoints.error_docs import error_responses
+from endpoints.json_body import StrictJSONRoute
 from endpoints.kobold import serving
 from endpoints.kobold.genkeys import AbortOutcome, GenEntry, GenRegistry, get_registry, owner_of
 from endpoints.kobold.mapping import (
@@ -32,7 +34,12 @@ from endpoints.kobold.mapping import (
 )
 from endpoints.kobold.protocol import DetokenizeRequest, GenerateRequest, GenkeyRequest, TokenizeRequest
 
-router = APIRouter(tags=["KoboldAI"], dependencies=[Depends(require_api)])
+router = APIRouter(
+    tags=["KoboldAI"],
+    dependencies=[Depends(require_api)],
+    route_class=StrictJSONRoute,
+    responses=error_responses(Dialect.KOBOLD),
+)
 
 KOBOLD_API_VERSION = "1.2.5"
 # A recent KoboldCpp: clients enable streaming, grammar, min_p and tokenization from 1.x versions.

@@ -10,16 +10,19 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from endpoints.names import ModelName
+from endpoints.wire import WireModel
+
 # Durations as Ollama clients send them: seconds (number) or a Go duration ("5m", "0s", "-1").
 KeepAlive = float | int | str | None
 
 
-class Options(BaseModel):
+class Options(WireModel):
     """The `options` object; None = not sent (Ollama's default applies)."""
 
     model_config = ConfigDict(extra="allow")
 
-    num_predict: int | None = None
+    num_predict: int | None = Field(None, ge=-2, description="Tokens to generate; -1 = no limit, -2 = fill the context.")
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
@@ -59,11 +62,11 @@ LOAD_TIME_OPTIONS = (
 )
 
 
-class _Request(BaseModel):
+class _Request(WireModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     # Older clients send `name`; Ollama accepts both.
-    model: str = Field("", validation_alias=AliasChoices("model", "name"))
+    model: ModelName = Field("", validation_alias=AliasChoices("model", "name"))
 
 
 class _GenerationRequest(_Request):

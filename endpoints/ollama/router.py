@@ -21,13 +21,15 @@ from common.chat_output import OutputOptions
 from common.config import ParleyConfig
 from common.constraints import ConstraintSpec
 from common.download_jobs import DownloadManager
-from common.errors import APIError, BadRequestError
+from common.errors import APIError, BadRequestError, Dialect
 from common.generation import Prompt, chat_prompt, compile_constraint, fit_params, submit_choices, text_prompt
 from common.models import ModelFile, ModelLease, ModelManager
 from common.presets import PresetState
 from common.sampling import SamplingParams
 from common.streaming import ndjson_response, until_disconnect
 from endpoints.deps import get_config, get_downloads, get_models, get_presets, log_unknown_fields
+from endpoints.error_docs import error_responses
+from endpoints.json_body import StrictJSONRoute
 from endpoints.ollama import serving
 from endpoints.ollama.mapping import (
     chat_messages,
@@ -46,8 +48,13 @@ from endpoints.ollama.protocol import ChatRequest, EmbedRequest, GenerateRequest
 
 OLLAMA_VERSION = "0.6.3"
 
-router = APIRouter(tags=["Ollama"])
-api = APIRouter(prefix="/api", dependencies=[Depends(require_api)])
+router = APIRouter(tags=["Ollama"], route_class=StrictJSONRoute)
+api = APIRouter(
+    prefix="/api",
+    dependencies=[Depends(require_api)],
+    route_class=StrictJSONRoute,
+    responses=error_responses(Dialect.OLLAMA),
+)
 
 
 @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)

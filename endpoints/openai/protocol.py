@@ -11,12 +11,15 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from endpoints.names import ModelName
+from endpoints.wire import WireModel
+
 
 def _alias(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
 
-class SamplerFields(BaseModel):
+class SamplerFields(WireModel):
     """Every sampler knob a client may send; None = not sent (preset or default applies)."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
@@ -76,7 +79,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class LoraChoice(BaseModel):
+class LoraChoice(WireModel):
     """One adapter for this request only: a name loaded with /v1/lora/load, and its strength."""
 
     model_config = ConfigDict(extra="forbid")
@@ -89,7 +92,7 @@ def lora_pairs(loras: list[LoraChoice] | None) -> tuple[tuple[str, float], ...] 
 
 
 class ChatCompletionRequest(SamplerFields):
-    model: str | None = None
+    model: ModelName | None = None
     messages: list[dict[str, Any]] = Field(..., min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -112,7 +115,7 @@ class ChatCompletionRequest(SamplerFields):
 
 
 class CompletionRequest(SamplerFields):
-    model: str | None = None
+    model: ModelName | None = None
     prompt: str | list[str] | list[int] | list[list[int]] = Field(...)
     suffix: str | None = None
     stream: bool = False

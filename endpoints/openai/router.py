@@ -15,11 +15,18 @@ from common.models import ModelLease
 from common.presets import PresetState
 from common.streaming import sse_response, until_disconnect
 from endpoints.deps import get_config, get_presets, lease_model, log_unknown_fields
+from endpoints.error_docs import error_responses
+from endpoints.json_body import StrictJSONRoute
 from endpoints.openai import serving
 from endpoints.openai.mapping import chat_constraint, constraint_spec, to_sampling_params
 from endpoints.openai.protocol import ChatCompletionRequest, CompletionRequest, lora_pairs
 
-router = APIRouter(tags=["OpenAI"], dependencies=[Depends(require_api)])
+router = APIRouter(
+    tags=["OpenAI"],
+    dependencies=[Depends(require_api)],
+    route_class=StrictJSONRoute,
+    responses=error_responses(Dialect.OPENAI),
+)
 
 
 @router.post("/v1/chat/completions")
