@@ -22,8 +22,10 @@ from common.errors import ClientClosedError, Dialect
 from common.streaming import dumps, sse_response, until_disconnect
 from endpoints.core.protocol import DownloadBody
 from endpoints.deps import get_downloads, log_unknown_fields
+from endpoints.error_docs import error_responses
+from endpoints.json_body import StrictJSONRoute
 
-router = APIRouter(tags=["Core"])
+router = APIRouter(tags=["Core"], route_class=StrictJSONRoute, responses=error_responses(Dialect.OPENAI))
 
 
 @router.post("/v1/download", dependencies=[Depends(require_admin)])

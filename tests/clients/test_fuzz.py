@@ -11,7 +11,7 @@ refused, and the server must be healthy with nothing leaked at the end.
 Bounded: generation fields are capped (max_tokens, max_length, n_predict and
 Ollama's num_predict at 8, n at 2), a few examples per operation, no
 shrinking, a fixed seed. Operations that would replace the model or reach the
-network (model load/unload, pull) are left out; preset and template switches
+network (model load/unload, pull, download) are left out; preset and template switches
 are undone after each call.
 """
 
@@ -42,7 +42,7 @@ from tests.conftest import MODEL_NAME, LiveServer, run_server
 EXAMPLES = {GenerationMode.POSITIVE: 10, GenerationMode.NEGATIVE: 6}
 CAP = 8
 # Replace or unload the model, or download from the network: not fuzzed (tests/api covers their validation).
-SKIPPED = {("POST", "/v1/model/load"), ("POST", "/v1/model/unload"), ("POST", "/api/pull")}
+SKIPPED = {("POST", "/v1/model/load"), ("POST", "/v1/model/unload"), ("POST", "/api/pull"), ("POST", "/v1/download")}
 # State a call may change, and the call that undoes it.
 RESET_AFTER = {
     "/v1/template/switch": "/v1/template/unload",
