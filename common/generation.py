@@ -187,11 +187,29 @@ def chat_prompt(
     if response_prefix:
         text += response_prefix
     add_bos = info.add_bos_token and not (info.bos_token and text.startswith(info.bos_token))
+    refuse_hopeless(model, text, "messages")
     tokens = model.engine.tokenize(text, add_bos=add_bos, special=True)
     return Prompt(tokens, text, tuple(template.metadata.stop_strings), param="messages")
 
 
-def text_prompt(model: LoadedModel, prompt: str | list[int], *, add_bos: bool | None = None) -> Prompt:
+def refuse_hopeless(model: LoadedModel, text: str, param: str) -> None:
+    """Refuse, before tokenizing, a text that cannot fit the context even if every token were the
+    vocabulary's longest: tokenizing megabytes would hold the server for seconds only to say so."""
+    n_ctx = model.info.n_ctx
+    # A token covers at most max_token_bytes bytes, and a character is at least one byte.
+    if len(text) > n_ctx * model.max_token_bytes:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {n_ctx} tokens, and this prompt of {len(text):,} "
+            f"characters needs more than {n_ctx} tokens. Shorten the prompt or the conversation, or load "
+            "the model with a larger max_seq_len.",
+            param=param,
+        )
+
+
+def text_prompt(
+    model: LoadedModel, prompt: str | list[int], *, add_bos: bool | None = None, truncatable: bool = False
+) -> Prompt:
+    """`truncatable`: the caller cuts an overlong prompt itself (KoboldAI does), so no early refusal."""
     info = model.info
     if isinstance(prompt, list):
         bad = next((t for t in prompt if not (0 <= t < info.n_vocab)), None)
@@ -202,6 +220,8 @@ def text_prompt(model: LoadedModel, prompt: str | list[int], *, add_bos: bool | 
         add_bos = info.add_bos_token
     if add_bos and info.bos_token and prompt.startswith(info.bos_token):
         add_bos = False
+    if not truncatable:
+        refuse_hopeless(model, prompt, "prompt")
     return Prompt(model.engine.tokenize(prompt, add_bos=add_bos, special=True), prompt)
 
 

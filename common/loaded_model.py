@@ -35,6 +35,7 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     active: int = 0  # leases held by running requests
+    _max_token_bytes: int = 0
     _compiler: ConstraintCompiler | None = None
     _compiler_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -54,6 +55,14 @@ class LoadedModel:
 
     def idle_seconds(self) -> float:
         return 0.0 if self.active else max(0.0, time.monotonic() - self.last_used)
+
+    @property
+    def max_token_bytes(self) -> int:
+        """Bytes of the longest token text in the vocabulary (read once)."""
+        if not self._max_token_bytes:
+            pieces = (len(self.engine.token_piece(t)) for t in range(self.info.n_vocab))
+            self._max_token_bytes = max(max(pieces, default=1), 1)
+        return self._max_token_bytes
 
     async def constraint_compiler(self) -> ConstraintCompiler:
         """Built on first use (reading the whole vocabulary takes a fraction of a second)."""

@@ -98,7 +98,7 @@ async def _start(
     default_length = default_max_length(config.model.default_max_tokens, config.limits.max_output_tokens)
     preset = model.preset(presets.active)
     params = to_sampling_params(body, n_vocab=model.info.n_vocab, default_length=default_length, preset=preset)
-    prompt = text_prompt(model, body.prompt)
+    prompt = text_prompt(model, body.prompt, truncatable=True)
     prompt, length = fit_context(
         model, prompt, max_length=params.max_tokens or default_length, max_context_length=body.max_context_length
     )
@@ -179,7 +179,7 @@ async def tokencount(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     with await lease_model(request, None) as lease:
         model = lease.model
         if body.special:
-            ids = text_prompt(model, body.prompt).tokens  # counted as /generate would send it
+            ids = text_prompt(model, body.prompt, truncatable=True).tokens  # counted as /generate would send it
         else:
             ids = model.engine.tokenize(body.prompt, add_bos=False, special=True)
         return {"value": len(ids), "ids": ids}

@@ -401,6 +401,7 @@ def test_enormous_prompts_are_a_clean_context_error(app_env: tuple[TestClient, K
                     headers=headers(keys))
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert r.json()["error"]["param"] == "messages" and "maximum context length" in r.json()["error"]["message"]
+    assert "characters" in r.json()["error"]["message"]  # refused by length, before tokenizing megabytes
     big = huge[:1_000_000]
     r = client.post("/api/generate", json={"model": MODEL_NAME, "prompt": big, "stream": False}, headers=headers(keys))
     assert "maximum context length" in error_text(r, OLLAMA)
