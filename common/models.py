@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,8 @@ class ModelManager:
         self._reaper: asyncio.Task[None] | None = None
         self.default_name: str | None = None
         self.on_loaded: Callable[[str, float], None] | None = None  # (name, seconds), e.g. for metrics
+        # Runs on every newly loaded model before requests can use it (e.g. configured LoRA adapters).
+        self.prepare: Callable[[LoadedModel], Awaitable[None]] | None = None
 
     @classmethod
     def from_config(cls, config: Any, project_root: Path, options: LoadOptions) -> ModelManager:
@@ -414,7 +416,13 @@ class ModelManager:
         )
         if self.on_loaded is not None:
             self.on_loaded(entry.name, time.perf_counter() - started)
-        return LoadedModel(entry.name, engine, template, options=options, backend=backend)
+        model = LoadedModel(entry.name, engine, template, options=options, backend=backend)
+        if self.prepare is not None:
+            try:
+                await self.prepare(model)
+            except Exception:  # noqa: BLE001 - a failed extra must not fail the load itself
+                logger.exception("Preparing {} after its load failed; it serves without that step", entry.name)
+        return model
 
     # -- templates ---------------------------------------------------------------
     def template_by_name(self, name: str | None) -> ChatTemplate | None:

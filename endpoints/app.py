@@ -23,7 +23,7 @@ from common.errors import APIError, BadRequestError, Dialect, EngineError, diale
 from common.loras import draft_options, find_lora
 from common.lifecycle import Lifecycle
 from common.metrics import Metrics
-from common.models import ModelManager
+from common.models import LoadedModel, ModelManager
 from common.presets import PresetState
 from common.ratelimit import RateLimiter
 from common.request_context import Services
@@ -58,14 +58,12 @@ def load_options_from(config: ParleyConfig) -> LoadOptions:
     return options
 
 
-async def apply_startup_loras(app: FastAPI, model_name: str) -> None:
-    """Load the adapters `lora.loras` names onto the startup model and make them its active set."""
-    config: ParleyConfig = app.state.config
-    if not config.lora.loras:
+async def apply_config_loras(config: ParleyConfig, model: LoadedModel) -> None:
+    """Load the adapters `lora.loras` names onto the configured model (each time it loads) and make
+    them its active set."""
+    if not config.lora.loras or (config.model.model_name and model.name != config.model.model_name):
         return
-    model = app.state.models.loaded.get(model_name)
-    if model is None:
-        return
+    model_name = model.name
     lora_dir = Path(config.lora.lora_dir)
     pairs = []
     for entry in config.lora.loras:
@@ -99,8 +97,7 @@ async def load_startup_model(app: FastAPI) -> None:
             return
         name = found[0].name
     try:
-        loaded = await models.load(name)
-        await apply_startup_loras(app, loaded.name)
+        await models.load(name)
     except APIError as exc:
         logger.error("Could not load '{}': {}", name, exc.message)
     except Exception:
@@ -181,6 +178,7 @@ def install_services(app: FastAPI, config: ParleyConfig) -> None:
             lambda: lifecycle.draining,
         )
         models.on_loaded = metrics.model_loaded
+    models.prepare = lambda model: apply_config_loras(config, model)
     app.add_middleware(ParleyMiddleware, services=services)
     # Added last, so it is outermost: refusals (413, 429, 503) carry CORS headers too.
     if config.network.cors_origins:

@@ -170,3 +170,8 @@ def test_configured_adapters_load_with_the_startup_model(model_dir: Path, model_
                 break
             time.sleep(0.05)
         assert [(c["id"], c["scaling"]) for c in data] == [("sea-a", 0.5)]
+        # A reload (new options) gets the configured adapters again.
+        r = client.post("/v1/model/load", json={"model_name": MODEL_NAME, "max_seq_len": 1024}, headers=keys.admin_headers())
+        assert r.status_code == 200 and '"finished"' in r.text
+        data = client.get("/v1/loras", headers=keys.api_headers()).json()["data"]
+        assert [(c["id"], c["scaling"]) for c in data] == [("sea-a", 0.5)]
