@@ -283,6 +283,7 @@ class ModelManager:
         `reload` unloads a loaded model first so they apply. Concurrent calls share one load."""
         entry = self.find(name)
         was_default = self.default_name == entry.name
+        previous: tuple[LoadOptions | None, str | None] | None = None  # what a failed reload falls back to
         while True:
             pending = self._pending.get(entry.name)
             if pending is not None:
@@ -295,11 +296,27 @@ class ModelManager:
             if entry.name in self._loaded:
                 if not reload:
                     return self._loaded[entry.name]
+                old = self._loaded[entry.name]
+                previous = (old.options, old.backend)
                 await self.unload(entry.name)
                 continue  # a request may have started loading it meanwhile
             break
         pending = self._start_load(entry, None, overrides, backend, progress)
-        model = await asyncio.shield(pending.task)
+        try:
+            model = await asyncio.shield(pending.task)
+        except Exception:
+            if previous is None or previous[0] is None or entry.name in self._pending or entry.name in self._loaded:
+                raise
+            # The new options did not load: bring the model back as it was rather than leave it gone.
+            logger.warning("Reloading {} with new options failed; loading it again with its previous options", entry.name)
+            restore = self._start_load(entry, previous[0], None, previous[1], None)
+            try:
+                await asyncio.shield(restore.task)
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                logger.exception("Restoring {} with its previous options failed too", entry.name)
+            if was_default and entry.name in self._loaded:
+                self.default_name = entry.name
+            raise
         if was_default:
             self.default_name = entry.name  # a reload keeps the default model
         return model

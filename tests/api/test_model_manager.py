@@ -315,3 +315,22 @@ def test_load_refused_with_503_while_every_model_is_busy(one: TestClient) -> Non
         assert state(one, MODEL_NAME) == "loaded"
     finally:
         models.load_wait_timeout = 30
+
+
+def test_a_reload_that_fails_restores_the_model_as_it_was(model_dir: Path, tmp_path: Path) -> None:
+    """New options that cannot load (a KV cache far beyond memory) end in an error frame, and the
+    model comes back with its previous options instead of staying unloaded."""
+    from endpoints.app import create_app
+
+    config = make_config(tmp_path, model_dir, model={"max_seq_len": 512})
+    with TestClient(create_app(config)) as client:
+        wait_loaded(client)
+        admin = Keys(tmp_path / "api_tokens.yml").admin_headers()
+        r = client.post("/v1/model/load", json={"model_name": MODEL_NAME, "max_seq_len": 1 << 24, "cache_size": 1 << 24},
+                        headers=admin)
+        assert r.status_code == 200 and '"error"' in r.text and '"finished"' not in r.text
+        wait_loaded(client)
+        card = client.get("/v1/model", headers=admin).json()
+        assert card["id"] == MODEL_NAME and card["parameters"]["max_seq_len"] == 512
+        r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, headers=admin)
+        assert r.status_code == 200, r.text
