@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import LoadOptions
+from backends.registry import gguf_file
 from common.errors import BadRequestError, ModelNotFoundError
 from common.model_files import confine_name, scan_models
 
@@ -40,13 +41,18 @@ def scan_loras(lora_dir: Path) -> list[LoraFile]:
     return found
 
 
-def find_lora(lora_dir: Path, name: str) -> LoraFile:
-    confine_name(name, "lora")
+def _lookup(name: str, what: str, available: list[Any]) -> Any | None:
+    """The entry called `name` (with or without .gguf) after the name is confined; None if absent."""
+    confine_name(name, what)
     wanted = name[:-5] if name.lower().endswith(".gguf") else name
+    return next((entry for entry in available if entry.name == wanted), None)
+
+
+def find_lora(lora_dir: Path, name: str) -> LoraFile:
     available = scan_loras(lora_dir)
-    for lora in available:
-        if lora.name == wanted:
-            return lora
+    found = _lookup(name, "lora", available)
+    if found is not None:
+        return found
     names = ", ".join(x.name for x in available) or "none"
     raise ModelNotFoundError(
         f"LoRA '{name}' is not in the LoRA directory '{lora_dir}'. Available: {names}. "
@@ -58,16 +64,10 @@ def find_lora(lora_dir: Path, name: str) -> LoraFile:
 
 def find_draft_model(draft_dir: Path, name: str) -> Path:
     """The GGUF of a draft model named in draft_dir."""
-    confine_name(name, "draft_model")
-    wanted = name[:-5] if name.lower().endswith(".gguf") else name
-    available = scan_models(draft_dir)
-    for entry in available:
-        if entry.name == wanted:
-            if entry.path.is_file():
-                return entry.path
-            ggufs = sorted(entry.path.glob("*.gguf"))
-            if ggufs:
-                return ggufs[0]
+    available = [m for m in scan_models(draft_dir) if m.path.is_file() or any(m.path.glob("*.gguf"))]
+    found = _lookup(name, "draft_model", available)
+    if found is not None:
+        return gguf_file(found.path)
     names = ", ".join(m.name for m in available) or "none"
     raise ModelNotFoundError(
         f"Draft model '{name}' is not in '{draft_dir}'. Available: {names}. Pick a small model with the "

@@ -48,16 +48,6 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         families = {name: GaugeMetricFamily(name, doc, labels=["model"]) for name, doc, _ in ENGINE_GAUGES}
-        loaded = self._engines()
-        for model_name, engine in loaded.items():
-            try:
-                stats = engine.stats()
-            except Exception as exc:  # noqa: BLE001 - a scrape must not fail because one engine did
-                logger.warning("Metrics: could not read the stats of {}: {}", model_name, exc)
-                continue
-            for name, _, attr in ENGINE_GAUGES:
-                families[name].add_metric([model_name], float(getattr(stats, attr)))
-        yield from families.values()
         drafted = CounterMetricFamily(
             "parley_draft_tokens", "Speculative decoding: tokens guessed by the drafter.", labels=["model"]
         )
@@ -67,12 +57,20 @@ class EngineCollector(Collector):
         rate = GaugeMetricFamily(
             "parley_draft_acceptance_rate", "Speculative decoding: accepted / guessed since load.", labels=["model"]
         )
+        loaded = self._engines()
         for model_name, engine in loaded.items():
-            stats = engine.stats()
+            try:
+                stats = engine.stats()
+            except Exception as exc:  # noqa: BLE001 - a scrape must not fail because one engine did
+                logger.warning("Metrics: could not read the stats of {}: {}", model_name, exc)
+                continue
+            for name, _, attr in ENGINE_GAUGES:
+                families[name].add_metric([model_name], float(getattr(stats, attr)))
             drafted.add_metric([model_name], float(stats.draft_tokens))
             accepted.add_metric([model_name], float(stats.accepted_draft_tokens))
             if stats.draft_tokens:
                 rate.add_metric([model_name], stats.accepted_draft_tokens / stats.draft_tokens)
+        yield from families.values()
         yield drafted
         yield accepted
         yield rate

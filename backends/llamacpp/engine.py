@@ -87,7 +87,12 @@ class LlamaCppEngine(Scheduler, Engine):
         progress: Callable[[float], None] | None = None,
     ) -> LlamaCppEngine:
         """Blocking: call from a worker thread."""
-        return cls(NativeModel(path, options, progress), name, options)
+        native = NativeModel(path, options, progress)
+        try:
+            return cls(native, name, options)
+        except BaseException:  # e.g. a draft model that does not load or match: free the model too
+            native.free()
+            raise
 
     # -- Engine interface -------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
@@ -205,21 +210,14 @@ class LlamaCppEngine(Scheduler, Engine):
 
     async def clear_cache(self) -> None:
         """Forget every cached prefix of idle slots (running requests keep theirs)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
 
         def command() -> None:
             for slot in self._slots:
                 if slot.job is None and slot.tokens:
                     lc.llama_memory_seq_rm(self.native.mem, slot.seq, -1, -1)
                     slot.tokens = []
-            loop.call_soon_threadsafe(done.set_result, None)
 
-        with self._cv:
-            self._commands.append(command)
-            self._wake = True
-            self._cv.notify()
-        await done
+        await self._on_scheduler(command)
 
     def check_consistency(self) -> None:
         """Assert each slot's bookkeeping matches the KV cache (call while idle; for tests)."""

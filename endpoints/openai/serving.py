@@ -30,11 +30,12 @@ def usage_body(usage: Usage) -> dict[str, Any]:
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
-    if usage.draft_tokens:
+    rate = usage.acceptance_rate
+    if rate is not None:
         body["speculative"] = {
             "draft_tokens": usage.draft_tokens,
             "accepted_tokens": usage.accepted_draft_tokens,
-            "acceptance_rate": round(usage.accepted_draft_tokens / usage.draft_tokens, 4),
+            "acceptance_rate": round(rate, 4),
         }
     return body
 
