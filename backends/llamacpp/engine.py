@@ -177,8 +177,7 @@ class LlamaCppEngine(Scheduler, Engine):
             self._waiting = deque(j for j in self._waiting if not j.finished)
             for slot in self._slots:
                 if slot.job is None and any(n in gone for n, _ in slot.lora_key):
-                    lc.llama_memory_seq_rm(self.native.mem, slot.seq, -1, -1)
-                    slot.tokens = []
+                    slot.cut(self.native.mem, 0)
                     slot.lora_key = NO_LORA
             self._default_loras = tuple((n, sc) for n, sc in self._default_loras if n not in gone)
             freed = [n for n in gone if n in self._adapters.adapters]
@@ -214,8 +213,7 @@ class LlamaCppEngine(Scheduler, Engine):
         def command() -> None:
             for slot in self._slots:
                 if slot.job is None and slot.tokens:
-                    lc.llama_memory_seq_rm(self.native.mem, slot.seq, -1, -1)
-                    slot.tokens = []
+                    slot.cut(self.native.mem, 0)
 
         await self._on_scheduler(command)
 

@@ -8,6 +8,9 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import llama_cpp as lc
+import numpy as np
+
 from backends.base import (
     Event,
     Finished,
@@ -34,6 +37,7 @@ class Job(GenerationHandle):
         "context",
         "engine",
         "finished",
+        "first_logits",
         "loop",
         "lora_key",
         "max_new",
@@ -91,6 +95,7 @@ class Job(GenerationHandle):
         self.n_drafted = 0  # speculative tokens guessed for this request
         self.n_accepted = 0  # ... and kept
         self.draft_len = 0  # guesses to ask for next step (0: the engine's maximum)
+        self.first_logits: np.ndarray | None = None  # the whole prompt was cached: sample from these
 
     @property
     def remaining(self) -> int:
@@ -120,7 +125,9 @@ class Job(GenerationHandle):
 
 
 class Slot:
-    __slots__ = ("job", "last_used", "lora_key", "seq", "tokens")
+    """One KV sequence: the tokens it holds and, for exact reuse, the logits its last prompt gave."""
+
+    __slots__ = ("job", "last_used", "lora_key", "saved", "seq", "tokens")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
@@ -128,6 +135,30 @@ class Slot:
         self.lora_key: LoraKey = NO_LORA  # the adapter set that KV was computed under
         self.job: Job | None = None
         self.last_used = 0.0
+        # (position, logits): the raw logits computed at `position` when that position ended a prompt.
+        # A later request with the same prompt samples its first token from them instead of
+        # recomputing the last prompt token in another batch shape (which rounds differently).
+        self.saved: tuple[int, np.ndarray] | None = None
+
+    def cut(self, mem: object, n: int) -> None:
+        """Drop KV from position n on; saved logits that depended on dropped KV go too."""
+        if n > 0 and lc.llama_memory_seq_rm(mem, self.seq, n, -1):
+            del self.tokens[n:]
+        else:  # everything, or a memory that cannot drop a tail (recurrent models)
+            lc.llama_memory_seq_rm(mem, self.seq, -1, -1)
+            self.tokens = []
+            n = 0
+        if self.saved is not None and self.saved[0] >= n:
+            self.saved = None
+
+    def reusable(self, context: list[int]) -> int:
+        """How much of `context` this slot's KV can serve: all of it when the saved logits end it,
+        else all but the last token (whose logits must be computed)."""
+        n = len(context)
+        match = common_prefix(self.tokens, context)
+        if match >= n and self.saved is not None and self.saved[0] == n - 1:
+            return n
+        return min(match, n - 1)
 
 
 class NgramIndex:

@@ -11,11 +11,15 @@ import ctypes
 import random
 
 import llama_cpp as lc
+import numpy as np
 
 from common.sampling import SamplingParams
 
 # Knobs with no native llama.cpp sampler: accepted, logged, not applied.
 UNSUPPORTED: frozenset[str] = frozenset({"top_a", "tfs", "smoothing_factor"})
+
+# llama_token_data: (id, logit, p), as the C struct lays it out.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
 class SamplerChain:
@@ -30,6 +34,27 @@ class SamplerChain:
 
     def accept(self, token: int) -> None:
         lc.llama_sampler_accept(self.ptr, token)
+
+    def sample(self, ctx: int, idx: int) -> int:
+        """Sample from row `idx` of the context's last batch and accept the token."""
+        return lc.llama_sampler_sample(self.ptr, ctx, idx)
+
+    def sample_from(self, logits: np.ndarray) -> int:
+        """Sample from a logits array held outside the context (as llama_sampler_sample does) and accept."""
+        n = logits.shape[0]
+        data = np.empty(n, dtype=_TOKEN_DATA)
+        data["id"] = np.arange(n, dtype=np.int32)
+        data["logit"] = logits
+        data["p"] = 0.0
+        candidates = lc.llama_token_data_array(
+            data=data.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)), size=n, selected=-1, sorted=False
+        )
+        lc.llama_sampler_apply(self.ptr, ctypes.byref(candidates))
+        if not 0 <= candidates.selected < candidates.size:
+            raise RuntimeError("the llama.cpp sampler chain selected no token")
+        token = int(candidates.data[candidates.selected].id)
+        lc.llama_sampler_accept(self.ptr, token)
+        return token
 
     def free(self) -> None:
         if self.ptr:

@@ -148,10 +148,9 @@ class Scheduler:
         Only KV computed under the job's own adapter set counts.
         """
         context, key = job.context, job.lora_key
-        limit = len(context) - 1  # at least one token must be decoded for logits
         best_free, best_own = None, -1
         for s in free:
-            own = min(common_prefix(s.tokens, context), limit) if s.lora_key == key else 0
+            own = s.reusable(context) if s.lora_key == key else 0
             better = own > best_own or (own == best_own and best_free is not None and s.last_used < best_free.last_used)
             if better:
                 best_free, best_own = s, own
@@ -160,7 +159,7 @@ class Scheduler:
         for s in self._slots:
             if s is best_free or s.lora_key != key:
                 continue
-            n = min(common_prefix(s.tokens, context), limit)
+            n = s.reusable(context)
             if n > shared:
                 source, shared = s, n
         return best_free, best_own, source, shared
@@ -175,8 +174,7 @@ class Scheduler:
             key=lambda s: s.last_used,
         )
         for s in idle:
-            lc.llama_memory_seq_rm(self.native.mem, s.seq, -1, -1)
-            s.tokens = []
+            s.cut(self.native.mem, 0)
             if self._kv_used() + need <= capacity:
                 return True
         return self._kv_used() + need <= capacity or not self._has_active()
@@ -184,15 +182,16 @@ class Scheduler:
     def _place(self, job: Job, slot: Slot, own: int, source: Slot | None, shared: int) -> None:
         mem = self.native.mem
         if source is not None and shared > own:
-            lc.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+            slot.cut(mem, 0)
             lc.llama_memory_seq_cp(mem, source.seq, slot.seq, 0, shared)
             reuse = shared
+            slot.tokens = job.context[:reuse]
+            slot.saved = source.saved if source.saved is not None and source.saved[0] < reuse else None
         else:
-            if not lc.llama_memory_seq_rm(mem, slot.seq, own, -1):
-                lc.llama_memory_seq_rm(mem, slot.seq, -1, -1)
-                own = 0
-            reuse = own
-        slot.tokens = job.context[:reuse]
+            slot.cut(mem, own)
+            reuse = len(slot.tokens)
+        if reuse == len(job.context) and slot.saved is not None:
+            job.first_logits = slot.saved[1]
         slot.lora_key = job.lora_key
         slot.job = job
         job.slot = slot
@@ -205,6 +204,10 @@ class Scheduler:
         )
 
     def _step(self, outbox: dict[Job, list[Event]]) -> None:
+        for slot in self._slots:
+            job = slot.job
+            if job is not None and job.first_logits is not None:  # whole prompt cached: nothing to decode
+                self._sample(job, -1, outbox)
         # A full KV cache makes llama_decode refuse the batch (and leave the cache as it was);
         # freeing room then retrying keeps every step productive.
         while True:
@@ -309,8 +312,7 @@ class Scheduler:
         if job.rewinds != rewinds:
             return  # a banned string rewound the sequence: its KV is already cut back past the guesses
         keep = base + accepted
-        lc.llama_memory_seq_rm(self.native.mem, slot.seq, keep, -1)
-        del slot.tokens[keep:]
+        slot.cut(self.native.mem, keep)
         if not job.finished:
             job.n_cached = keep
 
@@ -320,8 +322,7 @@ class Scheduler:
             idle = [s for s in self._slots if s.job is None and s.tokens]
             if idle:  # cached prefixes go first
                 for s in idle:
-                    lc.llama_memory_seq_rm(self.native.mem, s.seq, -1, -1)
-                    s.tokens = []
+                    s.cut(self.native.mem, 0)
                 return True
             victim = max((j for j, _ in fed), key=lambda j: j.t_admit)
             if len(fed) > 1:
@@ -337,8 +338,7 @@ class Scheduler:
     def _preempt(self, job: Job) -> None:
         slot = job.slot
         assert slot is not None
-        lc.llama_memory_seq_rm(self.native.mem, slot.seq, -1, -1)
-        slot.tokens = []
+        slot.cut(self.native.mem, 0)
         slot.job = None
         job.slot = None
         job.n_cached = 0
@@ -348,11 +348,19 @@ class Scheduler:
         logger.debug("KV cache full: preempted {} to recompute later", job.request.request_id)
 
     def _sample(self, job: Job, idx: int, outbox: dict[Job, list[Event]]) -> None:
-        assert job.chain is not None
+        """Sample the job's next token from batch row `idx`, or from its saved logits (idx -1)."""
+        assert job.chain is not None and job.slot is not None
         params = job.params
         logprobs = None
-        if job.needs_logits():
+        saved = job.first_logits
+        if saved is not None:
+            job.first_logits = None
+            logits = saved.copy()
+        else:
             logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.native.ctx, idx), shape=(self.native.n_vocab,))
+            if job.n_generated == 0 and not job.rewinds:  # the prompt's last token: keep its logits for exact reuse
+                job.slot.saved = (len(job.context) - 1, logits.copy())
+        if job.needs_logits():
             if params.logprobs is not None:
                 logprobs = log_softmax(logits)  # the model's own distribution, before any mask
             if job.constraint is not None:
@@ -365,7 +373,7 @@ class Scheduler:
             banned = job.bans.get(job.n_generated)
             if banned:
                 logits[list(banned)] = -np.inf
-        token = lc.llama_sampler_sample(job.chain.ptr, self.native.ctx, idx)
+        token = job.chain.sample_from(logits) if saved is not None else job.chain.sample(self.native.ctx, idx)
         if job.n_generated == 0:
             job.t_first = time.perf_counter()
         job.n_generated += 1
@@ -415,8 +423,7 @@ class Scheduler:
         # Re-decode the last kept token so its logits are there to sample from again.
         keep = len(job.context) - 1
         assert job.slot is not None and job.chain is not None
-        lc.llama_memory_seq_rm(self.native.mem, job.slot.seq, keep, -1)
-        del job.slot.tokens[keep:]
+        job.slot.cut(self.native.mem, keep)
         job.n_cached = keep
         lc.llama_sampler_reset(job.chain.ptr)
         for t in job.context[job.n_prompt :]:

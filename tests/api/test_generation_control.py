@@ -51,6 +51,22 @@ def test_banned_strings_never_appear(client: TestClient) -> None:
         assert "sea" not in text and "ocean" not in text, text
 
 
+def test_banned_strings_ignore_case(client: TestClient) -> None:
+    # As in exllamav2/v3 and KoboldCpp, banning "paris" bans "Paris" too.
+    question = "What is the capital of France? Answer in one sentence."
+    plain = chat(client, question, temperature=0, max_tokens=30)["choices"][0]["message"]["content"]
+    assert "Paris" in plain, plain  # the model says it unasked: the ban has something to prevent
+    banned = chat(client, question, temperature=0, max_tokens=30, banned_strings=["paris"])
+    text = banned["choices"][0]["message"]["content"]
+    assert "paris" not in text.lower() and text.strip(), text
+    # Kobold's banned_tokens are the same bans (KoboldCpp lowercases both sides too).
+    body = {"prompt": "The Eiffel Tower is in the city of", "max_length": 12, "temperature": 0}
+    kobold = client.post("/api/v1/generate", json=body).json()["results"][0]["text"]
+    assert "Paris" in kobold, kobold
+    kobold = client.post("/api/v1/generate", json={**body, "banned_tokens": ["PARIS"]}).json()["results"][0]["text"]
+    assert "paris" not in kobold.lower(), kobold
+
+
 def test_min_tokens_suppresses_early_eos(client: TestClient) -> None:
     short = chat(client, "Reply with just the word yes.", temperature=0, max_tokens=80)
     assert short["choices"][0]["finish_reason"] == "stop"

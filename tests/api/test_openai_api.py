@@ -6,6 +6,8 @@ import json
 
 from fastapi.testclient import TestClient
 
+from tests.neartie import assert_agree, steps_from_openai, steps_from_stream
+
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 HELLO = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -106,6 +108,24 @@ def test_n_choices_are_independent(client: TestClient) -> None:
         events = [json.loads(e) for e in sse_events(s)[:-1]]
     finished = {c["choices"][0]["index"] for c in events if c["choices"][0]["finish_reason"]}
     assert finished == {0, 1}
+
+
+def test_greedy_choices_batched_together_agree_with_one_alone(client: TestClient) -> None:
+    # Choices of one request share forward passes, so rounding differs from a request served
+    # alone: they must agree up to the first near-tie that came out differently (tests/neartie.py).
+    body = {"messages": HELLO, "temperature": 0, "max_tokens": 24, "logprobs": True, "top_logprobs": 2}
+    alone = steps_from_openai(client.post(CHAT, json=body).json())
+    batched = client.post(CHAT, json={**body, "n": 3}).json()
+    for i in range(3):
+        assert_agree(steps_from_openai(batched, i), alone, label=f"chat choice {i} of 3 vs alone")
+    prompt = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0, "logprobs": 2}
+    alone = steps_from_openai(client.post(COMPLETIONS, json=prompt).json())
+    with client.stream("POST", COMPLETIONS, json={**prompt, "n": 2, "stream": True}) as r:
+        chunks = [json.loads(e) for e in sse_events(r)[:-1]]
+    for i in range(2):
+        streamed = steps_from_stream(chunks, i)
+        assert streamed, chunks  # every frame carries its tokens' logprobs
+        assert_agree(streamed, alone, label=f"streamed completion {i} of 2 vs alone")
 
 
 def test_same_seed_same_text(client: TestClient) -> None:

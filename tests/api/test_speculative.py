@@ -5,6 +5,9 @@ unified KV cache, rejected guesses leave holes that later tokens fill, which
 changes the order attention sums over cells and can flip a near-tie token by
 float rounding (the same holds for plain batching when sequences end and free
 cells). The concurrent test checks completion and cache bookkeeping instead.
+Even alone, checking guesses decodes several tokens per pass where plain
+decoding does one, so outputs are compared up to the first near-tie that came
+out differently (tests/neartie.py), not exactly.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from backends.base import Finished, GenerationRequest, LoadOptions, TextDelta
 from backends.llamacpp.engine import LlamaCppEngine
 from common.sampling import SamplingParams
 from tests.conftest import MODEL_NAME, Keys, make_config, wait_loaded
+from tests.neartie import Step, assert_agree, steps_from_engine
 
 COPY = (
     "<|im_start|>user\nCopy this text exactly: The harbour master keeps a ledger of every ship that enters "
@@ -33,27 +37,38 @@ PROMPTS = [
 
 
 async def _run(engine: LlamaCppEngine, text: str, params: SamplingParams) -> tuple[str, Finished]:
+    out, _, finish = await _run_steps(engine, text, params)
+    return out, finish
+
+
+async def _run_steps(engine: LlamaCppEngine, text: str, params: SamplingParams) -> tuple[str, list[Step], Finished]:
     tokens = engine.tokenize(text, add_bos=False, special=True)
     out: list[str] = []
+    logprobs = []
     finish = None
     async for ev in engine.generate(GenerationRequest(tokens, params)):
         if isinstance(ev, TextDelta):
             out.append(ev.text)
+            logprobs.extend(ev.logprobs)
         else:
             finish = ev
     assert finish is not None
-    return "".join(out), finish
+    return "".join(out), steps_from_engine(logprobs), finish
 
 
-def _outputs(model_path: Path, params: SamplingParams, **draft: object) -> list[tuple[str, Finished]]:
-    async def main() -> list[tuple[str, Finished]]:
+Output = tuple[list[Step], Finished]
+
+
+def _outputs(model_path: Path, params: SamplingParams, **draft: object) -> list[Output]:
+    async def main() -> list[Output]:
         options = LoadOptions(max_seq_len=1024, max_batch_size=4, n_threads=2, **draft)  # type: ignore[arg-type]
         engine = await asyncio.to_thread(LlamaCppEngine.load, model_path, "m", options)
         try:
             results = []
             for text in PROMPTS:
                 await _run(engine, text, params)  # the compared run starts from a cached prompt, as plain runs do
-                results.append(await _run(engine, text, params))
+                _, steps, finish = await _run_steps(engine, text, params)
+                results.append((steps, finish))
             engine.check_consistency()
             return results
         finally:
@@ -62,28 +77,35 @@ def _outputs(model_path: Path, params: SamplingParams, **draft: object) -> list[
     return asyncio.run(main())
 
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=48)
-SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=48)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=48, logprobs=2)
+# Sampled: a difference is accepted only where both runs had the same distribution (weaker than greedy).
+SEEDED = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=48, logprobs=20)
 
 
 @pytest.fixture(scope="module")
-def plain(model_path: Path) -> dict[str, list[tuple[str, Finished]]]:
+def plain(model_path: Path) -> dict[str, list[Output]]:
     return {"greedy": _outputs(model_path, GREEDY), "seeded": _outputs(model_path, SEEDED)}
+
+
+def _assert_plain_output(spec: list[Output], plain: list[Output], *, sampled: bool) -> None:
+    for prompt, (s, _), (p, _) in zip(PROMPTS, spec, plain, strict=True):
+        assert_agree(s, p, sampled=sampled, label=f"{prompt[-40:]!r} speculative vs plain")
 
 
 @pytest.mark.parametrize("kind", ["greedy", "seeded"])
 def test_ngram_drafting_gives_the_plain_output(model_path: Path, plain, kind: str) -> None:
     params = GREEDY if kind == "greedy" else SEEDED
     spec = _outputs(model_path, params, draft_mode="ngram", draft_max_tokens=6)
-    assert [t for t, _ in spec] == [t for t, _ in plain[kind]]
+    _assert_plain_output(spec, plain[kind], sampled=kind == "seeded")
     copy_usage = spec[0][1].usage
     assert copy_usage.draft_tokens > 0 and copy_usage.accepted_draft_tokens > 0
-    assert copy_usage.completion_tokens == plain[kind][0][1].usage.completion_tokens
+    if spec[0][0] == plain[kind][0][0]:  # counts match when no near-tie came out differently
+        assert copy_usage.completion_tokens == plain[kind][0][1].usage.completion_tokens
 
 
 def test_draft_model_gives_the_plain_output_and_mostly_agrees(model_path: Path, plain) -> None:
     spec = _outputs(model_path, GREEDY, draft_mode="model", draft_model_path=str(model_path), draft_max_tokens=4)
-    assert [t for t, _ in spec] == [t for t, _ in plain["greedy"]]
+    _assert_plain_output(spec, plain["greedy"], sampled=False)
     drafted = sum(f.usage.draft_tokens for _, f in spec)
     accepted = sum(f.usage.accepted_draft_tokens for _, f in spec)
     assert drafted > 0 and accepted / drafted > 0.8  # the same model guesses its own greedy choices
