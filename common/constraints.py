@@ -49,8 +49,11 @@ Regexes are matched whole (like `re.fullmatch`), in Rust `regex` syntax (no
 lookarounds or backreferences); `\\d` means [0-9] (llguidance's own `\\d`
 takes any Unicode digit). JSON schemas allow llama.cpp's bounded whitespace
 between tokens (one space, or a newline and up to 20 spaces/tabs), so a model
-cannot loop on whitespace. `grammar_string` is GBNF (llama.cpp) when it
-contains `::=` and is not already Lark, otherwise llguidance's Lark dialect.
+cannot loop on whitespace, and are closed first (`common/schema_closing.py`):
+an object schema naming properties allows no others unless it says so with
+`additionalProperties` or `patternProperties`, as in OpenAI's strict mode.
+`grammar_string` is GBNF (llama.cpp) when it contains `::=` and is not
+already Lark, otherwise llguidance's Lark dialect.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ import numpy as np
 from llguidance.gbnf_to_lark import gbnf_to_lark, is_lark_syntax
 
 from common.errors import BadRequestError, EngineError
+from common.schema_closing import close_object_schemas
 
 ConstraintKind = Literal["json_schema", "json_object", "regex", "grammar"]
 
@@ -191,15 +195,28 @@ def _json_schema_spec(schema: Mapping[str, Any] | str | bool, param: str) -> Con
             parsed = json.loads(schema)
         except ValueError as exc:
             raise BadRequestError(f"'{param}' is not valid JSON: {exc}.", param=param) from None
+        except RecursionError:
+            raise _too_deep(param) from None
     else:
         parsed = schema
     if isinstance(parsed, bool):
         parsed = {} if parsed else {"not": {}}
     if not isinstance(parsed, Mapping):
-        raise BadRequestError(f"'{param}' must be a JSON schema object.", param=param)
+        raise BadRequestError(
+            f"'{param}' must be a JSON schema: an object such as {{\"type\": \"object\", ...}}, or true/false.",
+            param=param,
+        )
+    try:
+        closed = close_object_schemas(parsed)
+    except RecursionError:
+        raise _too_deep(param) from None
     # Key order is kept: llguidance emits properties in schema order.
-    source = json.dumps(parsed, ensure_ascii=False, separators=(",", ":"))
+    source = json.dumps(closed, ensure_ascii=False, separators=(",", ":"))
     return ConstraintSpec("json_schema", source, param)
+
+
+def _too_deep(param: str) -> BadRequestError:
+    return BadRequestError(f"'{param}' nests too deeply; flatten the schema (use $defs and $ref).", param=param)
 
 
 def _json_options() -> dict[str, Any]:

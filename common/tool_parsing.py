@@ -95,6 +95,18 @@ class _CallScanner:
         self._args.clear()
         return out
 
+    def take_partial_string(self) -> str:
+        """Arguments sent as a JSON-encoded string that was cut off: the text decoded so far."""
+        if not (self._state == "value" and self._is_args and self._kind == "string"):
+            return ""
+        raw = "".join(self._raw)
+        for end in range(len(raw), 0, -1):  # drop a half-written escape at the end
+            try:
+                return str(json.loads(raw[:end] + '"'))
+            except ValueError:
+                continue
+        return ""
+
     def feed(self, text: str) -> int:
         """Consume text; returns how many characters belong to the object (all, unless it ended)."""
         for i, ch in enumerate(text):
@@ -229,9 +241,17 @@ class ToolCallStreamParser:
         return self._take()
 
     def finish(self) -> list[Delta]:
-        """Flush held text at the end of the output (a cut-off call keeps what it had)."""
+        """Flush held text at the end of the output.
+
+        A call the output cut off (max_tokens) keeps exactly the argument text
+        written so far; "{}" stands in only for a whole call that had no
+        arguments.
+        """
         if self._mode == "call":
-            self._end_call()
+            assert self._scanner is not None
+            if self._committed:
+                self._args(self._scanner.take_partial_string())
+            self._end_call(cut=True)
         elif self._mode == "region" and self._region_calls == 0:
             self._content(self._region_raw + self._buf)
         elif self._mode == "text":
@@ -340,13 +360,13 @@ class ToolCallStreamParser:
             return True
         return False
 
-    def _end_call(self) -> None:
+    def _end_call(self, *, cut: bool = False) -> None:
         scanner = self._scanner
         assert scanner is not None
         if not self._committed:  # never learnt a name: the region is plain text
             self._fail_region()
             return
-        if not scanner.saw_arguments:
+        if not scanner.saw_arguments and not cut:
             self._args("{}")
         self._region_calls += 1
         self._scanner, self._committed, self._region_raw = None, False, ""

@@ -18,10 +18,13 @@ from here.
 API for the endpoint layer:
 
 - `tool_call_grammar(tools, tool_choice, parallel, fmt)` -> `ConstraintSpec`
-  or None. For tool_choice "required" or a named function it returns a Lark
-  grammar (with inline JSON schemas) that forces the model's tool-call format,
-  with arguments valid against the function's `parameters`; "auto"/"none"
-  need no constraint (None).
+  or None. For tool_choice "required" (several calls when `parallel`) or a
+  named function (exactly one call) it returns a Lark grammar (with inline
+  JSON schemas) that forces the model's tool-call format, with arguments
+  valid against the function's `parameters`, closed as
+  `common/schema_closing.py` says (no property the schema does not name) and
+  with the same bounded whitespace as JSON schemas; "auto"/"none" need no
+  constraint (None).
 - `ToolCallStreamParser(fmt, tool_names=None)`: `feed(text) -> list[Delta]`,
   `finish() -> list[Delta]`. A Delta is `ContentDelta(text)` or
   `ToolCallDelta(index, id, name, arguments_fragment)`: the first delta of a
@@ -51,6 +54,7 @@ from typing import Any
 
 from common.constraints import JSON_WHITESPACE, ConstraintSpec
 from common.errors import BadRequestError
+from common.schema_closing import close_object_schemas
 from common.tool_parsing import (
     HERMES_END,
     HERMES_START,
@@ -155,7 +159,7 @@ def _call_schema(functions: Sequence[Mapping[str, Any]], args_key: str) -> dict[
                 f"The parameters of tool '{fn['name']}' must be a JSON schema object.", param="tools"
             )
         def_name = f"tool{i}_parameters"
-        defs[def_name] = _rebase_refs(params, f"#/$defs/{def_name}")
+        defs[def_name] = _rebase_refs(close_object_schemas(params), f"#/$defs/{def_name}")
         choices.append(
             {
                 "type": "object",
@@ -180,7 +184,8 @@ def tool_call_grammar(
 ) -> ConstraintSpec | None:
     """A constraint forcing tool calls for tool_choice "required" or a named function.
 
-    Returns None for "auto", "none" or no tool_choice (the output is parsed
+    A named function is called exactly once; "required" allows several calls
+    when `parallel`. Returns None for "auto", "none" or no tool_choice (the output is parsed
     afterwards instead). BadRequestError for an unknown function name, a
     required call without tools, or malformed tools.
     """
@@ -194,8 +199,11 @@ def tool_call_grammar(
         functions = [fn for fn in functions if fn["name"] == name]
         if not functions:
             raise BadRequestError(
-                f"tool_choice names function '{name}', which is not in 'tools'.", param="tool_choice"
+                f"tool_choice names function '{name}', which is not in 'tools'. "
+                "Name one of the functions you send, or use 'required'.",
+                param="tool_choice",
             )
+        parallel = False  # a named function is called once, as OpenAI and vLLM do
     elif tool_choice != "required":
         raise BadRequestError(
             f"Unsupported tool_choice {tool_choice!r}; use 'none', 'auto', 'required' or a named function.",

@@ -1,8 +1,11 @@
-"""OpenAI response framing for chat and text completions."""
+"""OpenAI response framing for chat and text completions.
+
+Chat output cut by max_tokens ends with finish_reason "length", inside a tool
+call too; the cut call keeps its partial arguments, streamed or not.
+"""
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -89,12 +92,11 @@ def _tool_call_delta(d: ToolCallDelta) -> dict[str, Any]:
     return out
 
 
-def _complete_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
+def chat_finish_reason(reason: FinishReason, tool_calls: bool) -> str:
+    """"length" whenever max_tokens ended the output (a cut tool call too), else "tool_calls" after a call."""
+    if reason is FinishReason.LENGTH:
+        return "length"
+    return "tool_calls" if tool_calls else FINISH_REASONS.get(reason, "stop")
 
 
 # -- chat ------------------------------------------------------------------------
@@ -107,17 +109,15 @@ async def chat_response(
         raise_if_failed(r.finish)
         assert r.finish is not None
         reasoning, content, calls = parse_whole(r.text, options)
-        if r.finish.reason is FinishReason.LENGTH:
-            calls = [c for c in calls if _complete_json(c.arguments)]  # max_tokens cut the last call short
         message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
         if reasoning is not None:
             message["reasoning_content"] = reasoning
-        finish = FINISH_REASONS.get(r.finish.reason, "stop")
         if calls:
+            # A call max_tokens cut short keeps its partial arguments, as the stream sent them.
             message["tool_calls"] = [
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
             ]
-            finish = "tool_calls"
+        finish = chat_finish_reason(r.finish.reason, bool(calls))
         choices.append({
             "index": r.index,
             "message": message,
@@ -157,8 +157,9 @@ async def chat_stream(
             out.append(frame(index, {"reasoning_content": d.reasoning}, None))
         if d.content or (logprobs and not d.tool_calls):
             out.append(frame(index, {"content": d.content}, None, logprobs))
-        if d.tool_calls:
-            out.append(frame(index, {"tool_calls": [_tool_call_delta(t) for t in d.tool_calls]}, None))
+            logprobs = None
+        if d.tool_calls:  # the tokens that wrote a call keep their logprobs too
+            out.append(frame(index, {"tool_calls": [_tool_call_delta(t) for t in d.tool_calls]}, None, logprobs))
         return out
 
     outputs = [ChatOutput(options) for _ in handles]
@@ -178,8 +179,7 @@ async def chat_stream(
             finishes.append(ev)
             for f in delta_frames(i, outputs[i].finish(), None):
                 yield f
-            reason = "tool_calls" if outputs[i].saw_tool_call else FINISH_REASONS.get(ev.reason, "stop")
-            yield frame(i, {}, reason)
+            yield frame(i, {}, chat_finish_reason(ev.reason, outputs[i].saw_tool_call))
     if include_usage:
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
                 "choices": [], "usage": usage_body(total_usage(finishes))}

@@ -105,13 +105,19 @@ def test_forced_tool_calls_parse_and_validate(sdk: openai.OpenAI, choice: object
             tools=[WEATHER, TIME], tool_choice=choice, temperature=1.0, seed=seed, max_tokens=120,
         )
         msg = r.choices[0].message
-        assert r.choices[0].finish_reason == "tool_calls"
+        finish = r.choices[0].finish_reason
         assert msg.tool_calls, msg
-        for call in msg.tool_calls:
+        # "required" allows parallel calls, and a sampled run may keep calling until max_tokens:
+        # then the answer says "length" and its last call is the partial one.
+        assert finish == "tool_calls" or (finish == "length" and choice == "required"), (finish, msg)
+        complete = msg.tool_calls if finish == "tool_calls" else msg.tool_calls[:-1]
+        if isinstance(choice, dict):
+            assert len(msg.tool_calls) == 1  # a named choice makes exactly one call
+        for call in complete:
             if isinstance(choice, dict):
                 assert call.function.name == "get_time"
             jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
-            assert call.id.startswith("call_")
+        assert all(call.id.startswith("call_") for call in msg.tool_calls)
 
 
 def test_forced_tool_call_streams_incrementally(sdk: openai.OpenAI) -> None:

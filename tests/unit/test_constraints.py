@@ -407,6 +407,50 @@ def test_response_format_json_schema(smollm, compiler) -> None:
     jsonschema.validate(json.loads(text), schema)
 
 
+def accepts(adapter: TokenizerAdapter, constraint: Any, text: str) -> bool:
+    """The whole text, as the model's tokenizer spells it, is a complete match."""
+    state = constraint.new_state()
+    tokens = adapter.ll_tokenizer.tokenize_str(text)
+    return state.advance_many(tokens) == len(tokens) and state.is_accepting()
+
+
+OPEN_CITY = {"properties": {"city": {"type": "string"}}, "required": ["city"], "type": "object"}  # pydantic's shape
+
+
+def test_schema_without_additional_properties_allows_only_named_keys(smollm, compiler) -> None:
+    adapter, vocab = smollm
+    for fields in ({"json_schema": OPEN_CITY},
+                   {"response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": OPEN_CITY}}}):
+        constraint = compiler.compile(ConstraintSpec.from_request(**fields))
+        assert accepts(adapter, constraint, '{"city": "Paris"}')
+        assert not accepts(adapter, constraint, '{"city": "Paris", "properties": {"type": "x"}}')
+        for seed in range(4):
+            assert set(json.loads(random_walk(constraint.new_state(), vocab, seed=seed, budget=60))) == {"city"}
+    explicit = compiler.compile(ConstraintSpec.from_request(json_schema=OPEN_CITY | {"additionalProperties": True}))
+    assert accepts(adapter, explicit, '{"city": "Paris", "country": "France"}')
+    any_object = compiler.compile(ConstraintSpec.from_request(response_format={"type": "json_object"}))
+    assert accepts(adapter, any_object, '{"anything": {"at": ["all"]}}')
+
+
+@pytest.mark.parametrize("kind", ["json_schema", "json_object"])
+def test_json_whitespace_is_bounded(smollm, compiler, kind: str) -> None:
+    adapter, _ = smollm
+    spec = ConstraintSpec.from_request(
+        json_schema=OPEN_CITY if kind == "json_schema" else None,
+        response_format={"type": "json_object"} if kind == "json_object" else None,
+    )
+    constraint = compiler.compile(spec)
+
+    def with_space(ws: str) -> str:
+        return '{"city":' + ws + '"Paris"}'
+
+    for ok in ("", " ", "\n", "\n" + " " * 20, "\n\t\t"):
+        assert accepts(adapter, constraint, with_space(ok)), repr(ok)
+    for too_much in ("  ", "\n" + " " * 21, "\n\n", " \n", "\t"):
+        assert not accepts(adapter, constraint, with_space(too_much)), repr(too_much)
+    assert not accepts(adapter, constraint, " " + with_space(""))  # nothing before the object
+
+
 def test_from_request_none_and_text() -> None:
     assert ConstraintSpec.from_request() is None
     assert ConstraintSpec.from_request(response_format={"type": "text"}) is None

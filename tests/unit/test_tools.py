@@ -26,7 +26,7 @@ from common.tools import (
     parse_tool_calls,
     tool_call_grammar,
 )
-from tests.unit.test_constraints import MODEL, WalkVocab, build_adapter, random_walk
+from tests.unit.test_constraints import MODEL, WalkVocab, accepts, build_adapter, random_walk
 
 ID = re.compile(r"call_[0-9a-f]{24}")
 
@@ -291,3 +291,71 @@ def test_forced_tool_calls_parse_and_validate(smollm, fmt: ToolFormat, choice: A
         counts.append(len(calls))
     if parallel:
         assert max(counts) >= 1
+
+
+OPEN_CITY_TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather",  # pydantic's shape: no additionalProperties
+                 "parameters": {"properties": {"city": {"type": "string"}}, "required": ["city"], "type": "object"}},
+}
+CALL_TEXT = {
+    ToolFormat.HERMES: '<tool_call>\n{{"name": "get_weather", "arguments": {args}}}\n</tool_call>',
+    ToolFormat.LLAMA3: '{{"name": "get_weather", "parameters": {args}}}',
+    ToolFormat.MISTRAL: '[TOOL_CALLS] [{{"name": "get_weather", "arguments": {args}}}]',
+}
+
+
+@pytest.mark.parametrize("fmt", list(ToolFormat))
+def test_forced_arguments_hold_only_named_keys_with_bounded_whitespace(smollm, fmt: ToolFormat) -> None:
+    adapter, vocab = smollm
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    spec = tool_call_grammar([OPEN_CITY_TOOL], named, True, fmt)
+    assert spec is not None
+    constraint = ConstraintCompiler(adapter).compile(spec)
+
+    def call(args: str) -> str:
+        return CALL_TEXT[fmt].format(args=args)
+
+    assert accepts(adapter, constraint, call('{"city": "Paris"}'))
+    assert not accepts(adapter, constraint, call('{"city": "Paris", "properties": {"type": "x"}}'))
+    for ok in ("\n" + " " * 20, "\n\t", " "):
+        assert accepts(adapter, constraint, call('{"city":' + ok + '"Paris"}')), repr(ok)
+    for too_much in ("\n" + " " * 21, "  ", "\n\n"):
+        assert not accepts(adapter, constraint, call('{"city":' + too_much + '"Paris"}')), repr(too_much)
+        assert not accepts(adapter, constraint, call('{"city": "Paris"' + too_much + "}")), repr(too_much)
+    for seed in range(4):
+        _, calls = parse_tool_calls(random_walk(constraint.new_state(), vocab, seed=seed, budget=80), fmt)
+        assert len(calls) == 1  # a named function is called once, even with parallel calls allowed
+        assert set(json.loads(calls[0].arguments)) == {"city"}
+
+
+def test_named_choice_allows_one_call_required_allows_more(smollm) -> None:
+    adapter, _ = smollm
+    two = CALL_TEXT[ToolFormat.HERMES].format(args='{"city": "Paris"}') + "\n"
+    two += CALL_TEXT[ToolFormat.HERMES].format(args='{"city": "Rome"}')
+    compiler = ConstraintCompiler(adapter)
+    named = tool_call_grammar([OPEN_CITY_TOOL], {"type": "function", "function": {"name": "get_weather"}}, True,
+                              ToolFormat.HERMES)
+    required = tool_call_grammar([OPEN_CITY_TOOL], "required", True, ToolFormat.HERMES)
+    assert named is not None and required is not None
+    assert not accepts(adapter, compiler.compile(named), two)
+    assert accepts(adapter, compiler.compile(required), two)
+
+
+@pytest.mark.parametrize(
+    ("text", "arguments"),
+    [
+        ('<tool_call>\n{"name": "f", "arguments": {"x": 1', '{"x": 1'),
+        ('<tool_call>\n{"name": "f", "argu', ""),  # cut before the arguments: nothing made up
+        ('<tool_call>\n{"name": "f"', ""),
+        ('<tool_call>\n{"name": "f", "arguments": "{\\"x\\": 1', '{"x": 1'),  # JSON-encoded string, decoded so far
+        ('<tool_call>\n{"name": "f", "arguments": "{\\"x\\', '{"x'),
+        ('<tool_call>\n{"name": "f"}\n</tool_call>', "{}"),  # a whole call without arguments
+    ],
+)
+def test_cut_call_keeps_exactly_what_was_written(text: str, arguments: str) -> None:
+    content, calls = parse_tool_calls(text, ToolFormat.HERMES)
+    assert content == "" and [(c.name, c.arguments) for c in calls] == [("f", arguments)]
+    for seed in range(3):  # streamed in random pieces: the same
+        stream_content, stream_calls = collect(_stream(ToolFormat.HERMES, text, random.Random(seed), None))
+        assert (stream_content, [(c.name, c.arguments) for c in stream_calls]) == (content, [("f", arguments)])
