@@ -4,6 +4,8 @@ Every config key becomes a flag named after the bare key (`model_dir` ->
 `--model-dir`), so the models in `common/config.py` stay the single source of
 truth for names, help text and allowed values. Flags default to
 `argparse.SUPPRESS`: only what the user typed overrides the file and env.
+Boolean flags take both argparse's form (`--disable-auth`, `--no-disable-auth`)
+and TabbyAPI's (`--disable-auth true|false`, also yes/no, on/off, 1/0).
 This module knows nothing about `ParleyConfig` itself (it gets the class
 passed in), which keeps the import graph one-way.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import types
 from typing import Any, Literal, NoReturn, Union, get_args, get_origin
 
@@ -26,11 +29,95 @@ class UsageError(ValueError):
     """Bad command line; raised instead of argparse's print-and-exit."""
 
 
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def bool_word(text: str) -> bool:
+    """`true`/`false` (also yes/no, on/off, 1/0, any case) -> bool; argparse type converter."""
+    try:
+        return BOOL_WORDS[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"expected true or false (or yes/no, on/off, 1/0), got {text!r}; give the flag alone for true"
+        ) from None
+
+
+class BoolFlag(argparse.Action):
+    """`--flag`, `--flag VALUE`, `--flag=VALUE` and `--no-flag` for one boolean key.
+
+    `nargs="?"` alone would let `--flag` swallow whatever follows it (a
+    positional, another flag's value), so `_Parser` first rewrites each bare
+    `--flag` to `--flag=true`, or to `--flag=WORD` when the next argument is a
+    boolean word, and `--no-flag` to `--flag=false`: this action then always
+    gets an explicit value.
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        negatives = ["--no-" + o[2:] for o in option_strings if o.startswith("--")]
+        kwargs.update(nargs="?", type=bool_word, metavar="true|false")
+        super().__init__([*option_strings, *negatives], dest, **kwargs)
+        self.negatives = frozenset(negatives)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        value = True if values is None else bool(values)
+        setattr(namespace, self.dest, not value if option_string in self.negatives else value)
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Shows a boolean flag as `--flag [true|false], --no-flag`."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, BoolFlag):
+            positives = [o for o in action.option_strings if o not in action.negatives]
+            return ", ".join([f"{o} [true|false]" for o in positives] + sorted(action.negatives))
+        return super()._format_action_invocation(action)
+
+
+def normalize_bool_flags(args: list[str], flags: dict[str, BoolFlag]) -> list[str]:
+    """Rewrite bare boolean flags to `--flag=VALUE` (see `BoolFlag`); stops at `--`."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        name, eq, value = arg.partition("=")
+        action = flags.get(name)
+        if arg == "--":
+            return out + args[i - 1:]
+        if action is None:
+            out.append(arg)
+            continue
+        positive = next(o for o in action.option_strings if o not in action.negatives)
+        if name in action.negatives:
+            if eq:
+                raise UsageError(f"{name} takes no value: write '{positive} {value}' or '{name}' alone")
+            out.append(f"{positive}=false")
+        elif eq:
+            out.append(arg)
+        elif i < len(args) and args[i].strip().lower() in BOOL_WORDS:
+            out.append(f"{name}={args[i]}")
+            i += 1
+        else:
+            out.append(f"{name}=true")
+    return out
+
+
 class _Parser(argparse.ArgumentParser):
     """Raises `UsageError` so the caller decides how to report and exit."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message}. Run '{self.prog} --help' for every option.")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        flags = {o: a for a in self._actions if isinstance(a, BoolFlag) for o in a.option_strings}
+        if flags:
+            args = normalize_bool_flags(list(sys.argv[1:] if args is None else args), flags)
+        return super().parse_known_args(args, namespace)
 
 
 def unwrap_optional(annotation: Any) -> tuple[Any, bool]:
@@ -91,7 +178,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type[BaseModel
             allowed = literal_values(info.annotation)
             metavar = "{" + ",".join(allowed) + "}" if allowed else key.upper()
             if is_bool(info.annotation):
-                kwargs["action"] = argparse.BooleanOptionalAction
+                kwargs["action"] = BoolFlag
             elif is_list(info.annotation):
                 item = get_args(unwrap_optional(info.annotation)[0])[0]
                 if isinstance(item, type) and issubclass(item, BaseModel):  # e.g. --loras NAME[:SCALING]

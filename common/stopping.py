@@ -5,11 +5,13 @@ time, and only when it is decided:
 - UTF-8 that arrives split across tokens waits until the character is whole;
 - text that might be the start of a stop string or a banned string is held
   back, so a client never sees part of either;
-- a completed stop string ends the output (`StopHit`);
+- a completed stop string ends the output (`StopHit`); stop strings match
+  case-sensitively;
 - a completed banned string asks the engine to rewind (`Rewind`): drop the
   tokens from the one where the banned string starts, and sample that
   position again with that token banned. Because partial matches are held
-  back, the tokens to drop are never ones already sent.
+  back, the tokens to drop are never ones already sent. Banned strings match
+  ignoring case, as exllamav2/v3 and KoboldCpp do ("cat" bans "Cat", "CAT").
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ def _decode(data: bytes) -> tuple[str, int]:
     return text, used
 
 
+_SIGMA = str.maketrans("ς", "σ")
+
+
+def fold_case(text: str) -> str:
+    """Lowercase text keeping its length, so an index in the result is one in text.
+
+    `str.lower` maps a few characters to two ("İ" -> "i̇"); those are kept as
+    they are. Final sigma becomes plain sigma, so a word matches in any position.
+    """
+    low = text.lower()
+    if len(low) != len(text):
+        low = "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
+    return low.translate(_SIGMA)
+
+
 def _earliest(text: str, needles: tuple[str, ...]) -> tuple[int, str] | None:
     best: tuple[int, str] | None = None
     for s in needles:
@@ -53,11 +70,13 @@ def _earliest(text: str, needles: tuple[str, ...]) -> tuple[int, str] | None:
 
 
 class TokenTextStream:
-    __slots__ = ("_stops", "_banned", "_watch", "_max_watch", "_pending", "text_emitted")
+    __slots__ = ("_stops", "_banned", "_banned_folded", "_watch", "_max_watch", "_pending", "text_emitted")
 
     def __init__(self, stop: tuple[str, ...] | list[str] = (), banned: tuple[str, ...] | list[str] = ()) -> None:
         self._stops = tuple(s for s in stop if s)
         self._banned = tuple(s for s in banned if s)
+        # Folded once here; the pending text is folded on each push that has bans.
+        self._banned_folded = tuple(fold_case(s) for s in self._banned)
         self._watch = self._stops + self._banned
         self._max_watch = max((len(s) for s in self._watch), default=0)
         self._pending: list[tuple[int, bytes]] = []
@@ -81,13 +100,14 @@ class TokenTextStream:
         found = _earliest(text, self._stops)
         if found is not None:
             return StopHit(self._release_chars(found[0], text), found[1])
-        found = _earliest(text, self._banned)
+        folded = fold_case(text) if self._banned else text
+        found = _earliest(folded, self._banned_folded)
         if found is not None:
             k = self._token_at_char(found[0])
             dropped = self._pending[k:]
             del self._pending[k:]
-            return Rewind(len(dropped), dropped[0][0], found[1])
-        hold = self._held_suffix(text)
+            return Rewind(len(dropped), dropped[0][0], self._banned[self._banned_folded.index(found[1])])
+        hold = self._held_suffix(text, folded)
         return self._release_upto(len(text) - hold, text, complete and hold == 0)
 
     def _token_at_char(self, char_index: int) -> int:
@@ -128,15 +148,19 @@ class TokenTextStream:
         self.text_emitted += released
         return Release(released, tokens)
 
-    def _held_suffix(self, text: str) -> int:
-        """Length of the longest suffix of text that is a proper prefix of a watched string."""
+    def _held_suffix(self, text: str, folded: str) -> int:
+        """Length of the longest suffix of text that is a proper prefix of a watched string.
+
+        Stop strings are compared with text, banned strings (folded) with folded text.
+        """
         longest = 0
         limit = min(len(text), self._max_watch - 1)
-        for s in self._watch:
-            for n in range(min(limit, len(s) - 1), longest, -1):
-                if text.endswith(s[:n]):
-                    longest = n
-                    break
+        for haystack, needles in ((text, self._stops), (folded, self._banned_folded)):
+            for s in needles:
+                for n in range(min(limit, len(s) - 1), longest, -1):
+                    if haystack.endswith(s[:n]):
+                        longest = n
+                        break
         return longest
 
     def flush(self) -> Release:

@@ -129,6 +129,8 @@ def sent_fields(body: GenerateRequest, *, n_vocab: int) -> dict[str, Any]:
     if "bypass_eos" in given:
         sent["ignore_eos"] = body.bypass_eos
     if _str_list(body.banned_tokens):
+        # KoboldCpp lowercases both its phrase bans and the text it scans, like
+        # banned_strings everywhere else here: no case-sensitive variant is needed.
         sent["banned_strings"] = _str_list(body.banned_tokens)
     if body.logit_bias:
         sent["logit_bias"] = _logit_bias(body.logit_bias, n_vocab)

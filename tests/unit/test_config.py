@@ -15,6 +15,7 @@ from common.config import (
     render_sample_config,
     section_models,
 )
+from common.config_cli import is_bool
 
 EXPECTED_SECTIONS = [
     "network", "logging", "limits", "model", "draft_model", "lora", "sampling", "embeddings", "developer",
@@ -278,6 +279,67 @@ def test_flag_naming_and_booleans() -> None:
     assert (config.model.model_dir, config.network.disable_auth, config.model.max_seq_len) == ("/m", True, 1024)
     config = parse_invocation(["--no-disable-auth"], environ={"PARLEY_NETWORK_DISABLE_AUTH": "true"}).config
     assert config.network.disable_auth is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--disable-auth"], True),
+        (["--no-disable-auth"], False),
+        (["--disable-auth", "true"], True),
+        (["--disable-auth", "false"], False),
+        (["--disable-auth", "FALSE"], False),
+        (["--disable-auth", "Yes"], True),
+        (["--disable-auth", "no"], False),
+        (["--disable-auth", "1"], True),
+        (["--disable-auth", "0"], False),
+        (["--disable-auth", "off"], False),
+        (["--disable-auth=true"], True),
+        (["--disable-auth=No"], False),
+        (["--disable-auth", "--port", "6000"], True),
+        (["--disable-auth", "false", "--port", "6000"], False),
+        (["--port", "6000", "--disable-auth"], True),
+        (["--disable-auth", "false", "--disable-auth"], True),  # the last one wins
+    ],
+)
+def test_boolean_flags_take_tabbyapi_true_false_form(argv: list[str], expected: bool) -> None:
+    environ = {"PARLEY_NETWORK_DISABLE_AUTH": "true" if not expected else "false"}
+    config = parse_invocation(argv, environ=environ).config
+    assert config.network.disable_auth is expected
+
+
+def test_every_boolean_flag_takes_both_forms() -> None:
+    for section, model in section_models().items():
+        for key, info in model.model_fields.items():
+            if not is_bool(info.annotation):
+                continue
+            flag = "--" + key.replace("_", "-")
+            for argv, want in (([flag, "true"], True), ([flag, "False"], False), ([flag], True),
+                               (["--no-" + flag[2:]], False)):
+                config = parse_invocation(argv, environ={}).config
+                assert getattr(getattr(config, section), key) is want, argv
+
+
+def test_bare_boolean_flag_does_not_swallow_a_positional() -> None:
+    invocation = parse_invocation(["download", "--disable-auth", "org/repo"], environ={})
+    assert invocation.options["repo_id"] == "org/repo" and invocation.config.network.disable_auth is True
+    invocation = parse_invocation(["download", "--disable-auth", "no", "org/repo"], environ={})
+    assert invocation.options["repo_id"] == "org/repo" and invocation.config.network.disable_auth is False
+
+
+def test_bad_boolean_values_say_what_to_write() -> None:
+    with pytest.raises(ConfigError, match=r"--disable-auth.*expected true or false.*'maybe'"):
+        parse_invocation(["--disable-auth=maybe"], environ={})
+    with pytest.raises(ConfigError, match="unrecognized arguments: maybe"):
+        parse_invocation(["--disable-auth", "maybe"], environ={})  # not a boolean word: left as an argument
+    with pytest.raises(ConfigError, match="--no-disable-auth takes no value.*--disable-auth false"):
+        parse_invocation(["--no-disable-auth=false"], environ={})
+
+
+def test_help_shows_both_boolean_forms(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_invocation(["serve", "--help"], environ={})
+    assert "--disable-auth [true|false], --no-disable-auth" in capsys.readouterr().out
 
 
 def test_list_flags() -> None:

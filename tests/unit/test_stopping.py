@@ -1,6 +1,6 @@
-"""TokenTextStream: whole UTF-8, held-back stop strings, banned-string rewinds."""
+"""TokenTextStream: whole UTF-8, held-back stop strings, banned-string rewinds (any case)."""
 
-from common.stopping import Release, Rewind, StopHit, TokenTextStream
+from common.stopping import Release, Rewind, StopHit, TokenTextStream, fold_case
 
 
 def run(stream: TokenTextStream, pieces: list[bytes]) -> tuple[str, object]:
@@ -70,3 +70,52 @@ def test_banned_string_rewinds_to_the_token_where_it_starts() -> None:
 def test_no_watch_fast_path_releases_each_token() -> None:
     s = TokenTextStream()
     assert s.push(7, b"hi").tokens == (7,)
+
+
+def test_banned_strings_ignore_case_both_ways() -> None:
+    for banned, said in (("cat", b"The Cat"), ("cat", b"The CAT"), ("Cat", b"the cat"), ("cAt", b"a caT")):
+        got = TokenTextStream(banned=[banned]).push(0, said)
+        assert isinstance(got, Rewind) and got.banned == banned, (banned, said)
+
+
+def test_banned_partial_match_is_held_back_ignoring_case() -> None:
+    s = TokenTextStream(banned=["bad word"])
+    assert s.push(0, b"a ").text == "a "
+    assert s.push(1, b"BA").text == ""  # could be the start of "Bad Word"
+    assert s.push(2, b"d Wo").text == ""
+    got = s.push(3, b"RD!")
+    assert isinstance(got, Rewind) and got.n_tokens == 3 and got.banned_token == 1
+    assert s.text_emitted == "a "
+
+
+def test_diverging_banned_prefix_is_released_in_its_own_case() -> None:
+    s = TokenTextStream(banned=["cathedral"])
+    assert s.push(0, b"The ").text == "The "
+    assert s.push(1, b"Ca").text == ""  # held: "ca" starts "cathedral"
+    assert s.push(2, b"T sat").text == "CaT sat"
+    assert s.flush().text == "" and s.text_emitted == "The CaT sat"
+
+
+def test_stop_strings_stay_case_sensitive() -> None:
+    s = TokenTextStream(["STOP"], banned=["zzz"])
+    assert s.push(0, b"please stop").text == "please stop"  # "stop" is not "STOP", nor held
+    assert s.push(1, b" now St").text == " now St"  # "St" is no prefix of "STOP"
+    hit = s.push(2, b" STOP here")
+    assert isinstance(hit, StopHit) and hit.release.text == " "
+
+
+def test_stop_and_ban_together_earliest_rules_apply_per_kind() -> None:
+    s = TokenTextStream(["END"], banned=["end"])
+    got = s.push(0, b"the End")  # not the stop (case differs), but the ban (any case)
+    assert isinstance(got, Rewind) and got.banned == "end"
+
+
+def test_fold_case_keeps_length_and_index() -> None:
+    for text in ("The CAT", "İstanbul CAT", "STRASSE Straße", "ΟΔΟΣ οδος", "🙂 É"):
+        assert len(fold_case(text)) == len(text), text
+    assert fold_case("İstanbul CAT").endswith("stanbul cat")
+    assert fold_case("ΟΔΟΣ") == fold_case("οδος")  # final sigma matches plain sigma
+    s = TokenTextStream(banned=["cat"])
+    got = s.push(0, "İİ ".encode())
+    assert isinstance(got, Release) and got.text == "İİ "
+    assert isinstance(s.push(1, b"CAT"), Rewind) and s.text_emitted == "İİ "
