@@ -15,7 +15,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from common.config import ConfigError, Invocation, ParleyConfig, parse_invocation, render_sample_config
+from common.config.loader import ConfigError, Invocation, ParleyConfig, parse_invocation, render_sample_config
 
 
 def setup_logging(config: ParleyConfig) -> None:
@@ -30,7 +30,7 @@ def setup_logging(config: ParleyConfig) -> None:
 def serve(config: ParleyConfig) -> None:
     import uvicorn
 
-    from common.lifecycle import ParleyServer
+    from endpoints.http.lifecycle import ParleyServer
     from endpoints.app import create_app
 
     app = create_app(config)
@@ -63,7 +63,7 @@ def export_openapi(config: ParleyConfig, output: str) -> None:
 
 
 def download(config: ParleyConfig, options: dict) -> int:
-    from common.download_cli import download_cli
+    from common.downloads.cli import download_cli
 
     return download_cli(config, options)
 

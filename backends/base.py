@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from common.constraints import Constraint
+    from common.formats.constraints import Constraint
 
 from common.errors import BadRequestError
-from common.sampling import SamplingParams
+from backends.sampling import SamplingParams
 
 _request_ids = itertools.count(1)
 

@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 from backends.base import Finished, GenerationRequest, LoadOptions, TextDelta  # noqa: E402
 from backends.llamacpp.engine import LlamaCppEngine  # noqa: E402
-from common.constraints import ConstraintSpec  # noqa: E402
-from common.models import LoadedModel  # noqa: E402
-from common.sampling import SamplingParams  # noqa: E402
+from common.formats.constraints import ConstraintSpec  # noqa: E402
+from common.models.manager import LoadedModel  # noqa: E402
+from backends.sampling import SamplingParams  # noqa: E402
 
 SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}, "minItems": 60, "maxItems": 60}
 PROMPT = "<|im_start|>user\nList sixty numbers as a JSON array.<|im_end|>\n<|im_start|>assistant\n"

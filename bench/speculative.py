@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backends.base import GenerationRequest, LoadOptions, TextDelta  # noqa: E402
 from backends.llamacpp.engine import LlamaCppEngine  # noqa: E402
-from common.sampling import SamplingParams  # noqa: E402
+from backends.sampling import SamplingParams  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PARAGRAPH = (

@@ -3,7 +3,7 @@
 Routers and services raise `APIError`s; `endpoints/app.py` renders them in the
 shape of the dialect the request arrived in (OpenAI envelope, KoboldAI
 `detail`, Ollama `error` string). A mid-stream failure becomes the final frame
-of that dialect's stream (see `common/streaming.py`).
+of that dialect's stream (see `endpoints/http/streaming.py`).
 """
 
 from __future__ import annotations

@@ -16,18 +16,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from backends.base import LoadOptions
-from common.auth import AuthManager
-from common.config import ParleyConfig
-from common.download_jobs import DownloadManager
+from endpoints.http.auth import AuthManager
+from common.config.loader import ParleyConfig
+from common.downloads.jobs import DownloadManager
 from common.errors import APIError, BadRequestError, Dialect, EngineError, dialect_for_path
-from common.loras import draft_options, find_lora
-from common.lifecycle import Lifecycle
-from common.metrics import Metrics
-from common.models import LoadedModel, ModelManager
-from common.presets import PresetState
-from common.ratelimit import RateLimiter
-from common.request_context import Services
-from endpoints.middleware import ParleyMiddleware
+from common.models.loras import draft_options, find_lora
+from endpoints.http.lifecycle import Lifecycle
+from endpoints.http.metrics import Metrics
+from common.models.manager import LoadedModel, ModelManager
+from common.models.presets import PresetState
+from endpoints.http.ratelimit import RateLimiter
+from endpoints.http.request_context import Services
+from endpoints.http.middleware import ParleyMiddleware
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VERSION = "0.1.0"
@@ -239,7 +239,7 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
 
         app.include_router(metrics_router)
     if "openai" in servers:
-        from endpoints.core.llamacpp_router import router as llamacpp_router
+        from endpoints.llamacpp.router import router as llamacpp_router
 
         app.include_router(openai_router)
         app.include_router(llamacpp_router)

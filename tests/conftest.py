@@ -39,7 +39,7 @@ def model_dir(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def make_config(tmp: Path, model_dir: Path, **sections: dict[str, Any]) -> Any:
-    from common.config import load_config
+    from common.config.loader import load_config
 
     overrides: dict[str, dict[str, Any]] = {
         "network": {"api_tokens_file": str(tmp / "api_tokens.yml")},

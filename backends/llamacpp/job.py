@@ -20,7 +20,7 @@ from backends.base import (
 )
 from backends.llamacpp.lora import NO_LORA, LoraKey
 from backends.llamacpp.sampler import SamplerChain
-from common.stopping import TokenTextStream
+from backends.text_stream import TokenTextStream
 
 if TYPE_CHECKING:
     from backends.llamacpp.engine import LlamaCppEngine

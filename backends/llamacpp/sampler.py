@@ -13,7 +13,7 @@ import random
 import llama_cpp as lc
 import numpy as np
 
-from common.sampling import SamplingParams
+from backends.sampling import SamplingParams
 
 # Knobs with no native llama.cpp sampler: accepted, logged, not applied.
 UNSUPPORTED: frozenset[str] = frozenset({"top_a", "tfs", "smoothing_factor"})

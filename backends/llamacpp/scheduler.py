@@ -22,8 +22,8 @@ from backends.llamacpp.lora import AdapterStore, LoraKey
 from backends.llamacpp.native import NativeBatch, NativeModel
 from backends.llamacpp.sampler import build_chain
 from backends.llamacpp.speculative import Drafter
-from common.logprobs import log_softmax, token_logprob
-from common.stopping import Release, Rewind, StopHit
+from backends.logprobs import log_softmax, token_logprob
+from backends.text_stream import Release, Rewind, StopHit
 
 # Rewinds for banned strings one request may make before it is ended.
 _MAX_REWINDS = 64

@@ -15,15 +15,15 @@ from fastapi import APIRouter, Depends, Request
 from loguru import logger
 from starlette.responses import JSONResponse, Response
 
-from common.auth import require_admin
-from common.download_jobs import DownloadJob, DownloadManager
-from common.downloader import DownloadRequest
+from endpoints.http.auth import require_admin
+from common.downloads.jobs import DownloadJob, DownloadManager
+from common.downloads.transfer import DownloadRequest
 from common.errors import ClientClosedError, Dialect
-from common.streaming import dumps, sse_response, until_disconnect
+from endpoints.http.streaming import dumps, sse_response, until_disconnect
 from endpoints.core.protocol import DownloadBody
-from endpoints.deps import get_downloads, log_unknown_fields
-from endpoints.error_docs import error_responses
-from endpoints.json_body import StrictJSONRoute
+from endpoints.http.deps import get_downloads, log_unknown_fields
+from endpoints.http.error_docs import error_responses
+from endpoints.http.json_body import StrictJSONRoute
 
 router = APIRouter(tags=["Core"], route_class=StrictJSONRoute, responses=error_responses(Dialect.OPENAI))
 

@@ -13,15 +13,15 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from loguru import logger
 
-from common.auth import require_admin, require_api
-from common.config import ParleyConfig
+from endpoints.http.auth import require_admin, require_api
+from common.config.loader import ParleyConfig
 from common.errors import APIError, Dialect
-from common.loras import find_lora, scan_loras
-from common.models import ModelManager
+from common.models.loras import find_lora, scan_loras
+from common.models.manager import ModelManager
 from endpoints.core.protocol import LoraLoadRequest, LoraUnloadRequest
-from endpoints.deps import get_config, get_models
-from endpoints.error_docs import error_responses
-from endpoints.json_body import StrictJSONRoute
+from endpoints.http.deps import get_config, get_models
+from endpoints.http.error_docs import error_responses
+from endpoints.http.json_body import StrictJSONRoute
 
 router = APIRouter(tags=["LoRA"], route_class=StrictJSONRoute, responses=error_responses(Dialect.OPENAI))
 

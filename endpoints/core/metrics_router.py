@@ -6,8 +6,8 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from common.auth import AuthManager, Permission
-from common.request_context import Services
+from endpoints.http.auth import AuthManager, Permission
+from endpoints.http.request_context import Services
 
 router = APIRouter(tags=["Core"])
 

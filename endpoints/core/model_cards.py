@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from common.model_files import ModelFile, describe_file
-from common.models import LoadedModel, ModelManager
+from common.models.files import ModelFile, describe_file
+from common.models.manager import LoadedModel, ModelManager
 
 
 def state_of(models: ModelManager, name: str) -> str:

@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from endpoints.names import ModelName
-from endpoints.wire import WireModel
+from endpoints.http.names import ModelName
+from endpoints.http.wire import WireModel
 
 
 class DraftModelLoad(WireModel):

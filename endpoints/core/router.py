@@ -13,15 +13,15 @@ from loguru import logger
 from starlette.responses import JSONResponse, Response
 
 from backends.base import LoadOptions
-from common.auth import Permission, permission_of, require_admin, require_api
+from endpoints.http.auth import Permission, permission_of, require_admin, require_api
 from common.errors import BadRequestError, Dialect
-from common.config import ParleyConfig
-from common.generation import chat_prompt
-from common.loras import draft_options
-from common.model_files import ModelFile
-from common.models import LoadedModel, ModelManager
-from common.presets import PresetState, list_presets
-from common.streaming import dumps, sse_response
+from common.config.loader import ParleyConfig
+from common.generation.pipeline import chat_prompt
+from common.models.loras import draft_options
+from common.models.files import ModelFile
+from common.models.manager import LoadedModel, ModelManager
+from common.models.presets import PresetState, list_presets
+from endpoints.http.streaming import dumps, sse_response
 from endpoints.core.model_cards import card, health_entry, model_list
 from endpoints.core.protocol import (
     ModelLoadRequest,
@@ -31,9 +31,9 @@ from endpoints.core.protocol import (
     TokenDecodeRequest,
     TokenEncodeRequest,
 )
-from endpoints.deps import get_config, get_models, get_presets, lease_model
-from endpoints.error_docs import error_responses
-from endpoints.json_body import StrictJSONRoute
+from endpoints.http.deps import get_config, get_models, get_presets, lease_model
+from endpoints.http.error_docs import error_responses
+from endpoints.http.json_body import StrictJSONRoute
 
 router = APIRouter(
     tags=["Core"],

@@ -28,7 +28,7 @@ from enum import Enum
 from fastapi import Request
 
 from backends.base import GenerationHandle
-from common.auth import AuthManager
+from endpoints.http.auth import AuthManager
 
 KEEP_SECONDS = 60.0
 MAX_ENTRIES = 256

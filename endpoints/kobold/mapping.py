@@ -18,12 +18,12 @@ from typing import Any
 
 from loguru import logger
 
-from common.constraints import ConstraintSpec
+from common.formats.constraints import ConstraintSpec
 from common.errors import BadRequestError
-from common.generation import Prompt
-from common.models import LoadedModel
-from common.presets import Preset, build_params
-from common.sampling import SamplingParams
+from common.generation.pipeline import Prompt
+from common.models.manager import LoadedModel
+from common.models.presets import Preset, build_params
+from backends.sampling import SamplingParams
 from endpoints.kobold.protocol import DEFAULT_SAMPLER_ORDER, GenerateRequest
 
 # Generation length when neither the request nor the config sets one.

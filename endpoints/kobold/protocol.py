@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import AliasChoices, ConfigDict, Field
 
-from endpoints.wire import WireModel
+from endpoints.http.wire import WireModel
 
 # KoboldCpp's sampler order (rep pen, top_k, top_a, tfs, typical, top_p, temperature).
 DEFAULT_SAMPLER_ORDER: tuple[int, ...] = (6, 0, 1, 3, 4, 2, 5)

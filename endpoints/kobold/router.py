@@ -13,16 +13,16 @@ from fastapi import APIRouter, Depends, Request
 from loguru import logger
 from starlette.responses import JSONResponse, Response
 
-from common.auth import AuthManager, require_api
-from common.config import ParleyConfig
+from endpoints.http.auth import AuthManager, require_api
+from common.config.loader import ParleyConfig
 from common.errors import BadRequestError, Dialect
-from common.generation import compile_constraint, fit_params, submit_choices, text_prompt
-from common.models import LoadedModel
-from common.presets import PresetState
-from common.streaming import sse_response, until_disconnect
-from endpoints.deps import get_config, get_presets, lease_model, log_unknown_fields
-from endpoints.error_docs import error_responses
-from endpoints.json_body import StrictJSONRoute
+from common.generation.pipeline import compile_constraint, fit_params, submit_choices, text_prompt
+from common.models.manager import LoadedModel
+from common.models.presets import PresetState
+from endpoints.http.streaming import sse_response, until_disconnect
+from endpoints.http.deps import get_config, get_presets, lease_model, log_unknown_fields
+from endpoints.http.error_docs import error_responses
+from endpoints.http.json_body import StrictJSONRoute
 from endpoints.kobold import serving
 from endpoints.kobold.genkeys import AbortOutcome, GenEntry, GenRegistry, get_registry, owner_of
 from endpoints.kobold.mapping import (

@@ -15,8 +15,8 @@ from loguru import logger
 
 from backends.base import Finished, FinishReason, TextDelta
 from common.errors import APIError, EngineError, ModelNotLoadedError
-from common.generation import merge_events
-from common.streaming import dumps
+from common.generation.pipeline import merge_events
+from endpoints.http.streaming import dumps
 from endpoints.kobold.genkeys import GenEntry, GenRegistry
 
 

@@ -12,16 +12,16 @@ from typing import Any
 
 from loguru import logger
 
-from common.chat_output import OutputOptions
-from common.config import ModelConfig
-from common.constraints import ConstraintSpec
-from common.downloader import DownloadRequest, check_repo_id
+from common.formats.output import OutputOptions
+from common.config.loader import ModelConfig
+from common.formats.constraints import ConstraintSpec
+from common.downloads.transfer import DownloadRequest, check_repo_id
 from common.errors import BadRequestError, ModelNotFoundError
-from common.generation import Prompt
-from common.model_files import parse_keep_alive
-from common.models import LoadedModel, ModelFile, ModelManager
-from common.presets import Preset, build_params
-from common.sampling import SamplingParams
+from common.generation.pipeline import Prompt
+from common.models.files import parse_keep_alive
+from common.models.manager import LoadedModel, ModelFile, ModelManager
+from common.models.presets import Preset, build_params
+from backends.sampling import SamplingParams
 from endpoints.ollama.protocol import LOAD_TIME_OPTIONS, ChatMessage, KeepAlive, Options
 
 # Ollama's defaults (api.DefaultOptions): clients written for Ollama expect them

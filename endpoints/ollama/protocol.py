@@ -10,8 +10,8 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from endpoints.names import ModelName
-from endpoints.wire import WireModel
+from endpoints.http.names import ModelName
+from endpoints.http.wire import WireModel
 
 # Durations as Ollama clients send them: seconds (number) or a Go duration ("5m", "0s", "-1").
 KeepAlive = float | int | str | None

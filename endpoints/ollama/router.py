@@ -16,20 +16,20 @@ from fastapi import APIRouter, Depends, Request
 from loguru import logger
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from common.auth import require_admin, require_api
-from common.chat_output import OutputOptions
-from common.config import ParleyConfig
-from common.constraints import ConstraintSpec
-from common.download_jobs import DownloadManager
+from endpoints.http.auth import require_admin, require_api
+from common.formats.output import OutputOptions
+from common.config.loader import ParleyConfig
+from common.formats.constraints import ConstraintSpec
+from common.downloads.jobs import DownloadManager
 from common.errors import APIError, BadRequestError, Dialect
-from common.generation import Prompt, chat_prompt, compile_constraint, fit_params, submit_choices, text_prompt
-from common.models import ModelFile, ModelLease, ModelManager
-from common.presets import PresetState
-from common.sampling import SamplingParams
-from common.streaming import ndjson_response, until_disconnect
-from endpoints.deps import get_config, get_downloads, get_models, get_presets, log_unknown_fields
-from endpoints.error_docs import error_responses
-from endpoints.json_body import StrictJSONRoute
+from common.generation.pipeline import Prompt, chat_prompt, compile_constraint, fit_params, submit_choices, text_prompt
+from common.models.manager import ModelFile, ModelLease, ModelManager
+from common.models.presets import PresetState
+from backends.sampling import SamplingParams
+from endpoints.http.streaming import ndjson_response, until_disconnect
+from endpoints.http.deps import get_config, get_downloads, get_models, get_presets, log_unknown_fields
+from endpoints.http.error_docs import error_responses
+from endpoints.http.json_body import StrictJSONRoute
 from endpoints.ollama import serving
 from endpoints.ollama.mapping import (
     chat_messages,

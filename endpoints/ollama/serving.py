@@ -22,15 +22,15 @@ from loguru import logger
 
 from backends.base import Finished, FinishReason, GenerationHandle, TextDelta
 from backends.registry import gguf_file
-from common.chat_output import ChatDeltas, ChatOutput, OutputOptions, parse_whole
-from common.download_jobs import DownloadJob, DownloadManager
-from common.downloader import DownloadPlan, DownloadRequest
+from common.formats.output import ChatDeltas, ChatOutput, OutputOptions, parse_whole
+from common.downloads.jobs import DownloadJob, DownloadManager
+from common.downloads.transfer import DownloadPlan, DownloadRequest
 from common.errors import APIError
-from common.generation import collect, merge_events, raise_if_failed
-from common.gguf_info import GGUFInfo, parameter_size, read_gguf_info_async
-from common.models import LoadedModel, ModelFile, ModelManager
-from common.streaming import dumps
-from common.tools import ToolCall, ToolCallDelta
+from common.generation.pipeline import collect, merge_events, raise_if_failed
+from common.models.gguf_info import GGUFInfo, parameter_size, read_gguf_info_async
+from common.models.manager import LoadedModel, ModelFile, ModelManager
+from endpoints.http.streaming import dumps
+from common.formats.tools import ToolCall, ToolCallDelta
 from endpoints.ollama.mapping import ollama_name
 
 DONE_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}

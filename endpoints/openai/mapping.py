@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.constraints import ConstraintSpec
+from common.formats.constraints import ConstraintSpec
 from common.errors import BadRequestError
-from common.presets import Preset, build_params
-from common.sampling import SamplingParams
-from common.tools import ToolFormat, tool_call_grammar
+from common.models.presets import Preset, build_params
+from backends.sampling import SamplingParams
+from common.formats.tools import ToolFormat, tool_call_grammar
 from endpoints.openai.protocol import ChatCompletionRequest, SamplerFields
 
 # Field names whose value passes to SamplingParams unchanged.

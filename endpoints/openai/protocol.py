@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from endpoints.names import ModelName
-from endpoints.wire import WireModel
+from endpoints.http.names import ModelName
+from endpoints.http.wire import WireModel
 
 
 def _alias(*names: str) -> AliasChoices:

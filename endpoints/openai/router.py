@@ -5,18 +5,18 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
-from common.auth import require_api
-from common.chat_output import OutputOptions
-from common.config import ParleyConfig
+from endpoints.http.auth import require_api
+from common.formats.output import OutputOptions
+from common.config.loader import ParleyConfig
 from common.errors import BadRequestError, Dialect
-from common.fim import fim_prompt, has_fim
-from common.generation import chat_prompt, compile_constraint, fit_params, submit_choices, text_prompt
-from common.models import ModelLease
-from common.presets import PresetState
-from common.streaming import sse_response, until_disconnect
-from endpoints.deps import get_config, get_presets, lease_model, log_unknown_fields
-from endpoints.error_docs import error_responses
-from endpoints.json_body import StrictJSONRoute
+from common.generation.fim import fim_prompt, has_fim
+from common.generation.pipeline import chat_prompt, compile_constraint, fit_params, submit_choices, text_prompt
+from common.models.manager import ModelLease
+from common.models.presets import PresetState
+from endpoints.http.streaming import sse_response, until_disconnect
+from endpoints.http.deps import get_config, get_presets, lease_model, log_unknown_fields
+from endpoints.http.error_docs import error_responses
+from endpoints.http.json_body import StrictJSONRoute
 from endpoints.openai import serving
 from endpoints.openai.mapping import chat_constraint, constraint_spec, to_sampling_params
 from endpoints.openai.protocol import ChatCompletionRequest, CompletionRequest, lora_pairs

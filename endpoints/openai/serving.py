@@ -13,11 +13,11 @@ from contextlib import aclosing
 from typing import Any
 
 from backends.base import Finished, FinishReason, GenerationHandle, TextDelta, TokenLogprob, Usage
-from common.chat_output import ChatDeltas, ChatOutput, OutputOptions, parse_whole
+from common.formats.output import ChatDeltas, ChatOutput, OutputOptions, parse_whole
 from common.errors import APIError, EngineError, ModelNotLoadedError
-from common.generation import collect, merge_events, raise_if_failed, total_usage
-from common.streaming import dumps
-from common.tools import ToolCallDelta
+from common.generation.pipeline import collect, merge_events, raise_if_failed, total_usage
+from endpoints.http.streaming import dumps
+from common.formats.tools import ToolCallDelta
 
 FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 

@@ -337,10 +337,10 @@ def test_client_that_leaves_does_not_stop_the_download(
 async def test_shutdown_stops_a_download_and_keeps_what_arrived(hub: FakeHub, tmp_path: Path) -> None:
     import asyncio
 
-    from common.download_jobs import DownloadManager
-    from common.downloader import DownloadRequest
+    from common.downloads.jobs import DownloadManager
+    from common.downloads.transfer import DownloadRequest
     from common.errors import APIError
-    from common.models import scan_models
+    from common.models.manager import scan_models
 
     manager = DownloadManager(tmp_path, hub.url)
     hub.release.clear()

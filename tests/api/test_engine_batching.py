@@ -13,7 +13,7 @@ import pytest_asyncio
 from backends.base import Finished, FinishReason, GenerationRequest, LoadOptions, TextDelta
 from backends.llamacpp.engine import LlamaCppEngine
 from common.errors import ServiceUnavailableError
-from common.sampling import SamplingParams
+from backends.sampling import SamplingParams
 from tests.neartie import Step, assert_agree, steps_from_engine
 
 PROMPTS = [

@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from backends.base import Finished, GenerationRequest, LoadOptions, TextDelta
 from backends.llamacpp.engine import LlamaCppEngine
-from common.sampling import SamplingParams
+from backends.sampling import SamplingParams
 
 SENTENCE = "The quick brown fox jumps over the lazy dog while the cat watches. "
 

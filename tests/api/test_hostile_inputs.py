@@ -365,7 +365,7 @@ def test_path_traversal_in_every_name_field(app_env: tuple[TestClient, Keys], pa
 
 def test_download_names_stay_inside_the_model_directory(tmp_path: Any) -> None:
     """repo_id and folder_name (used by downloads) refuse paths before anything touches the disk."""
-    from common.downloader import DownloadRequest, check_repo_id, target_folder
+    from common.downloads.transfer import DownloadRequest, check_repo_id, target_folder
     from common.errors import BadRequestError
 
     for name in TRAVERSALS + ["a/b/c", ".hidden/x"]:

@@ -325,7 +325,7 @@ def test_mapping_of_kobold_specific_fields() -> None:
 
 
 def test_sent_fields_are_only_what_the_client_sent() -> None:
-    from common.presets import Preset
+    from common.models.presets import Preset
 
     assert sent_fields(GenerateRequest(prompt="x", grammar=""), n_vocab=100) == {}
     sent = sent_fields(GenerateRequest(temperature=0.5, rep_pen=1.2, max_length=7, sampler_seed=3), n_vocab=100)

@@ -254,16 +254,16 @@ def test_unload_by_name_and_keep_alive_through_ollama(two: tuple[TestClient, Key
 def test_concurrent_inline_loads_load_once_and_evict_the_idle_model(
     one: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import common.models
+    import common.models.manager
 
-    real = common.models.load_engine
+    real = common.models.manager.load_engine
     loads: list[str] = []
 
     def counting(*args: Any, **kw: Any) -> Any:
         loads.append(args[2])
         return real(*args, **kw)
 
-    monkeypatch.setattr(common.models, "load_engine", counting)
+    monkeypatch.setattr(common.models.manager, "load_engine", counting)
     bodies: list[dict[str, Any]] = []
 
     def ask(prompt: str) -> None:

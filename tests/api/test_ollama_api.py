@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from backends.base import Event, Finished, FinishReason, GenerationHandle, GenerationRequest, TextDelta, Usage
-from common.chat_output import OutputOptions
-from common.sampling import SamplingParams
-from common.tools import ToolFormat
+from common.formats.output import OutputOptions
+from backends.sampling import SamplingParams
+from common.formats.tools import ToolFormat
 from tests.conftest import MODEL_NAME, Keys
 
 NAME = f"{MODEL_NAME}:latest"
@@ -371,7 +371,7 @@ def test_pull_names() -> None:
 
 
 def test_options_mapping() -> None:
-    from common.presets import Preset
+    from common.models.presets import Preset
     from endpoints.ollama.mapping import sent_options, to_sampling_params
     from endpoints.ollama.protocol import Options
 
@@ -475,7 +475,7 @@ def test_thinking_is_split_only_when_asked() -> None:
 
 
 def test_parameter_size_labels() -> None:
-    from common.gguf_info import human_number
+    from common.models.gguf_info import human_number
 
     assert [human_number(n) for n in (8_000_000_000, 7_240_000_000, 135_000_000, 134_515_008, 600_000, 12)] == [
         "8B", "7.2B", "135M", "134.52M", "600K", "12"]

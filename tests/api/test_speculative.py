@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from backends.base import Finished, GenerationRequest, LoadOptions, TextDelta
 from backends.llamacpp.engine import LlamaCppEngine
-from common.sampling import SamplingParams
+from backends.sampling import SamplingParams
 from tests.conftest import MODEL_NAME, Keys, make_config, wait_loaded
 from tests.neartie import Step, assert_agree, steps_from_engine
 

@@ -4,7 +4,7 @@ Parley runs as users run it, with the real model. For each operation
 schemathesis generates valid (positive) and schema-violating (negative)
 requests; each must answer without a 5xx, with the schema's declared status
 codes, content types and response shapes (the dialect error models of
-endpoints/error_docs.py for 4xx/5xx, in place of FastAPI's default 422
+endpoints/http/error_docs.py for 4xx/5xx, in place of FastAPI's default 422
 `HTTPValidationError`, which Parley never sends), negative data must be
 refused, and the server must be healthy with nothing leaked at the end.
 

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 from ruamel.yaml import YAML
 
-from common.auth import (
+from endpoints.http.auth import (
     AuthConfigError,
     AuthManager,
     KeyEntry,

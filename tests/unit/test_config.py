@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import (
+from common.config.loader import (
     ConfigError,
     ParleyConfig,
     field_sections,
@@ -15,7 +15,7 @@ from common.config import (
     render_sample_config,
     section_models,
 )
-from common.config_cli import is_bool
+from common.config.cli import is_bool
 
 EXPECTED_SECTIONS = [
     "network", "logging", "limits", "model", "draft_model", "lora", "sampling", "embeddings", "developer",

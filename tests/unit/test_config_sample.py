@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from common.config import render_sample_config
+from common.config.loader import render_sample_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

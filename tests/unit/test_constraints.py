@@ -21,7 +21,7 @@ import pytest
 
 from backends.base import LoadOptions
 from backends.llamacpp.native import NativeModel
-from common.constraints import (
+from common.formats.constraints import (
     ConstraintCompiler,
     ConstraintSpec,
     ConstraintState,

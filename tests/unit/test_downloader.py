@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from common.download_errors import DownloadCancelled, hub_error
-from common.downloader import (
+from common.downloads.errors import DownloadCancelled, hub_error
+from common.downloads.transfer import (
     STATE_DIR,
     DownloadPlan,
     DownloadRequest,

@@ -18,7 +18,7 @@ import pytest
 
 from backends.base import LoadOptions
 from common.errors import BadRequestError
-from common.fim import (
+from common.generation.fim import (
     FIM_KEYS,
     FimConfigError,
     fim_prompt,
@@ -26,7 +26,7 @@ from common.fim import (
     has_fim,
     render_template,
 )
-from common.models import LoadedModel, ModelManager
+from common.models.manager import LoadedModel, ModelManager
 from tests.conftest import MODEL_FILE, MODEL_NAME, ROOT
 
 FIM_IDS = (11, 12, 13)  # <jupyter_start>, <jupyter_text>, <jupyter_code> in SmolLM2's vocabulary

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.gguf_info import GGUFInfo, read_gguf_info
+from common.models.gguf_info import GGUFInfo, read_gguf_info
 
 
 def write_gguf(path: Path, *, n_tokens: int = 300, file_type: int | None = 2) -> Path:

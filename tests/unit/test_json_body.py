@@ -1,4 +1,4 @@
-"""Strict JSON bodies and request model names (endpoints/json_body.py, endpoints/names.py)."""
+"""Strict JSON bodies and request model names (endpoints/http/json_body.py, endpoints/http/names.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 
 from common.errors import BadRequestError
-from endpoints.json_body import MAX_DEPTH, parse_json_body
-from endpoints.names import check_model_name
+from endpoints.http.json_body import MAX_DEPTH, parse_json_body
+from endpoints.http.names import check_model_name
 
 
 def rejected(raw: bytes) -> BadRequestError:

@@ -18,8 +18,8 @@ from common.errors import (
     PermissionDeniedError,
     ServiceUnavailableError,
 )
-from common.model_files import parse_keep_alive, read_defaults
-from common.models import ModelManager
+from common.models.files import parse_keep_alive, read_defaults
+from common.models.manager import ModelManager
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -65,7 +65,7 @@ class Loads:
 @pytest.fixture
 def loads(monkeypatch: pytest.MonkeyPatch) -> Loads:
     counter = Loads()
-    monkeypatch.setattr("common.models.load_engine", counter)
+    monkeypatch.setattr("common.models.manager.load_engine", counter)
     return counter
 
 

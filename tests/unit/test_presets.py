@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.presets import (
+from common.models.presets import (
     Preset,
     PresetEntry,
     PresetError,
@@ -14,7 +14,7 @@ from common.presets import (
     list_presets,
     load_preset,
 )
-from common.sampling import SamplingParams
+from backends.sampling import SamplingParams
 
 SHIPPED = Path(__file__).resolve().parents[2] / "sampler_overrides"
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from common.auth import AuthConfigError, AuthManager, KeyEntry, Permission
-from common.config import ParleyConfig
-from common.lifecycle import CUT_MESSAGE, Lifecycle
-from common.ratelimit import PRUNE_EVERY, LimitKind, Limits, RateLimiter, Subject
-from common.request_context import Services, max_tokens_field
+from endpoints.http.auth import AuthConfigError, AuthManager, KeyEntry, Permission
+from common.config.loader import ParleyConfig
+from endpoints.http.lifecycle import CUT_MESSAGE, Lifecycle
+from endpoints.http.ratelimit import PRUNE_EVERY, LimitKind, Limits, RateLimiter, Subject
+from endpoints.http.request_context import Services, max_tokens_field
 
 
 class Clock:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from common.reasoning import ReasoningParser, prompt_opens_reasoning, split_reasoning
+from common.formats.reasoning import ReasoningParser, prompt_opens_reasoning, split_reasoning
 
 CASES: list[tuple[str, bool, str | None, str]] = [
     ("<think>\nLet me think.\n</think>\n\nThe answer is 4.", False, "Let me think.", "The answer is 4."),

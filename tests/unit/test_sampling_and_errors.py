@@ -3,7 +3,7 @@
 import pytest
 
 from common.errors import BadRequestError, ContextLengthExceededError, Dialect, ServiceUnavailableError, dialect_for_path
-from common.sampling import SamplingParams
+from backends.sampling import SamplingParams
 
 
 def test_defaults_are_neutral() -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from common.schema_closing import close_object_schemas
+from common.formats.schema_closing import close_object_schemas
 
 CLOSED = {"additionalProperties": False}
 

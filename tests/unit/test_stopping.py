@@ -1,6 +1,6 @@
 """TokenTextStream: whole UTF-8, held-back stop strings, banned-string rewinds (any case)."""
 
-from common.stopping import Release, Rewind, StopHit, TokenTextStream, fold_case
+from backends.text_stream import Release, Rewind, StopHit, TokenTextStream, fold_case
 
 
 def run(stream: TokenTextStream, pieces: list[bytes]) -> tuple[str, object]:

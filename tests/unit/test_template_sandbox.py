@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.templating import ChatTemplate, TemplateError
+from common.formats.templating import ChatTemplate, TemplateError
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.errors import BadRequestError
-from common.templating import (
+from common.formats.templating import (
     ChatTemplate,
     TemplateError,
     TemplateMetadata,

@@ -13,9 +13,9 @@ import pytest
 
 from backends.base import LoadOptions
 from backends.llamacpp.native import NativeModel
-from common.constraints import ConstraintCompiler, TokenizerAdapter
+from common.formats.constraints import ConstraintCompiler, TokenizerAdapter
 from common.errors import BadRequestError
-from common.tools import (
+from common.formats.tools import (
     ContentDelta,
     ToolCall,
     ToolCallDelta,

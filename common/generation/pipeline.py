@@ -24,11 +24,11 @@ from backends.base import (
     TokenLogprob,
     Usage,
 )
-from common.constraints import Constraint, ConstraintSpec
+from common.formats.constraints import Constraint, ConstraintSpec
 from common.errors import BadRequestError, ContextLengthExceededError
-from common.models import LoadedModel
-from common.request_context import current_request
-from common.sampling import SamplingParams
+from common.models.manager import LoadedModel
+from endpoints.http.request_context import current_request
+from backends.sampling import SamplingParams
 
 
 @dataclass

@@ -22,7 +22,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from common.downloader import DownloadPlan, DownloadProgress, DownloadRequest, download
+from common.downloads.transfer import DownloadPlan, DownloadProgress, DownloadRequest, download
 from common.errors import APIError
 
 

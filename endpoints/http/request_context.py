@@ -1,9 +1,9 @@
 """What the server knows about the HTTP request being served, for the generation pipeline.
 
-The HTTP middleware (endpoints/middleware.py) opens a `RequestContext` for
+The HTTP middleware (endpoints/http/middleware.py) opens a `RequestContext` for
 every request and makes it current for the request's task (a `ContextVar`:
 each request sees its own, nothing is shared between requests). The shared
-pipeline in common/generation.py, which every dialect passes through, calls
+pipeline in common/generation/pipeline.py, which every dialect passes through, calls
 into it at two points:
 
 - `fit_params` -> `RequestContext.fit`: the per-request caps (prompt tokens,
@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from backends.base import Event, Finished, FinishReason, GenerationHandle, TextDelta
-from common.auth import KeyEntry, Permission
-from common.config import ParleyConfig
+from endpoints.http.auth import KeyEntry, Permission
+from common.config.loader import ParleyConfig
 from common.errors import BadRequestError, Dialect, RateLimitError, dialect_for_path
-from common.lifecycle import Lifecycle
-from common.metrics import Metrics
-from common.ratelimit import Limits, RateLimiter, Subject
-from common.sampling import SamplingParams
+from endpoints.http.lifecycle import Lifecycle
+from endpoints.http.metrics import Metrics
+from endpoints.http.ratelimit import Limits, RateLimiter, Subject
+from backends.sampling import SamplingParams
 
 _current: ContextVar[RequestContext | None] = ContextVar("parley_request", default=None)
 

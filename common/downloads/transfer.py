@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 from loguru import logger
 
-from common.download_errors import DownloadCancelled, gated_error, hub_error
+from common.downloads.errors import DownloadCancelled, gated_error, hub_error
 from common.errors import APIError, BadRequestError, ConflictError, NotFoundError
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
@@ -168,7 +168,7 @@ def check_repo_id(repo_id: str) -> str:
 
 def check_request(req: DownloadRequest) -> None:
     """Every client mistake a request can hold, before the hub is asked anything."""
-    from common.models import confine_name
+    from common.models.manager import confine_name
 
     check_repo_id(req.repo_id)
     if req.repo_type not in REPO_TYPES:
@@ -194,7 +194,7 @@ def check_request(req: DownloadRequest) -> None:
 
 
 def target_folder(model_dir: Path, req: DownloadRequest) -> Path:
-    from common.models import confine_name
+    from common.models.manager import confine_name
 
     name = req.folder_name or req.repo_id.split("/")[-1]
     confine_name(name, "folder")

@@ -39,7 +39,7 @@ from typing import Any
 from ruamel.yaml import YAML, YAMLError
 
 from common.errors import APIError
-from common.sampling import SamplingParams
+from backends.sampling import SamplingParams
 
 PRESET_SUFFIXES = (".yml", ".yaml")
 _ENTRY_KEYS = frozenset({"override", "force", "additive"})

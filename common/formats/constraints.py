@@ -49,7 +49,7 @@ Regexes are matched whole (like `re.fullmatch`), in Rust `regex` syntax (no
 lookarounds or backreferences); `\\d` means [0-9] (llguidance's own `\\d`
 takes any Unicode digit). JSON schemas allow llama.cpp's bounded whitespace
 between tokens (one space, or a newline and up to 20 spaces/tabs), so a model
-cannot loop on whitespace, and are closed first (`common/schema_closing.py`):
+cannot loop on whitespace, and are closed first (`common/formats/schema_closing.py`):
 an object schema naming properties allows no others unless it says so with
 `additionalProperties` or `patternProperties`, as in OpenAI's strict mode.
 `grammar_string` is GBNF (llama.cpp) when it contains `::=` and is not
@@ -70,7 +70,7 @@ import numpy as np
 from llguidance.gbnf_to_lark import gbnf_to_lark, is_lark_syntax
 
 from common.errors import BadRequestError, EngineError
-from common.schema_closing import close_object_schemas
+from common.formats.schema_closing import close_object_schemas
 
 ConstraintKind = Literal["json_schema", "json_object", "regex", "grammar"]
 

@@ -14,7 +14,7 @@ from typing import Any
 from loguru import logger
 
 from common.errors import PayloadTooLargeError, dialect_for_path
-from common.request_context import RequestContext, Services
+from endpoints.http.request_context import RequestContext, Services
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

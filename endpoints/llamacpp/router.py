@@ -16,27 +16,27 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from backends.base import Finished, FinishReason, GenerationHandle, TextDelta
-from common.auth import require_api
-from common.config import ParleyConfig
+from endpoints.http.auth import require_api
+from common.config.loader import ParleyConfig
 from common.errors import BadRequestError, Dialect
-from common.fim import fim_prompt
-from common.generation import (
+from common.generation.fim import fim_prompt
+from common.generation.pipeline import (
     Prompt,
     collect,
     fit_params,
     raise_if_failed,
     submit_choices,
 )
-from common.models import LoadedModel
-from common.presets import Preset, PresetState, build_params
-from common.sampling import SamplingParams
-from common.streaming import dumps, sse_response, until_disconnect
-from endpoints.deps import get_config, get_presets, lease_model, log_unknown_fields
-from endpoints.error_docs import error_responses
-from endpoints.json_body import StrictJSONRoute
-from endpoints.names import ModelName
+from common.models.manager import LoadedModel
+from common.models.presets import Preset, PresetState, build_params
+from backends.sampling import SamplingParams
+from endpoints.http.streaming import dumps, sse_response, until_disconnect
+from endpoints.http.deps import get_config, get_presets, lease_model, log_unknown_fields
+from endpoints.http.error_docs import error_responses
+from endpoints.http.json_body import StrictJSONRoute
+from endpoints.http.names import ModelName
 from endpoints.openai.serving import stream_failure
-from endpoints.wire import WireModel
+from endpoints.http.wire import WireModel
 
 router = APIRouter(
     tags=["llama.cpp"],

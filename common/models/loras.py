@@ -14,7 +14,7 @@ from typing import Any
 from backends.base import LoadOptions
 from backends.registry import gguf_file
 from common.errors import BadRequestError, ModelNotFoundError
-from common.model_files import confine_name, scan_models
+from common.models.files import confine_name, scan_models
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import APIError, BadRequestError
-from common.generation import Prompt
-from common.models import LoadedModel
+from common.generation.pipeline import Prompt
+from common.models.manager import LoadedModel
 
 TABBY_FILE = "tabby.json"
 

@@ -1,4 +1,4 @@
-"""Tool-call output parsing, streaming-safe; see `common/tools.py` for the overview.
+"""Tool-call output parsing, streaming-safe; see `common/formats/tools.py` for the overview.
 
 `ToolCallStreamParser` is a small state machine over the text as it arrives:
 plain text (watching for the format's start marker) -> a tool-call region ->

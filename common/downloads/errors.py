@@ -19,7 +19,7 @@ from common.errors import (
 )
 
 if TYPE_CHECKING:
-    from common.downloader import DownloadRequest
+    from common.downloads.transfer import DownloadRequest
 
 
 class DownloadCancelled(Exception):

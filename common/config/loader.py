@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from pydantic import ValidationError
 from ruamel.yaml import YAML, YAMLError
 
-from common.config_schema import (  # ParleyConfig and ModelConfig are imported from here by callers
+from common.config.schema import (  # ParleyConfig and ModelConfig are imported from here by callers
     ENV_PREFIX,
     ModelConfig,  # noqa: F401
     ParleyConfig,
@@ -33,7 +33,7 @@ from common.config_schema import (  # ParleyConfig and ModelConfig are imported 
     field_sections,
     section_models,
 )
-from common.config_cli import (
+from common.config.cli import (
     COMMANDS,
     UsageError,
     build_parser,

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.reasoning import ReasoningParser, prompt_opens_reasoning
-from common.tools import ToolCall, ToolCallDelta, ToolCallStreamParser, ToolFormat, collect, detect_format, tool_names
-from common.tool_parsing import ContentDelta
+from common.formats.reasoning import ReasoningParser, prompt_opens_reasoning
+from common.formats.tools import ToolCall, ToolCallDelta, ToolCallStreamParser, ToolFormat, collect, detect_format, tool_names
+from common.formats.tool_parsing import ContentDelta
 
 
 @dataclass

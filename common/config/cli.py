@@ -1,7 +1,7 @@
 """Command-line parser generated from the config models.
 
 Every config key becomes a flag named after the bare key (`model_dir` ->
-`--model-dir`), so the models in `common/config.py` stay the single source of
+`--model-dir`), so the models in `common/config/loader.py` stay the single source of
 truth for names, help text and allowed values. Flags default to
 `argparse.SUPPRESS`: only what the user typed overrides the file and env.
 Boolean flags take both argparse's form (`--disable-auth`, `--no-disable-auth`)

@@ -48,8 +48,8 @@ from ruamel.yaml import YAML, YAMLError
 
 from backends.base import LoadOptions
 from common.errors import BadRequestError
-from common.gguf_info import parameter_size, read_gguf_info_async
-from common.presets import Preset, PresetError, load_preset
+from common.models.gguf_info import parameter_size, read_gguf_info_async
+from common.models.presets import Preset, PresetError, load_preset
 
 DEFAULTS_FILE = "parley.yml"
 TABBY_DEFAULTS_FILE = "tabby_config.yml"
@@ -169,7 +169,7 @@ class ModelDefaults:
 
 
 def _config_constraints() -> dict[str, Any]:
-    from common.config import ModelConfig
+    from common.config.loader import ModelConfig
 
     return dict(ModelConfig.model_fields)
 

@@ -39,9 +39,9 @@ from common.errors import (
     PermissionDeniedError,
     ServiceUnavailableError,
 )
-from common.loaded_model import LoadedModel, ModelLease
-from common.model_files import ModelFile, confine_name, read_defaults, scan_models
-from common.templating import ChatTemplate, TemplateError, list_templates, resolve_template
+from common.models.loaded import LoadedModel, ModelLease
+from common.models.files import ModelFile, confine_name, read_defaults, scan_models
+from common.formats.templating import ChatTemplate, TemplateError, list_templates, resolve_template
 
 __all__ = ["LoadedModel", "ModelFile", "ModelLease", "ModelManager", "confine_name", "scan_models"]
 

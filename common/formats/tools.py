@@ -12,7 +12,7 @@ chat template with `detect_format(template_source)`:
 
 Parsing accepts "arguments" and "parameters" in every format, arguments given
 as an object or as a JSON-encoded string, and a missing `</tool_call>`. The
-parser itself lives in `common/tool_parsing.py`; everything is importable
+parser itself lives in `common/formats/tool_parsing.py`; everything is importable
 from here.
 
 API for the endpoint layer:
@@ -22,7 +22,7 @@ API for the endpoint layer:
   named function (exactly one call) it returns a Lark grammar (with inline
   JSON schemas) that forces the model's tool-call format, with arguments
   valid against the function's `parameters`, closed as
-  `common/schema_closing.py` says (no property the schema does not name) and
+  `common/formats/schema_closing.py` says (no property the schema does not name) and
   with the same bounded whitespace as JSON schemas; "auto"/"none" need no
   constraint (None).
 - `ToolCallStreamParser(fmt, tool_names=None)`: `feed(text) -> list[Delta]`,
@@ -38,7 +38,7 @@ API for the endpoint layer:
 - `collect(deltas)` assembles deltas into (content, calls);
   `tool_names(tools)` lists the function names of a request's tools.
 - When the model also reasons, feed this parser the content stream of
-  `common/reasoning.py`'s parser, not the raw output.
+  `common/formats/reasoning.py`'s parser, not the raw output.
 
 Tool markers such as `[TOOL_CALLS]` and `<|python_tag|>` are special tokens
 in their models' vocabularies: text fed here must be detokenized with special
@@ -52,10 +52,10 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from common.constraints import JSON_WHITESPACE, ConstraintSpec
+from common.formats.constraints import JSON_WHITESPACE, ConstraintSpec
 from common.errors import BadRequestError
-from common.schema_closing import close_object_schemas
-from common.tool_parsing import (
+from common.formats.schema_closing import close_object_schemas
+from common.formats.tool_parsing import (
     HERMES_END,
     HERMES_START,
     LLAMA3_TAG,

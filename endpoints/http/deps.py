@@ -8,11 +8,11 @@ from fastapi import Request
 from loguru import logger
 from pydantic import BaseModel
 
-from common.auth import Permission, permission_of
-from common.config import ParleyConfig
-from common.download_jobs import DownloadManager
-from common.models import ModelLease, ModelManager
-from common.presets import PresetState
+from endpoints.http.auth import Permission, permission_of
+from common.config.loader import ParleyConfig
+from common.downloads.jobs import DownloadManager
+from common.models.manager import ModelLease, ModelManager
+from common.models.presets import PresetState
 
 
 def get_models(request: Request) -> ModelManager:

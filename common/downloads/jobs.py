@@ -19,7 +19,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from common.downloader import (
+from common.downloads.transfer import (
     DownloadPlan,
     DownloadProgress,
     DownloadRequest,

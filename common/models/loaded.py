@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, final
 
 from backends.base import Engine, LoadOptions, ModelInfo
-from common.constraints import ConstraintCompiler, TokenizerAdapter
-from common.model_files import ModelDefaults, combine_presets
-from common.presets import Preset
-from common.templating import ChatTemplate
+from common.formats.constraints import ConstraintCompiler, TokenizerAdapter
+from common.models.files import ModelDefaults, combine_presets
+from common.models.presets import Preset
+from common.formats.templating import ChatTemplate
 
 if TYPE_CHECKING:
-    from common.models import ModelManager
+    from common.models.manager import ModelManager
 
 
 @dataclass

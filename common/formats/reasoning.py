@@ -22,7 +22,7 @@ Rules:
   a marker split across chunks never leaks into either stream.
 - Output cut off inside the block (max_tokens) leaves all of it as reasoning.
 
-Run tool-call parsing (common/tools.py) on the content stream, after this.
+Run tool-call parsing (common/formats/tools.py) on the content stream, after this.
 `split_reasoning(text)` is the same machine for a whole output.
 """
 

@@ -1,0 +1,1 @@
+"""Hugging Face downloads: requests, resumable verified transfers, background jobs, the CLI."""

@@ -1,0 +1,1 @@
+"""Prompt and output formats: chat templates, output constraints, tool calls, reasoning, output shapes."""

@@ -1,0 +1,1 @@
+"""The one generation pipeline every route uses, and fill-in-the-middle prompts."""

@@ -1,0 +1,1 @@
+"""The HTTP kit shared by every dialect: auth, limits, streaming, metrics, lifecycle, request context, middleware."""

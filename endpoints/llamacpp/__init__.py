@@ -1,0 +1,1 @@
+"""llama.cpp's native server API: /infill, /tokenize, /detokenize, /props."""
