@@ -22,7 +22,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from common.downloads.transfer import DownloadPlan, DownloadProgress, DownloadRequest, download
+from common.downloads.request import DownloadRequest
+from common.downloads.transfer import DownloadPlan, DownloadProgress, download
 from common.errors import APIError
 
 

@@ -7,19 +7,16 @@ unreachable hub, a full disk and a stopped download each get their own status, c
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 from loguru import logger
 
+from common.downloads.request import DownloadRequest
 from common.errors import (
     APIError,
     NotFoundError,
     RateLimitError,
     ServiceUnavailableError,
 )
-
-if TYPE_CHECKING:
-    from common.downloads.transfer import DownloadRequest
 
 
 class DownloadCancelled(Exception):

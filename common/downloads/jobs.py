@@ -19,10 +19,10 @@ from pathlib import Path
 
 from loguru import logger
 
+from common.downloads.request import DownloadRequest
 from common.downloads.transfer import (
     DownloadPlan,
     DownloadProgress,
-    DownloadRequest,
     DownloadResult,
     FolderLock,
     check_disk_space,

@@ -26,7 +26,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote
@@ -34,26 +34,19 @@ from urllib.parse import quote
 from loguru import logger
 
 from common.downloads.errors import DownloadCancelled, gated_error, hub_error
-from common.errors import APIError, BadRequestError, ConflictError, NotFoundError
+from common.downloads.request import DownloadRequest, check_repo_id, check_request, target_folder
+from common.errors import APIError, ConflictError, NotFoundError
 
-_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+# DownloadRequest and its checks live in request.py; importers of this module may still name them here.
+__all__ = ["DownloadPlan", "DownloadProgress", "DownloadRequest", "DownloadResult", "FolderLock", "RemoteFile",
+           "check_disk_space", "check_repo_id", "check_request", "download", "file_url", "hub_endpoint",
+           "plan_download", "read_manifest", "run_download", "target_folder"]
+
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 INCOMPLETE_MARKER = ".incomplete"
 STATE_DIR = ".parley-download"  # lock, manifest and partial files, inside the model folder
-REPO_TYPES = ("model", "dataset", "space")
 HUB_TIMEOUT = 30.0
 LIBRARY = "parley"
-
-
-@dataclass
-class DownloadRequest:
-    repo_id: str
-    revision: str | None = None
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    folder_name: str | None = None
-    token: str | None = field(default=None, repr=False)
-    repo_type: str = "model"
 
 
 @dataclass(frozen=True)
@@ -155,52 +148,7 @@ class DownloadResult:
 ProgressFn = Callable[[DownloadProgress], None]
 
 
-# -- validation ----------------------------------------------------------------
-def check_repo_id(repo_id: str) -> str:
-    if not _REPO_RE.match(repo_id or "") or ".." in repo_id or repo_id.endswith((".git", ".")):
-        raise BadRequestError(
-            f"'{(repo_id or '')[:100]}' is not a Hugging Face repo id; use the form 'owner/name' "
-            "(e.g. 'bartowski/SmolLM2-135M-Instruct-GGUF'), without paths, URLs or '..'.",
-            param="repo_id",
-        )
-    return repo_id
-
-
-def check_request(req: DownloadRequest) -> None:
-    """Every client mistake a request can hold, before the hub is asked anything."""
-    from common.models.manager import confine_name
-
-    check_repo_id(req.repo_id)
-    if req.repo_type not in REPO_TYPES:
-        raise BadRequestError(f"repo_type must be one of {', '.join(REPO_TYPES)}.", param="repo_type")
-    if req.revision is not None and (
-        not req.revision or len(req.revision) > 255 or ".." in req.revision
-        or any(c in req.revision for c in "\\\x00 ~^:?*[") or not req.revision.isprintable()
-    ):
-        raise BadRequestError(
-            f"'{req.revision[:100]}' is not a branch, tag or commit; leave 'revision' out for the default branch.",
-            param="revision",
-        )
-    for name, patterns in (("include", req.include), ("exclude", req.exclude)):
-        for pattern in patterns:
-            if not pattern or len(pattern) > 500 or not pattern.isprintable():
-                raise BadRequestError(
-                    f"'{pattern[:100]}' is not a file glob; use patterns such as '*.gguf' or '*Q4_K_M*'.", param=name
-                )
-    if req.folder_name is not None:
-        confine_name(req.folder_name, "folder")
-        if len(req.folder_name) > 255:
-            raise BadRequestError("folder_name is longer than 255 characters; choose a shorter name.", param="folder_name")
-
-
-def target_folder(model_dir: Path, req: DownloadRequest) -> Path:
-    from common.models.manager import confine_name
-
-    name = req.folder_name or req.repo_id.split("/")[-1]
-    confine_name(name, "folder")
-    return model_dir / name
-
-
+# -- the hub -----------------------------------------------------------------------
 def hub_endpoint(configured: str | None = None) -> str:
     """The configured hub address, else huggingface_hub's (HF_ENDPOINT, read when it is imported)."""
     from huggingface_hub import constants

@@ -85,6 +85,11 @@ def confine_name(name: str, what: str = "model") -> str:
     return name
 
 
+def strip_gguf(name: str) -> str:
+    """A model name as the directory lists it: `NAME.gguf` means `NAME`."""
+    return name[:-5] if name.lower().endswith(".gguf") else name
+
+
 def defaults_file_of(path: Path) -> Path | None:
     """The per-model defaults file of a model file or folder, if there is one."""
     if path.is_dir():

@@ -2,7 +2,8 @@
 
 `LoadedModel` is one engine with its chat template, load options and
 per-model defaults. A `ModelLease` marks a running request: the manager never
-unloads a model with leases to make room or for idleness.
+unloads a model with leases to make room or for idleness. A lease knows only the
+callback that gives it back (`on_release`), not the manager that handed it out.
 """
 
 from __future__ import annotations
@@ -11,16 +12,13 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, final
+from typing import final
 
 from backends.base import Engine, LoadOptions, ModelInfo
 from common.formats.constraints import ConstraintCompiler, TokenizerAdapter
 from common.models.files import ModelDefaults, combine_presets
 from common.models.presets import Preset
 from common.formats.templating import ChatTemplate
-
-if TYPE_CHECKING:
-    from common.models.manager import ModelManager
 
 
 @dataclass
@@ -93,9 +91,9 @@ class ModelLease:
     streaming response, which calls it when the stream ends.
     """
 
-    def __init__(self, manager: ModelManager, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, on_release: Callable[[LoadedModel], None]) -> None:
         self.model = model
-        self._manager = manager
+        self._on_release = on_release
         self._released = False
         self._detached = False
 
@@ -103,7 +101,7 @@ class ModelLease:
         if self._released:
             return
         self._released = True
-        self._manager._release(self.model)
+        self._on_release(self.model)
 
     def detach(self) -> Callable[[], None]:
         self._detached = True

@@ -1,20 +1,23 @@
-"""LoRA adapters and draft models on disk: listing them and resolving names safely.
+"""LoRA adapters and draft models on disk: listing them, resolving names safely, applying a set.
 
 Adapter names resolve only inside `lora.lora_dir`, draft model names only
 inside `draft_model.draft_model_dir`, with the same confinement rules as
-model names (no paths, `..` or leading dots).
+model names (no paths, `..` or leading dots). `apply_lora_set` loads a list
+of adapters onto an engine and makes the ones that loaded its active set
+(POST /v1/lora/load and the configured `lora.loras` both use it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backends.base import LoadOptions
+from backends.base import Engine, LoadOptions
 from backends.registry import gguf_file
-from common.errors import BadRequestError, ModelNotFoundError
-from common.models.files import confine_name, scan_models
+from common.errors import APIError, BadRequestError, ModelNotFoundError
+from common.models.files import confine_name, scan_models, strip_gguf
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ def scan_loras(lora_dir: Path) -> list[LoraFile]:
 def _lookup(name: str, what: str, available: list[Any]) -> Any | None:
     """The entry called `name` (with or without .gguf) after the name is confined; None if absent."""
     confine_name(name, what)
-    wanted = name[:-5] if name.lower().endswith(".gguf") else name
+    wanted = strip_gguf(name)
     return next((entry for entry in available if entry.name == wanted), None)
 
 
@@ -60,6 +63,31 @@ def find_lora(lora_dir: Path, name: str) -> LoraFile:
         param="loras",
         code="lora_not_found",
     )
+
+
+@dataclass(frozen=True)
+class LoraSet:
+    """What `apply_lora_set` did: the engine's new active set, and each name that did not load."""
+
+    active: list[tuple[str, float]]  # (adapter, scaling), in the order asked
+    failed: list[tuple[str, str]]  # (name as asked, why it did not load)
+
+
+async def apply_lora_set(engine: Engine, lora_dir: Path, choices: Iterable[tuple[str, float]]) -> LoraSet:
+    """Load each (name, scaling) adapter onto the engine (if not loaded yet) and make exactly the
+    ones that loaded its active set. A name that does not resolve or load is reported, not raised."""
+    active: list[tuple[str, float]] = []
+    failed: list[tuple[str, str]] = []
+    for name, scaling in choices:
+        try:
+            found = find_lora(lora_dir, name)
+            await engine.load_lora(found.name, found.path)
+        except APIError as exc:
+            failed.append((name, exc.message))
+            continue
+        active.append((found.name, scaling))
+    engine.set_loras(active)
+    return LoraSet(active, failed)
 
 
 def find_draft_model(draft_dir: Path, name: str) -> Path:

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from endpoints.http.auth import require_admin
 from common.downloads.jobs import DownloadJob, DownloadManager
-from common.downloads.transfer import DownloadRequest
+from common.downloads.request import DownloadRequest
 from common.errors import ClientClosedError, Dialect
 from endpoints.http.streaming import dumps, sse_response, until_disconnect
 from endpoints.core.protocol import DownloadBody

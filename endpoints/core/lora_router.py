@@ -15,8 +15,8 @@ from loguru import logger
 
 from endpoints.http.auth import require_admin, require_api
 from common.config.loader import ParleyConfig
-from common.errors import APIError, Dialect
-from common.models.loras import find_lora, scan_loras
+from common.errors import Dialect
+from common.models.loras import apply_lora_set, scan_loras
 from common.models.manager import ModelManager
 from endpoints.core.protocol import LoraLoadRequest, LoraUnloadRequest
 from endpoints.http.deps import get_config, get_models
@@ -63,26 +63,11 @@ async def load_loras(
     adapters that loaded.
     """
     model = models.get(body.model)
-    lora_dir = Path(config.lora.lora_dir)
-    success: list[str] = []
-    failure: list[str] = []
-    errors: dict[str, str] = {}
-    pairs: list[tuple[str, float]] = []
-    for choice in body.loras:
-        try:
-            found = find_lora(lora_dir, choice.name)
-            await model.engine.load_lora(found.name, found.path)
-        except APIError as exc:
-            failure.append(choice.name)
-            errors[choice.name] = exc.message
-            continue
-        success.append(found.name)
-        pairs.append((found.name, choice.scaling))
-    model.engine.set_loras(pairs)
-    logger.info("LoRA set on {}: {}", model.name, ", ".join(f"{n}@{s:g}" for n, s in pairs) or "none")
-    result: dict[str, Any] = {"success": success, "failure": failure}
-    if errors:
-        result["errors"] = errors
+    applied = await apply_lora_set(model.engine, Path(config.lora.lora_dir), [(c.name, c.scaling) for c in body.loras])
+    logger.info("LoRA set on {}: {}", model.name, ", ".join(f"{n}@{s:g}" for n, s in applied.active) or "none")
+    result: dict[str, Any] = {"success": [n for n, _ in applied.active], "failure": [n for n, _ in applied.failed]}
+    if applied.failed:
+        result["errors"] = dict(applied.failed)
     return result
 
 

@@ -338,9 +338,9 @@ async def test_shutdown_stops_a_download_and_keeps_what_arrived(hub: FakeHub, tm
     import asyncio
 
     from common.downloads.jobs import DownloadManager
-    from common.downloads.transfer import DownloadRequest
+    from common.downloads.request import DownloadRequest
     from common.errors import APIError
-    from common.models.manager import scan_models
+    from common.models.files import scan_models
 
     manager = DownloadManager(tmp_path, hub.url)
     hub.release.clear()

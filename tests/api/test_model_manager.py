@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -254,16 +255,16 @@ def test_unload_by_name_and_keep_alive_through_ollama(two: tuple[TestClient, Key
 def test_concurrent_inline_loads_load_once_and_evict_the_idle_model(
     one: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import common.models.manager
+    import common.models.catalog
 
-    real = common.models.manager.load_engine
+    real = common.models.catalog.load_engine
     loads: list[str] = []
 
     def counting(*args: Any, **kw: Any) -> Any:
         loads.append(args[2])
         return real(*args, **kw)
 
-    monkeypatch.setattr(common.models.manager, "load_engine", counting)
+    monkeypatch.setattr(common.models.catalog, "load_engine", counting)
     bodies: list[dict[str, Any]] = []
 
     def ask(prompt: str) -> None:
@@ -298,7 +299,8 @@ def test_eviction_waits_for_the_running_stream(one: TestClient) -> None:
 
 def test_load_refused_with_503_while_every_model_is_busy(one: TestClient) -> None:
     models = one.app.state.models  # type: ignore[attr-defined]
-    models.load_wait_timeout = 0
+    settings = models.settings
+    models.settings = replace(settings, load_wait_timeout=0)
     try:
         out: dict[str, Any] = {}
         started = threading.Event()
@@ -314,7 +316,7 @@ def test_load_refused_with_503_while_every_model_is_busy(one: TestClient) -> Non
         assert out["errors"] == [] and out["finish"] == "length" and out["usage"]["completion_tokens"] == 16
         assert state(one, MODEL_NAME) == "loaded"
     finally:
-        models.load_wait_timeout = 30
+        models.settings = settings
 
 
 def test_a_reload_that_fails_restores_the_model_as_it_was(model_dir: Path, tmp_path: Path) -> None:

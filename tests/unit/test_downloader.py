@@ -9,17 +9,15 @@ from pathlib import Path
 import pytest
 
 from common.downloads.errors import DownloadCancelled, hub_error
+from common.downloads.request import DownloadRequest, check_repo_id, check_request
 from common.downloads.transfer import (
     STATE_DIR,
     DownloadPlan,
-    DownloadRequest,
     FolderLock,
     RemoteFile,
     _check_folder,
     _safe_repo_path,
     check_disk_space,
-    check_repo_id,
-    check_request,
 )
 from common.errors import APIError, BadRequestError, ConflictError
 

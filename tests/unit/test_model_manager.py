@@ -20,6 +20,7 @@ from common.errors import (
 )
 from common.models.files import parse_keep_alive, read_defaults
 from common.models.manager import ModelManager
+from common.models.options import ManagerSettings
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -65,7 +66,7 @@ class Loads:
 @pytest.fixture
 def loads(monkeypatch: pytest.MonkeyPatch) -> Loads:
     counter = Loads()
-    monkeypatch.setattr("common.models.manager.load_engine", counter)
+    monkeypatch.setattr("common.models.catalog.load_engine", counter)
     return counter
 
 
@@ -78,11 +79,12 @@ def model_dir(tmp_path: Path) -> Path:
     return d
 
 
-def manager(model_dir: Path, **kw: Any) -> ModelManager:
+def manager(model_dir: Path, *, on_loaded: Any = None, prepare: Any = None, **kw: Any) -> ModelManager:
     kw.setdefault("max_loaded", 2)
-    return ModelManager(
+    settings = ManagerSettings(
         model_dir, ROOT / "templates", LoadOptions(max_seq_len=64), preset_dir=ROOT / "sampler_overrides", **kw
     )
+    return ModelManager(settings, on_loaded=on_loaded, prepare=prepare)
 
 
 # -- which model a name means ------------------------------------------------------
@@ -369,4 +371,49 @@ async def test_an_admin_load_with_options_during_an_inline_load_gets_its_options
     assert model.options is not None and model.options.max_seq_len == 40
     assert loads.names == ["beta", "beta"] and loads.engines[0].closed
     assert m.loaded["beta"] is model
+    await m.close()
+
+
+# -- hooks given at construction ---------------------------------------------------------
+async def test_hooks_hear_each_load_and_prepare_runs_before_requests(model_dir: Path, loads: Loads) -> None:
+    heard: list[tuple[str, float]] = []
+    prepared: list[tuple[str, int]] = []
+
+    async def prepare(model: Any) -> None:
+        await asyncio.sleep(0)
+        prepared.append((model.name, model.active))
+
+    m = manager(model_dir, on_loaded=lambda name, seconds: heard.append((name, seconds)), prepare=prepare,
+                inline_loading=True, inline_admin_only=False)
+    await m.load("alpha")
+    lease = await m.acquire("beta")
+    assert [name for name, _ in heard] == ["alpha", "beta"] and all(s >= 0 for _, s in heard)
+    assert prepared == [("alpha", 0), ("beta", 0)]  # before the waiting request got its lease
+    lease.release()
+    await m.load("alpha", {"max_seq_len": 32}, reload=True)
+    assert prepared[-1] == ("alpha", 0)  # a reload is prepared again
+    await m.close()
+
+
+async def test_a_failing_prepare_does_not_fail_the_load(model_dir: Path, loads: Loads) -> None:
+    async def prepare(model: Any) -> None:
+        raise RuntimeError("adapter trouble")
+
+    m = manager(model_dir, prepare=prepare)
+    model = await m.load("alpha")
+    assert m.loaded == {"alpha": model}
+    await m.close()
+
+
+async def test_a_lease_releases_once(model_dir: Path, loads: Loads) -> None:
+    m = manager(model_dir)
+    await m.load("alpha")
+    first, second = await m.acquire("alpha"), await m.acquire("alpha")
+    assert first.model.active == 2
+    first.release()
+    first.release()  # idempotent
+    assert first.model.active == 1
+    with second:
+        pass
+    assert second.model.active == 0
     await m.close()

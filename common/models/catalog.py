@@ -1,0 +1,117 @@
+"""The model directory as the ModelManager sees it: what it holds, what a name means, chat templates,
+and opening one model into an engine (the blocking load runs in a thread, with a progress bar).
+
+Nothing here knows which models are loaded; that bookkeeping is the manager's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from loguru import logger
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from backends.base import LoadOptions
+from backends.registry import detect_backend, load_engine
+from common.errors import BadRequestError, ModelNotFoundError
+from common.formats.templating import ChatTemplate, TemplateError, list_templates, resolve_template
+from common.models.files import ModelFile, confine_name, scan_models, strip_gguf
+from common.models.loaded import LoadedModel
+
+FALLBACK_TEMPLATE = "chatml"
+
+
+class ModelCatalog:
+    def __init__(self, model_dir: Path, template_dir: Path, backend: str = "auto") -> None:
+        self.model_dir = model_dir
+        self.template_dir = template_dir
+        self.backend = backend  # used when a load names none
+
+    # -- models on disk ----------------------------------------------------------
+    def available(self) -> list[ModelFile]:
+        return scan_models(self.model_dir)
+
+    def find(self, name: str) -> ModelFile:
+        """The model called `name` (with or without .gguf); 404 listing the directory when absent."""
+        entry = self.find_quiet(name)
+        if entry is None:
+            names = ", ".join(m.name for m in self.available()) or "none"
+            raise ModelNotFoundError(
+                f"Model '{name}' is not in the model directory '{self.model_dir}'. Available: {names}. "
+                "Download one with `python main.py download REPO` or POST /v1/download.",
+                param="model",
+            )
+        return entry
+
+    def find_quiet(self, name: str) -> ModelFile | None:
+        """Like `find`, but None when absent (a name that could leave the directory still raises)."""
+        confine_name(name)
+        wanted = strip_gguf(name)
+        return next((m for m in self.available() if m.name == wanted), None)
+
+    # -- templates -----------------------------------------------------------------
+    def template_by_name(self, name: str | None) -> ChatTemplate | None:
+        if not name:
+            return None
+        try:
+            return ChatTemplate.from_file(resolve_template(self.template_dir, name))
+        except ValueError as exc:
+            raise BadRequestError(str(exc), param="prompt_template") from exc
+        except FileNotFoundError as exc:
+            raise ModelNotFoundError(str(exc), param="prompt_template", code="template_not_found") from exc
+
+    def templates(self) -> list[str]:
+        return list_templates(self.template_dir)
+
+    def own_template(self, model_name: str, source: str | None) -> ChatTemplate:
+        """The template a model's metadata carries, or the fallback when it has none or it does not compile."""
+        if source:
+            try:
+                return ChatTemplate.from_string(source, name=f"{model_name} (GGUF)")
+            except TemplateError as exc:
+                logger.warning("The chat template of {} does not compile ({}); using {}", model_name, exc,
+                               FALLBACK_TEMPLATE)
+        template = self.template_by_name(FALLBACK_TEMPLATE)
+        assert template is not None
+        return template
+
+    # -- opening a model ---------------------------------------------------------------
+    async def open(
+        self,
+        entry: ModelFile,
+        options: LoadOptions,
+        template: ChatTemplate | None,
+        backend: str | None,
+        progress: Callable[[float], None] | None,
+    ) -> LoadedModel:
+        """Load the model's engine in a thread; `template` None means the model's own template.
+
+        `backend` None means the catalog's default; the LoadedModel remembers the one asked for."""
+        kind = detect_backend(entry.path, backend or self.backend)
+        started = time.perf_counter()
+        logger.info("Loading model {} ({}, backend {})", entry.name, entry.path, kind)
+        with Progress(
+            TextColumn("[bold]Loading {task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            transient=True,
+        ) as bar:
+            task = bar.add_task(entry.name, total=1.0)
+
+            def report(value: float) -> None:
+                bar.update(task, completed=value)
+                if progress is not None:
+                    progress(value)
+
+            engine = await asyncio.to_thread(load_engine, kind, entry.path, entry.name, options, report)
+        if template is None:
+            template = self.own_template(entry.name, engine.info.chat_template)
+        logger.info(
+            "Loaded {} in {:.2f}s: context {} tokens, {} slots",
+            entry.name, time.perf_counter() - started, engine.info.n_ctx, engine.stats().slots_total,
+        )
+        return LoadedModel(entry.name, engine, template, options=options, backend=backend)
