@@ -1,7 +1,7 @@
 """One error hierarchy for every dialect.
 
 Routers and services raise `APIError`s; `endpoints/app.py` renders them in the
-shape of the dialect the request arrived in (OpenAI envelope, KoboldAI
+shape of the dialect the request's router declares (OpenAI envelope, KoboldAI
 `detail`, Ollama `error` string). A mid-stream failure becomes the final frame
 of that dialect's stream (see `endpoints/http/streaming.py`).
 """
@@ -154,11 +154,3 @@ class EngineError(APIError):
     type = "server_error"
     code = "engine_error"
 
-
-def dialect_for_path(path: str) -> Dialect:
-    """Which dialect's error shape a request path expects."""
-    if path.startswith("/api/v1/") or path.startswith("/api/extra/") or path == "/api/latest":
-        return Dialect.KOBOLD
-    if path.startswith("/api/"):
-        return Dialect.OLLAMA
-    return Dialect.OPENAI

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -15,17 +14,17 @@ from loguru import logger
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from backends.base import LoadOptions
 from endpoints.http.auth import AuthManager
-from common.config.loader import ParleyConfig
+from common.config.loader import ConfigError, ParleyConfig
 from common.downloads.jobs import DownloadManager
-from common.errors import APIError, BadRequestError, Dialect, EngineError, dialect_for_path
-from common.models.loras import draft_options, find_lora
+from common.errors import APIError, BadRequestError, Dialect, EngineError
 from endpoints.http.lifecycle import Lifecycle
 from endpoints.http.metrics import Metrics
-from common.models.manager import LoadedModel, ModelManager
+from common.models.manager import ModelManager
+from common.models.options import LoraPolicy, ManagerSettings
 from common.models.presets import PresetState
 from endpoints.http.ratelimit import RateLimiter
+from endpoints.http.deps import route_dialect
 from endpoints.http.request_context import Services
 from endpoints.http.middleware import ParleyMiddleware
 
@@ -33,53 +32,15 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VERSION = "0.1.0"
 
 
-def load_options_from(config: ParleyConfig) -> LoadOptions:
-    m, d = config.model, config.draft_model
-    options = LoadOptions(
-        max_seq_len=m.max_seq_len,
-        cache_size=m.cache_size,
-        max_batch_size=m.max_batch_size,
-        chunk_size=m.chunk_size,
-        max_queue=m.max_queue,
-        n_threads=m.n_threads,
-        n_gpu_layers=m.n_gpu_layers,
-        cache_mode=m.cache_mode,
-        flash_attention=m.flash_attention,
-        prompt_template=m.prompt_template,
-        draft_mode=d.draft_mode,
-        draft_max_tokens=d.draft_max_tokens,
-    )
-    if d.draft_mode == "model" or d.draft_model_name:
-        try:
-            resolved = draft_options(Path(d.draft_model_dir), d.draft_mode, d.draft_model_name, None, options)
-        except APIError as exc:
-            raise SystemExit(f"draft_model: {exc.message}") from None
-        options = replace(options, **resolved)
-    return options
-
-
-async def apply_config_loras(config: ParleyConfig, model: LoadedModel) -> None:
-    """Load the adapters `lora.loras` names onto the configured model (each time it loads) and make
-    them its active set."""
-    if not config.lora.loras or (config.model.model_name and model.name != config.model.model_name):
-        return
-    model_name = model.name
-    lora_dir = Path(config.lora.lora_dir)
-    pairs = []
-    for entry in config.lora.loras:
-        try:
-            found = find_lora(lora_dir, entry.name)
-            await model.engine.load_lora(found.name, found.path)
-        except APIError as exc:
-            logger.error("LoRA '{}' was not loaded: {}", entry.name, exc.message)
-            continue
-        pairs.append((found.name, entry.scaling))
-    model.engine.set_loras(pairs)
-    logger.info("LoRA adapters active on {}: {}", model_name, ", ".join(f"{n}@{s:g}" for n, s in pairs) or "none")
-
-
-def build_model_manager(config: ParleyConfig) -> ModelManager:
-    return ModelManager.from_config(config, PROJECT_ROOT, load_options_from(config))
+def build_model_manager(config: ParleyConfig, metrics: Metrics | None = None) -> ModelManager:
+    """The model manager the config describes: loads reported to the metrics, `lora.loras` applied
+    to each load of the configured model. An unusable draft_model setting stops the server."""
+    try:
+        settings = ManagerSettings.from_config(config, PROJECT_ROOT)
+    except ConfigError as exc:
+        raise SystemExit(f"Configuration error: {exc}") from None
+    on_loaded = metrics.model_loaded if metrics is not None else None
+    return ModelManager(settings, on_loaded=on_loaded, prepare=LoraPolicy.from_config(config).apply)
 
 
 async def load_startup_model(app: FastAPI) -> None:
@@ -129,7 +90,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     def render(request: Request, err: APIError) -> JSONResponse:
-        dialect = dialect_for_path(request.url.path)
+        dialect = route_dialect(request.scope).dialect
         return JSONResponse(err.body(dialect), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(APIError)
@@ -140,7 +101,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
         err = BadRequestError(message, param=param)
-        if dialect_for_path(request.url.path) is Dialect.KOBOLD:
+        if route_dialect(request.scope).dialect is Dialect.KOBOLD:
             err.status = 422
         return render(request, err)
 
@@ -163,9 +124,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return render(request, EngineError(f"Internal server error{detail}. The server keeps running; retry."))
 
 
-def install_services(app: FastAPI, config: ParleyConfig) -> None:
+def install_services(app: FastAPI, config: ParleyConfig, metrics: Metrics | None) -> None:
     """Rate limits, metrics and the shutdown state on app.state.services; the middleware using them; CORS."""
-    metrics = Metrics() if config.network.enable_metrics else None
     lifecycle = Lifecycle(config.network.shutdown_timeout)
     services = Services(config, RateLimiter(), lifecycle, metrics)
     app.state.services = services
@@ -177,8 +137,6 @@ def install_services(app: FastAPI, config: ParleyConfig) -> None:
             lambda: lifecycle.in_flight,
             lambda: lifecycle.draining,
         )
-        models.on_loaded = metrics.model_loaded
-    models.prepare = lambda model: apply_config_loras(config, model)
     app.add_middleware(ParleyMiddleware, services=services)
     # Added last, so it is outermost: refusals (413, 429, 503) carry CORS headers too.
     if config.network.cors_origins:
@@ -212,7 +170,8 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
     app = FastAPI(title="Parley", version=VERSION, lifespan=lifespan)
     app.state.config = config
     app.state.auth = AuthManager.load(config.network.api_tokens_file, disabled=config.network.disable_auth)
-    app.state.models = build_model_manager(config)
+    metrics = Metrics() if config.network.enable_metrics else None
+    app.state.models = build_model_manager(config, metrics)
     app.state.downloads = DownloadManager(Path(config.model.model_dir), config.model.hf_endpoint)
     app.state.presets = PresetState(PROJECT_ROOT / "sampler_overrides")
     if config.sampling.override_preset:
@@ -221,7 +180,7 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
         except APIError as exc:
             raise SystemExit(f"sampling.override_preset: {exc.message}") from None
     install_error_handlers(app)
-    install_services(app, config)
+    install_services(app, config, metrics)
 
     from endpoints.core.download_router import router as download_router
     from endpoints.core.lora_router import router as lora_router

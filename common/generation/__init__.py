@@ -1,1 +1,1 @@
-"""The one generation pipeline every route uses, and fill-in-the-middle prompts."""
+"""Prompts, the one way every route starts a generation (start_generation), and fill-in-the-middle prompts."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import APIError, BadRequestError
-from common.generation.pipeline import Prompt
+from common.generation.prompts import Prompt
 from common.models.manager import LoadedModel
 
 TABBY_FILE = "tabby.json"

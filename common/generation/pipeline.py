@@ -1,18 +1,20 @@
-"""The pipeline every dialect shares: prompt -> tokens -> engine -> events.
+"""The one way to start a generation: fit, admit, constrain, queue; then read, collect or fail.
 
 Dialects differ only in how they map their request into a prompt and
 `SamplingParams` (their mapping.py) and how they frame the events (their
-serving.py). Context checks, `n` choices, and cancellation live here once.
+serving.py). Between the two every route calls `start_generation`, which owns
+the context checks, the caller's caps and admission (through its
+`GenerationHooks`), the output constraint, the `n` choices and their
+cancellation; the `Generation` it returns owns the one mapping from a
+finish to an error.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
 
 from backends.base import (
     Event,
@@ -24,208 +26,150 @@ from backends.base import (
     TokenLogprob,
     Usage,
 )
-from common.formats.constraints import Constraint, ConstraintSpec
-from common.errors import BadRequestError, ContextLengthExceededError
-from common.models.manager import LoadedModel
-from endpoints.http.request_context import current_request
 from backends.sampling import SamplingParams
+from common.errors import APIError, BadRequestError, ContextLengthExceededError, EngineError, ModelNotLoadedError
+from common.formats.constraints import Constraint, ConstraintSpec
+from common.generation.hooks import GenerationHooks
+from common.generation.prompts import Prompt
+from common.models.manager import LoadedModel
 
 
 @dataclass
-class Prompt:
-    tokens: list[int]
-    text: str | None = None
-    stop: tuple[str, ...] = ()  # stop strings the chat template declares
-    param: str = "prompt"  # the request field this prompt came from, for error messages
+class ChoiceResult:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: Finished | None = None
 
 
-def _text_of(content: Any, where: str) -> str | None:
-    """OpenAI content: a string, None, or a list of parts; text parts are joined."""
-    if content is None or isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts: list[str] = []
-        for i, part in enumerate(content):
-            if isinstance(part, str):
-                texts.append(part)
-            elif isinstance(part, dict) and part.get("type") in ("text", "input_text"):
-                text = part.get("text", "")
-                if not isinstance(text, str):
-                    raise BadRequestError(
-                        f"{where}.content[{i}].text must be a string.", param=f"{where}.content[{i}].text"
-                    )
-                texts.append(text)
-            elif isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
-                raise BadRequestError(
-                    f"{where}.content[{i}] is an image, and the loaded model cannot read images. "
-                    "Send text only, or load a vision model.",
-                    param=f"{where}.content",
-                )
-            else:
-                raise BadRequestError(
-                    f"{where}.content[{i}] has an unsupported part type; use {{'type': 'text', 'text': ...}}.",
-                    param=f"{where}.content",
-                )
-        return "".join(texts)
-    raise BadRequestError(f"{where}.content must be a string or a list of parts.", param=f"{where}.content")
+class Generation:
+    """The queued choices of one prompt. Read them once: `events()` as they come, or `collect()`."""
 
+    def __init__(self, handles: Sequence[GenerationHandle]) -> None:
+        if not handles:
+            raise ValueError("A Generation needs at least one handle; start one with start_generation.")
+        self.handles = list(handles)
 
-def _tool_calls_for_template(calls: Any, where: str) -> list[dict[str, Any]]:
-    """OpenAI sends arguments as a JSON string; HF templates expect an object."""
-    if not isinstance(calls, list):
-        raise BadRequestError(f"{where}.tool_calls must be a list.", param=f"{where}.tool_calls")
-    out = []
-    for j, call in enumerate(calls):
-        if not isinstance(call, dict) or not isinstance(call.get("function") or {}, dict):
-            raise BadRequestError(
-                f"{where}.tool_calls[{j}] must be an object like "
-                "{'id': ..., 'type': 'function', 'function': {'name': ..., 'arguments': '...'}}.",
-                param=f"{where}.tool_calls[{j}]",
+    @property
+    def params(self) -> SamplingParams:
+        """The fitted parameters the first choice runs with (max_tokens settled, template stops added)."""
+        return self.handles[0].request.params
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        return self.handles[0].request.prompt_tokens
+
+    def cancel(self) -> None:
+        for handle in self.handles:
+            handle.cancel()
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) as they come, interleaved; leaving early cancels every choice."""
+        if len(self.handles) == 1:
+            async with aclosing(self.handles[0].events()) as events:
+                async for ev in events:
+                    yield 0, ev
+            return
+        queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        async def pump(i: int, h: GenerationHandle) -> None:
+            async with aclosing(h.events()) as events:
+                async for ev in events:
+                    queue.put_nowait((i, ev))
+
+        tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(self.handles)]
+        remaining = len(self.handles)
+        try:
+            while remaining:
+                i, ev = await queue.get()
+                if isinstance(ev, Finished):
+                    remaining -= 1
+                yield i, ev
+        finally:
+            for t in tasks:
+                t.cancel()
+            self.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def collect(self, *, keep_logprobs: bool = False) -> list[ChoiceResult]:
+        """Every choice's whole output, each with its finish. A choice that failed raises its
+        `failure` instead: a non-streaming answer is an error, never a silently truncated text."""
+        results = [ChoiceResult(i) for i in range(len(self.handles))]
+        parts: list[list[str]] = [[] for _ in self.handles]
+        async with aclosing(self.events()) as events:
+            async for i, ev in events:
+                if isinstance(ev, TextDelta):
+                    parts[i].append(ev.text)
+                    results[i].token_ids.extend(ev.token_ids)
+                    if keep_logprobs:
+                        results[i].logprobs.extend(ev.logprobs)
+                else:
+                    results[i].finish = ev
+        for r, p in zip(results, parts):
+            r.text = "".join(p)
+            failure = self.failure(r.finish)
+            if failure is not None:
+                raise failure
+        return results
+
+    @staticmethod
+    def failure(finish: Finished | None) -> APIError | None:
+        """The error a finish stands for (None: the choice ended normally, cancelled included)."""
+        if finish is None:
+            return EngineError("The generation ended without a result. Retry the request.")
+        if finish.reason is FinishReason.ERROR:
+            return EngineError(
+                finish.error or "The engine failed while generating. Retry the request; reload the model if it persists."
             )
-        call = dict(call)
-        fn = dict(call.get("function") or {})
-        args = fn.get("arguments")
-        if isinstance(args, str):
-            try:
-                fn["arguments"] = json.loads(args) if args.strip() else {}
-            except ValueError:
-                pass  # leave it as the client sent it
-        call["function"] = fn
-        out.append(call)
-    return out
+        if finish.reason is FinishReason.UNLOAD:
+            return ModelNotLoadedError("The model was unloaded while generating. Load it again and retry.")
+        return None
 
 
-def _inline_tool_calls(calls: list[dict[str, Any]]) -> str:
-    """Tool calls as text, for templates that know nothing of tool_calls (Hermes style)."""
-    parts = []
-    for call in calls:
-        fn = call.get("function", {})
-        parts.append(
-            "<tool_call>\n" + json.dumps({"name": fn.get("name"), "arguments": fn.get("arguments")}) + "\n</tool_call>"
-        )
-    return "\n".join(parts)
-
-
-def _tools_system_text(tools: list[dict[str, Any]]) -> str:
-    listing = "\n".join(json.dumps(t.get("function", t)) for t in tools)
-    return (
-        "You may call functions. Available functions:\n<tools>\n" + listing + "\n</tools>\n"
-        'To call one, reply with <tool_call>\n{"name": <function name>, "arguments": <arguments object>}\n</tool_call>'
-    )
-
-
-def normalize_messages(
-    messages: list[dict[str, Any]], *, template_knows_tool_calls: bool = True
-) -> list[dict[str, Any]]:
-    if not messages:
-        raise BadRequestError("'messages' must contain at least one message.", param="messages")
-    out = []
-    for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        role = msg.get("role")
-        if role not in ("system", "developer", "user", "assistant", "tool", "function"):
-            raise BadRequestError(
-                f"{where}.role '{role}' is not one of system, developer, user, assistant, tool.",
-                param=f"{where}.role",
-            )
-        m = dict(msg)
-        m["role"] = "system" if role == "developer" else role
-        m["content"] = _text_of(msg.get("content"), where)
-        if m["content"] is None and not (role == "assistant" and msg.get("tool_calls")):
-            # As OpenAI: only an assistant message that calls tools may leave out its text.
-            state = "null" if "content" in msg else "missing"
-            raise BadRequestError(
-                f"{where}.content is {state}; a {role} message needs text (a string or a list of text parts).",
-                param=f"{where}.content",
-            )
-        if msg.get("tool_calls"):
-            m["tool_calls"] = _tool_calls_for_template(msg["tool_calls"], where)
-            if not template_knows_tool_calls:
-                m["content"] = ((m["content"] or "") + "\n" + _inline_tool_calls(m.pop("tool_calls"))).strip()
-        if m["content"] is None:
-            m["content"] = ""
-        out.append(m)
-    return out
-
-
-def chat_prompt(
+async def start_generation(
     model: LoadedModel,
-    messages: list[dict[str, Any]],
+    prompt: Prompt,
+    params: SamplingParams,
     *,
-    add_generation_prompt: bool = True,
-    continue_final_message: bool = False,
-    tools: list[dict[str, Any]] | None = None,
-    template_vars: dict[str, Any] | None = None,
-    response_prefix: str | None = None,
-) -> Prompt:
-    template = model.template
-    if template is None:
-        raise BadRequestError(
-            "The loaded model has no chat template. Switch one with POST /v1/template/switch, "
-            "or use /v1/completions with a raw prompt.",
-            param="messages",
-        )
-    info = model.info
-    source = template.source
-    normalized = normalize_messages(messages, template_knows_tool_calls="tool_calls" in source)
-    if tools and "tools" not in source:
-        # The template cannot show tools: tell the model in a system message instead.
-        note = _tools_system_text(tools)
-        if normalized[0]["role"] == "system":
-            normalized[0] = {**normalized[0], "content": f"{normalized[0]['content']}\n\n{note}"}
-        else:
-            normalized.insert(0, {"role": "system", "content": note})
-    text = template.render(
-        normalized,
-        add_generation_prompt=add_generation_prompt and not continue_final_message,
-        continue_final_message=continue_final_message,
-        bos_token=info.bos_token,
-        eos_token=info.eos_token,
-        tools=tools,
-        template_vars=template_vars,
-    )
-    if response_prefix:
-        text += response_prefix
-    add_bos = info.add_bos_token and not (info.bos_token and text.startswith(info.bos_token))
-    refuse_hopeless(model, text, "messages")
-    tokens = model.engine.tokenize(text, add_bos=add_bos, special=True)
-    return Prompt(tokens, text, tuple(template.metadata.stop_strings), param="messages")
+    hooks: GenerationHooks,
+    n: int = 1,
+    constraint: ConstraintSpec | Constraint | None = None,
+    loras: tuple[tuple[str, float], ...] | None = None,
+    default_max_tokens: int | None = None,
+) -> Generation:
+    """Queue `n` choices of `prompt`, or raise an APIError with nothing left queued.
+
+    In order: the token ids in `params` must exist; the prompt must fit the
+    context and the caller's caps (`hooks.fit`), which settles max_tokens
+    (`default_max_tokens` when the request sent none, else the room left) and
+    adds the template's stop strings; the caller admits the request
+    (`hooks.admit`); the constraint is compiled off the event loop; the choices
+    are queued (seeds counting up from `params.seed`) and handed to
+    `hooks.observe`. A refusal while queuing (busy, unloading) cancels the
+    choices already queued. `loras` picks adapters and scales for these
+    choices only (None: the model's active set).
+    """
+    if n < 1:
+        raise BadRequestError(f"n is {n}; ask for at least one choice.", param="n")
+    fitted = _fit(model, prompt, params, default_max_tokens, hooks)
+    hooks.admit(n)
+    compiled = await _compile(model, constraint)
+    handles: list[GenerationHandle] = []
+    try:
+        for i in range(n):
+            p = fitted if (n == 1 or fitted.seed is None) else fitted.with_updates(seed=fitted.seed + i)
+            handles.append(model.engine.submit(GenerationRequest(list(prompt.tokens), p, constraint=compiled,
+                                                                 loras=loras)))
+            handles[-1] = hooks.observe(handles[-1], model.name, counts_prompt=i == 0)
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+    return Generation(handles)
 
 
-def refuse_hopeless(model: LoadedModel, text: str, param: str) -> None:
-    """Refuse, before tokenizing, a text that cannot fit the context even if every token were the
-    vocabulary's longest: tokenizing megabytes would hold the server for seconds only to say so."""
-    n_ctx = model.info.n_ctx
-    # A token covers at most max_token_bytes bytes, and a character is at least one byte.
-    if len(text) > n_ctx * model.max_token_bytes:
-        raise ContextLengthExceededError(
-            f"This model's maximum context length is {n_ctx} tokens, and this prompt of {len(text):,} "
-            f"characters needs more than {n_ctx} tokens. Shorten the prompt or the conversation, or load "
-            "the model with a larger max_seq_len.",
-            param=param,
-        )
-
-
-def text_prompt(
-    model: LoadedModel, prompt: str | list[int], *, add_bos: bool | None = None, truncatable: bool = False
-) -> Prompt:
-    """`truncatable`: the caller cuts an overlong prompt itself (KoboldAI does), so no early refusal."""
-    info = model.info
-    if isinstance(prompt, list):
-        bad = next((t for t in prompt if not (0 <= t < info.n_vocab)), None)
-        if bad is not None:
-            raise BadRequestError(f"Token id {bad} is outside the vocabulary (0..{info.n_vocab - 1}).", param="prompt")
-        return Prompt(list(prompt))
-    if add_bos is None:
-        add_bos = info.add_bos_token
-    if add_bos and info.bos_token and prompt.startswith(info.bos_token):
-        add_bos = False
-    if not truncatable:
-        refuse_hopeless(model, prompt, "prompt")
-    return Prompt(model.engine.tokenize(prompt, add_bos=add_bos, special=True), prompt)
-
-
-def check_token_ids(params: SamplingParams, n_vocab: int) -> None:
+def _check_token_ids(params: SamplingParams, n_vocab: int) -> None:
     """Token ids in sampling fields must exist: an unknown id would be silently ignored (or, in
     allowed_tokens, leave nothing to sample)."""
     fields = (
@@ -244,15 +188,16 @@ def check_token_ids(params: SamplingParams, n_vocab: int) -> None:
             )
 
 
-def fit_params(model: LoadedModel, prompt: Prompt, params: SamplingParams, default_max_tokens: int | None) -> SamplingParams:
-    """Check the prompt fits the context and the server's caps and the token ids exist; settle max_tokens and stop strings."""
-    check_token_ids(params, model.info.n_vocab)
+def _fit(
+    model: LoadedModel, prompt: Prompt, params: SamplingParams, default_max_tokens: int | None, hooks: GenerationHooks
+) -> SamplingParams:
+    """Check the token ids exist and the prompt fits the context and the caps; settle max_tokens and stop strings."""
+    _check_token_ids(params, model.info.n_vocab)
     n_ctx = model.info.n_ctx
     n_prompt = len(prompt.tokens)
     if n_prompt == 0:
         raise BadRequestError("The prompt is empty after tokenization; send some text.", param="prompt")
-    ctx = current_request()
-    ceiling = ctx.fit(n_prompt, prompt.param, params.max_tokens) if ctx is not None else None
+    ceiling = hooks.fit(n_prompt, prompt.param, params.max_tokens)
     if n_prompt >= n_ctx:
         raise ContextLengthExceededError(
             f"This model's maximum context length is {n_ctx} tokens, but the prompt has {n_prompt} tokens. "
@@ -263,110 +208,20 @@ def fit_params(model: LoadedModel, prompt: Prompt, params: SamplingParams, defau
     max_tokens = min(params.max_tokens or default_max_tokens or room, room, ceiling or room)
     stop = params.stop + tuple(s for s in prompt.stop if s not in params.stop)
     fitted = params.with_updates(max_tokens=max_tokens, stop=stop)
-    if ctx is not None:
-        ctx.record_prompt(model.name, n_prompt, prompt.text, fitted)
+    hooks.record_prompt(model.name, n_prompt, prompt.text, fitted)
     return fitted
 
 
-@dataclass
-class ChoiceResult:
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish: Finished | None = None
-
-
-async def compile_constraint(model: LoadedModel, spec: ConstraintSpec | None) -> Constraint | None:
+async def _compile(model: LoadedModel, constraint: ConstraintSpec | Constraint | None) -> Constraint | None:
     """Compile a request's output constraint off the event loop (cached per model)."""
-    if spec is None:
-        return None
+    if not isinstance(constraint, ConstraintSpec):
+        return constraint
     compiler = await model.constraint_compiler()
-    return await asyncio.to_thread(compiler.compile, spec)
-
-
-def submit_choices(
-    model: LoadedModel,
-    prompt: Prompt,
-    params: SamplingParams,
-    n: int,
-    constraint: Constraint | None = None,
-    loras: tuple[tuple[str, float], ...] | None = None,
-) -> list[GenerationHandle]:
-    """Queue n choices at once; a refusal (busy, unloading) cancels those already queued.
-
-    `loras` picks adapters and scales for these choices only (None: the model's active set).
-
-    Within an HTTP request, the request is first admitted (n cap, draining, rate
-    limits) and each handle is observed for metrics and token accounting.
-    """
-    ctx = current_request()
-    if ctx is not None:
-        ctx.admit(n)
-    handles: list[GenerationHandle] = []
-    try:
-        for i in range(n):
-            p = params if (n == 1 or params.seed is None) else params.with_updates(seed=params.seed + i)
-            request = GenerationRequest(list(prompt.tokens), p, constraint=constraint, loras=loras)
-            handle = model.engine.submit(request)
-            if ctx is not None:
-                handle = ctx.observe(handle, model.name, counts_prompt=i == 0)
-            handles.append(handle)
-    except BaseException:
-        for h in handles:
-            h.cancel()
-        raise
-    return handles
-
-
-async def merge_events(handles: list[GenerationHandle]) -> AsyncIterator[tuple[int, Event]]:
-    """Interleave the events of several choices as they come; cancel all on exit."""
-    if len(handles) == 1:
-        async with aclosing(handles[0].events()) as events:
-            async for ev in events:
-                yield 0, ev
-        return
-    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-
-    async def pump(i: int, h: GenerationHandle) -> None:
-        async with aclosing(h.events()) as events:
-            async for ev in events:
-                queue.put_nowait((i, ev))
-
-    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
-    remaining = len(handles)
-    try:
-        while remaining:
-            i, ev = await queue.get()
-            if isinstance(ev, Finished):
-                remaining -= 1
-            yield i, ev
-    finally:
-        for t in tasks:
-            t.cancel()
-        for h in handles:
-            h.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def collect(handles: list[GenerationHandle], *, keep_logprobs: bool = False) -> list[ChoiceResult]:
-    results = [ChoiceResult(i) for i in range(len(handles))]
-    parts: list[list[str]] = [[] for _ in handles]
-    async with aclosing(merge_events(handles)) as events:
-        async for i, ev in events:
-            if isinstance(ev, TextDelta):
-                parts[i].append(ev.text)
-                results[i].token_ids.extend(ev.token_ids)
-                if keep_logprobs:
-                    results[i].logprobs.extend(ev.logprobs)
-            else:
-                results[i].finish = ev
-    for r, p in zip(results, parts):
-        r.text = "".join(p)
-    return results
+    return await asyncio.to_thread(compiler.compile, constraint)
 
 
 def total_usage(finishes: list[Finished]) -> Usage:
+    """The usage of one prompt's choices: the prompt counted once, the completions summed."""
     usage = Usage()
     for f in finishes:
         usage.completion_tokens += f.usage.completion_tokens
@@ -378,15 +233,3 @@ def total_usage(finishes: list[Finished]) -> Usage:
         usage.prompt_tokens = finishes[0].usage.prompt_tokens
         usage.cached_tokens = min(f.usage.cached_tokens for f in finishes)
     return usage
-
-
-def raise_if_failed(finish: Finished | None) -> None:
-    """A non-streaming request whose engine failed gets an error, not a truncated answer."""
-    from common.errors import EngineError, ModelNotLoadedError
-
-    if finish is None:
-        raise EngineError("The generation ended without a result. Retry the request.")
-    if finish.reason is FinishReason.ERROR:
-        raise EngineError(finish.error or "The engine failed. Retry, or reload the model.")
-    if finish.reason is FinishReason.UNLOAD:
-        raise ModelNotLoadedError("The model was unloaded while generating. Load it again and retry.")

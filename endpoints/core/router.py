@@ -16,7 +16,7 @@ from backends.base import LoadOptions
 from endpoints.http.auth import Permission, permission_of, require_admin, require_api
 from common.errors import BadRequestError, Dialect
 from common.config.loader import ParleyConfig
-from common.generation.pipeline import chat_prompt
+from common.generation.prompts import chat_prompt
 from common.models.loras import draft_options
 from common.models.files import ModelFile
 from common.models.manager import LoadedModel, ModelManager

@@ -1,15 +1,19 @@
-"""FastAPI dependencies: the per-app objects routers need, read from app.state."""
+"""FastAPI dependencies: the per-app objects routers need (read from app.state), and each router's dialect."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from loguru import logger
 from pydantic import BaseModel
+from starlette.routing import Match
 
 from endpoints.http.auth import Permission, permission_of
 from common.config.loader import ParleyConfig
+from common.errors import Dialect
 from common.downloads.jobs import DownloadManager
 from common.models.manager import ModelLease, ModelManager
 from common.models.presets import PresetState
@@ -50,3 +54,80 @@ def log_unknown_fields(body: BaseModel, route: str) -> None:
     extra: dict[str, Any] | None = body.model_extra
     if extra:
         logger.info("{}: ignoring unknown fields {}", route, ", ".join(sorted(extra)))
+
+
+@dataclass(frozen=True)
+class RouteDialect:
+    """What a router declares about its routes: `APIRouter(dependencies=[Depends(RouteDialect(...)), ...])`.
+
+    `dialect`: the shape its errors take. `max_tokens`: the request field that
+    sets the output length (`max_tokens_named`: how messages name it, when
+    that says more). `claims`: path prefixes whose unknown routes still answer
+    in this dialect. A route may declare its own after its router's; the last
+    one counts. Calling it does nothing: `route_dialect` reads the
+    declaration from the matched route, so errors raised before any
+    dependency ran (bad JSON, a missing key) take the shape too.
+    """
+
+    dialect: Dialect
+    max_tokens: str = "max_tokens"
+    max_tokens_named: str | None = None
+    claims: tuple[str, ...] = ()
+
+    def __call__(self) -> None:
+        return None
+
+
+DEFAULT_DIALECT = RouteDialect(Dialect.OPENAI)  # admin routes, and unknown paths no router claims
+
+
+def _declared(route: Any) -> RouteDialect | None:
+    for dep in reversed(getattr(route, "dependencies", None) or ()):
+        if isinstance(dep.dependency, RouteDialect):
+            return dep.dependency
+    return None
+
+
+def _routes(routes: Any) -> Iterator[Any]:
+    """Every route under `routes`, into included routers (FastAPI >= 0.16x keeps those as one entry each)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _routes(included.routes)
+        else:
+            yield route
+
+
+def _match(scope: Mapping[str, Any]) -> Any:
+    """The route a request not yet routed will go to (Starlette's rule: a full match, else a partial one)."""
+    partial = None
+    for route in _routes(getattr(getattr(scope.get("app"), "router", None), "routes", ())):
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return route
+        if match is Match.PARTIAL and partial is None:
+            partial = route
+    return partial
+
+
+def route_dialect(scope: Mapping[str, Any]) -> RouteDialect:
+    """The dialect a request answers in: its route's declaration, else that of the router claiming
+    the longest prefix of its path, else OpenAI's."""
+    route = scope.get("route")
+    if (route is None or hasattr(route, "original_router")) and scope.get("type") == "http":
+        route = _match(scope)  # not routed yet (a refused body), or left at an included router
+    if route is not None:
+        return _declared(route) or DEFAULT_DIALECT
+    path = scope.get("path", "")
+    claimant, longest = DEFAULT_DIALECT, 0
+    for candidate in _routes(getattr(getattr(scope.get("app"), "router", None), "routes", ())):
+        declared = _declared(candidate)
+        for prefix in declared.claims if declared else ():
+            if path.startswith(prefix) and len(prefix) > longest:
+                claimant, longest = declared, len(prefix)
+    return claimant
+
+
+def dialect_at(app: Any, method: str, path: str) -> RouteDialect:
+    """The dialect a request to `method path` on `app` answers in (for tests and tools)."""
+    return route_dialect({"type": "http", "method": method, "path": path, "root_path": "", "app": app})

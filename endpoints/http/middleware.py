@@ -1,7 +1,7 @@
 """The HTTP middleware every request passes: body size, request context, metrics, request log.
 
 Pure ASGI (no BaseHTTPMiddleware), so streaming responses pass through
-untouched and the request context is current for the whole response.
+untouched and the request context (in request.state) lives for the whole response.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any
 
 from loguru import logger
 
-from common.errors import PayloadTooLargeError, dialect_for_path
+from common.errors import PayloadTooLargeError
+from endpoints.http.deps import route_dialect
 from endpoints.http.request_context import RequestContext, Services
 
 Scope = MutableMapping[str, Any]
@@ -86,7 +87,7 @@ class ParleyMiddleware:
                 ctx.status = message["status"]
             await send(message)
 
-        token = ctx.activate()
+        ctx.attach()
         try:
             limit = self.services.config.network.max_request_body_bytes
             length = _header(scope, b"content-length")
@@ -104,7 +105,7 @@ class ParleyMiddleware:
             ctx.status = ctx.status or 500
             raise
         finally:
-            ctx.deactivate(token)
+            ctx.detach()
             ctx.close()
             self._record(ctx, scope)
 
@@ -113,7 +114,7 @@ class ParleyMiddleware:
             f"The request body is larger than this server accepts ({limit} bytes, "
             "network.max_request_body_bytes). Send a smaller request."
         )
-        body = json.dumps(err.body(dialect_for_path(scope.get("path", "")))).encode()
+        body = json.dumps(err.body(route_dialect(scope).dialect)).encode()
         await send({
             "type": "http.response.start",
             "status": err.status,

@@ -1,19 +1,17 @@
-"""What the server knows about the HTTP request being served, for the generation pipeline.
+"""What the server knows about the HTTP request being served: the generation hooks of its routes.
 
-The HTTP middleware (endpoints/http/middleware.py) opens a `RequestContext` for
-every request and makes it current for the request's task (a `ContextVar`:
-each request sees its own, nothing is shared between requests). The shared
-pipeline in common/generation/pipeline.py, which every dialect passes through, calls
-into it at two points:
+The HTTP middleware (endpoints/http/middleware.py) opens a `RequestContext`
+for every request and leaves it in `request.state`; a route that generates
+takes it with the `request_hooks` dependency and passes it to
+`start_generation` (common/generation/pipeline.py), which calls it as its
+`GenerationHooks`:
 
-- `fit_params` -> `RequestContext.fit`: the per-request caps (prompt tokens,
-  max tokens) with the field name of the request's dialect;
-- `submit_choices` -> `RequestContext.admit` and `observe`: the `n` cap,
-  refusal while draining, the rate limits, and an observed handle whose
-  events feed the metrics (tokens, time to first token, inter-token latency)
-  and charge the tokens generated to the caller's budget.
-
-Without a current context (a direct call, a benchmark) these are skipped.
+- `fit`: the per-request caps (prompt tokens, max tokens), naming the
+  output-length field the route's dialect declares (`RouteDialect`);
+- `admit` and `observe`: the `n` cap, refusal while draining, the rate
+  limits, and an observed handle whose events feed the metrics (tokens, time
+  to first token, inter-token latency) and charge the tokens generated to the
+  caller's budget.
 """
 
 from __future__ import annotations
@@ -21,24 +19,23 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
+
+from fastapi import Request
 
 from backends.base import Event, Finished, FinishReason, GenerationHandle, TextDelta
 from endpoints.http.auth import KeyEntry, Permission
 from common.config.loader import ParleyConfig
-from common.errors import BadRequestError, Dialect, RateLimitError, dialect_for_path
+from common.errors import BadRequestError, RateLimitError
+from common.generation.hooks import GenerationHooks
+from endpoints.http.deps import route_dialect
 from endpoints.http.lifecycle import Lifecycle
 from endpoints.http.metrics import Metrics
 from endpoints.http.ratelimit import Limits, RateLimiter, Subject
 from backends.sampling import SamplingParams
 
-_current: ContextVar[RequestContext | None] = ContextVar("parley_request", default=None)
-
-
-def current_request() -> RequestContext | None:
-    return _current.get()
+STATE_KEY = "request_context"  # where the middleware leaves the context in request.state
 
 
 @dataclass
@@ -69,21 +66,7 @@ class Services:
         )
 
 
-def max_tokens_field(path: str) -> tuple[str, str]:
-    """(param, how the message names it) of the output-length field in a route's dialect."""
-    dialect = dialect_for_path(path)
-    if dialect is Dialect.KOBOLD:
-        return "max_length", "max_length"
-    if dialect is Dialect.OLLAMA:
-        return "options.num_predict", "options.num_predict"
-    if path.startswith("/infill"):
-        return "n_predict", "n_predict"
-    if path.startswith("/v1/chat/"):
-        return "max_tokens", "max_tokens (or max_completion_tokens)"
-    return "max_tokens", "max_tokens"
-
-
-class RequestContext:
+class RequestContext(GenerationHooks):
     """One HTTP request: its caller, its generations, and what the request log reports."""
 
     def __init__(self, services: Services, scope: dict[str, Any]) -> None:
@@ -105,11 +88,14 @@ class RequestContext:
         self.params: SamplingParams | None = None
 
     # -- set by the middleware ------------------------------------------------
-    def activate(self) -> Any:
-        return _current.set(self)
+    def attach(self) -> None:
+        """Leave this context in the request's state, where `request_hooks` finds it."""
+        self.scope.setdefault("state", {})[STATE_KEY] = self
 
-    def deactivate(self, token: Any) -> None:
-        _current.reset(token)
+    def detach(self) -> None:
+        state = self.scope.get("state")
+        if isinstance(state, dict) and state.get(STATE_KEY) is self:
+            del state[STATE_KEY]
 
     @property
     def key(self) -> KeyEntry | None:
@@ -131,7 +117,7 @@ class RequestContext:
         if self.admitted:
             self.services.lifecycle.end(self)
 
-    # -- called by the generation pipeline -----------------------------------------
+    # -- GenerationHooks: called by start_generation ----------------------------------
     def fit(self, n_prompt: int, prompt_param: str, requested: int | None) -> int | None:
         """Check the request's caps; return the ceiling for max_tokens (None: no ceiling)."""
         limits = self.services.config.limits
@@ -143,7 +129,8 @@ class RequestContext:
             )
         cap = limits.max_output_tokens
         if cap is not None and requested is not None and requested > cap:
-            param, named = max_tokens_field(self.path)
+            declared = route_dialect(self.scope)
+            param, named = declared.max_tokens, declared.max_tokens_named or declared.max_tokens
             raise BadRequestError(
                 f"{named} is {requested}; this server generates at most {cap} tokens per request "
                 f"(limits.max_output_tokens). Send {param} <= {cap}.",
@@ -200,6 +187,17 @@ class RequestContext:
         self.completion_tokens += tokens
         if self.subject is not None:
             self.services.limiter.charge(self.subject, tokens)
+
+
+def request_hooks(request: Request) -> RequestContext:
+    """FastAPI dependency: the request's context, to pass to start_generation as its hooks."""
+    ctx = getattr(request.state, STATE_KEY, None)
+    if not isinstance(ctx, RequestContext):
+        raise RuntimeError(
+            "No RequestContext on this request: the app was built without ParleyMiddleware. "
+            "Build it with endpoints.app.create_app, or pass NO_HOOKS to start_generation outside HTTP."
+        )
+    return ctx
 
 
 class ObservedHandle(GenerationHandle):

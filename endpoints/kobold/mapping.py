@@ -14,13 +14,14 @@ defaults < the active sampler preset < what the client sent < forced preset fiel
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from loguru import logger
 
 from common.formats.constraints import ConstraintSpec
 from common.errors import BadRequestError
-from common.generation.pipeline import Prompt
+from common.generation.prompts import Prompt, text_prompt
 from common.models.manager import LoadedModel
 from common.models.presets import Preset, build_params
 from backends.sampling import SamplingParams
@@ -201,3 +202,23 @@ def fit_context(
         len(tokens), len(cut), max_length, budget,
     )
     return Prompt(cut, None, prompt.stop), max_length
+
+
+@dataclass(frozen=True)
+class KoboldPlan:
+    """A /generate request as the pipeline takes it: the prompt cut to the client's context budget,
+    max_tokens the length that leaves room for."""
+
+    prompt: Prompt
+    params: SamplingParams
+    constraint: ConstraintSpec | None
+
+
+def generate_plan(body: GenerateRequest, model: LoadedModel, *, default_length: int, preset: Preset | None) -> KoboldPlan:
+    spec = grammar_constraint(body)
+    params = to_sampling_params(body, n_vocab=model.info.n_vocab, default_length=default_length, preset=preset)
+    prompt = text_prompt(model, body.prompt, truncatable=True)
+    prompt, length = fit_context(
+        model, prompt, max_length=params.max_tokens or default_length, max_context_length=body.max_context_length
+    )
+    return KoboldPlan(prompt, params.with_updates(max_tokens=length), spec)

@@ -16,27 +16,27 @@ from starlette.responses import JSONResponse, Response
 from endpoints.http.auth import AuthManager, require_api
 from common.config.loader import ParleyConfig
 from common.errors import BadRequestError, Dialect
-from common.generation.pipeline import compile_constraint, fit_params, submit_choices, text_prompt
+from common.generation.hooks import GenerationHooks
+from common.generation.pipeline import Generation, start_generation
+from common.generation.prompts import text_prompt
 from common.models.manager import LoadedModel
 from common.models.presets import PresetState
 from endpoints.http.streaming import sse_response, until_disconnect
-from endpoints.http.deps import get_config, get_presets, lease_model, log_unknown_fields
+from endpoints.http.deps import RouteDialect, get_config, get_presets, lease_model, log_unknown_fields
 from endpoints.http.error_docs import error_responses
 from endpoints.http.json_body import StrictJSONRoute
+from endpoints.http.request_context import request_hooks
 from endpoints.kobold import serving
 from endpoints.kobold.genkeys import AbortOutcome, GenEntry, GenRegistry, get_registry, owner_of
-from endpoints.kobold.mapping import (
-    default_max_length,
-    fit_context,
-    grammar_constraint,
-    note_unapplied,
-    to_sampling_params,
-)
+from endpoints.kobold.mapping import default_max_length, generate_plan, note_unapplied
 from endpoints.kobold.protocol import DetokenizeRequest, GenerateRequest, GenkeyRequest, TokenizeRequest
+
+# Unknown paths under KoboldAI's prefixes answer in its shape too.
+KOBOLD = RouteDialect(Dialect.KOBOLD, max_tokens="max_length", claims=("/api/v1/", "/api/extra/", "/api/latest"))
 
 router = APIRouter(
     tags=["KoboldAI"],
-    dependencies=[Depends(require_api)],
+    dependencies=[Depends(KOBOLD), Depends(require_api)],
     route_class=StrictJSONRoute,
     responses=error_responses(Dialect.KOBOLD),
 )
@@ -89,29 +89,23 @@ async def _start(
     config: ParleyConfig,
     presets: PresetState,
     registry: GenRegistry,
+    hooks: GenerationHooks,
     route: str,
-) -> GenEntry:
-    """Map, fit and submit the request; register it for abort and check."""
+) -> tuple[Generation, GenEntry]:
+    """Map and start the request; register it for abort and check."""
     log_unknown_fields(body, route)
     note_unapplied(body, route)
-    spec = grammar_constraint(body)
     default_length = default_max_length(config.model.default_max_tokens, config.limits.max_output_tokens)
-    preset = model.preset(presets.active)
-    params = to_sampling_params(body, n_vocab=model.info.n_vocab, default_length=default_length, preset=preset)
-    prompt = text_prompt(model, body.prompt, truncatable=True)
-    prompt, length = fit_context(
-        model, prompt, max_length=params.max_tokens or default_length, max_context_length=body.max_context_length
-    )
-    params = fit_params(model, prompt, params.with_updates(max_tokens=length), None)
-    constraint = await compile_constraint(model, spec)
-    handles = submit_choices(model, prompt, params, body.n, constraint)
-    entry = registry.start(owner_of(request), body.genkey, handles)
+    plan = generate_plan(body, model, default_length=default_length, preset=model.preset(presets.active))
+    generation = await start_generation(model, plan.prompt, plan.params, hooks=hooks, n=body.n,
+                                        constraint=plan.constraint)
+    entry = registry.start(owner_of(request), body.genkey, generation.handles)
     if not body.quiet:
         logger.info(
-            "{}: genkey {}, {} prompt tokens, max_length {}{}", route, entry.genkey, len(prompt.tokens), length,
-            ", grammar" if spec is not None else "",
+            "{}: genkey {}, {} prompt tokens, max_length {}{}", route, entry.genkey, len(plan.prompt.tokens),
+            plan.params.max_tokens, ", grammar" if plan.constraint is not None else "",
         )
-    return entry
+    return generation, entry
 
 
 @router.post("/api/v1/generate")
@@ -121,10 +115,12 @@ async def generate(
     config: ParleyConfig = Depends(get_config),
     presets: PresetState = Depends(get_presets),
     registry: GenRegistry = Depends(get_registry),
+    hooks: GenerationHooks = Depends(request_hooks),
 ) -> Response:
     with await lease_model(request, None) as lease:
-        entry = await _start(body, request, lease.model, config, presets, registry, "/api/v1/generate")
-        work = serving.generate_response(entry, registry, trim_stop=body.trim_stop)
+        generation, entry = await _start(body, request, lease.model, config, presets, registry, hooks,
+                                         "/api/v1/generate")
+        work = serving.generate_response(generation, entry, registry, trim_stop=body.trim_stop)
         return JSONResponse(await until_disconnect(request, work))
 
 
@@ -135,13 +131,16 @@ async def generate_stream(
     config: ParleyConfig = Depends(get_config),
     presets: PresetState = Depends(get_presets),
     registry: GenRegistry = Depends(get_registry),
+    hooks: GenerationHooks = Depends(request_hooks),
 ) -> Response:
     if body.n != 1:
         raise BadRequestError("Streaming generates one answer; send n=1 or use /api/v1/generate.", param="n")
     with await lease_model(request, None) as lease:
-        entry = await _start(body, request, lease.model, config, presets, registry, "/api/extra/generate/stream")
-        frames = serving.generate_stream(entry, registry, trim_stop=body.trim_stop)
-        return sse_response(frames, Dialect.KOBOLD, done_marker=False, on_close=lease.detach())
+        generation, entry = await _start(body, request, lease.model, config, presets, registry, hooks,
+                                         "/api/extra/generate/stream")
+        frames = serving.generate_stream(generation, entry, registry, trim_stop=body.trim_stop)
+        return sse_response(frames, Dialect.KOBOLD, done_marker=False, handles=generation.handles,
+                            on_close=lease.detach())
 
 
 @router.post("/api/extra/abort")

@@ -14,8 +14,8 @@ from typing import Any
 from loguru import logger
 
 from backends.base import Finished, FinishReason, TextDelta
-from common.errors import APIError, EngineError, ModelNotLoadedError
-from common.generation.pipeline import merge_events
+from common.errors import APIError, EngineError
+from common.generation.pipeline import Generation
 from endpoints.http.streaming import dumps
 from endpoints.kobold.genkeys import GenEntry, GenRegistry
 
@@ -24,15 +24,13 @@ def finish_reason(finish: Finished) -> str:
     return "length" if finish.reason is FinishReason.LENGTH else "stop"
 
 
-def failure_of(finish: Finished, entry: GenEntry) -> APIError | None:
-    """The error a finished generation should surface, if any (an abort is not one)."""
-    if finish.reason is FinishReason.ERROR:
-        return EngineError(finish.error or "The engine failed while generating. Retry the request.")
-    if finish.reason is FinishReason.UNLOAD:
-        return ModelNotLoadedError("The model was unloaded while generating. Load it again and retry.")
-    if finish.reason is FinishReason.CANCELLED and not entry.aborted:
+def failure_of(finish: Finished | None, entry: GenEntry) -> APIError | None:
+    """The error a finished generation should surface, if any: the pipeline's, or a cancel that was
+    not the client's abort."""
+    failure = Generation.failure(finish)
+    if failure is None and finish is not None and finish.reason is FinishReason.CANCELLED and not entry.aborted:
         return EngineError("The generation was cancelled by the server. Retry the request.")
-    return None
+    return failure
 
 
 def _final_text(text: str, finish: Finished, trim_stop: bool) -> str:
@@ -40,13 +38,15 @@ def _final_text(text: str, finish: Finished, trim_stop: bool) -> str:
     return text + (finish.stop_string or "") if not trim_stop else text
 
 
-async def generate_response(entry: GenEntry, registry: GenRegistry, *, trim_stop: bool) -> dict[str, Any]:
+async def generate_response(
+    generation: Generation, entry: GenEntry, registry: GenRegistry, *, trim_stop: bool
+) -> dict[str, Any]:
     """Collect every choice; the first choice's text is visible to /check as it grows."""
-    n = len(entry.handles)
+    n = len(generation.handles)
     parts: list[list[str]] = [[] for _ in range(n)]
     finishes: list[Finished | None] = [None] * n
     try:
-        async with aclosing(merge_events(entry.handles)) as events:
+        async with aclosing(generation.events()) as events:
             async for i, ev in events:
                 if isinstance(ev, TextDelta):
                     parts[i].append(ev.text)
@@ -58,11 +58,10 @@ async def generate_response(entry: GenEntry, registry: GenRegistry, *, trim_stop
         registry.finish(entry)
     results: list[dict[str, Any]] = []
     for i, finish in enumerate(finishes):
-        if finish is None:
-            raise EngineError("The generation ended without a result. Retry the request.")
         failure = failure_of(finish, entry)
         if failure is not None:
             raise failure
+        assert finish is not None  # a missing finish is a failure
         results.append({
             "text": _final_text("".join(parts[i]), finish, trim_stop),
             "finish_reason": finish_reason(finish),
@@ -78,12 +77,13 @@ def sse_frame(token: str, reason: str | None) -> str:
     return f"event: message\ndata: {dumps({'token': token, 'finish_reason': reason})}\n\n"
 
 
-async def generate_stream(entry: GenEntry, registry: GenRegistry, *, trim_stop: bool) -> AsyncIterator[str]:
+async def generate_stream(
+    generation: Generation, entry: GenEntry, registry: GenRegistry, *, trim_stop: bool
+) -> AsyncIterator[str]:
     """`event: message` frames with one token each; the last carries finish_reason. No [DONE]."""
-    handle = entry.handles[0]
     try:
-        async with aclosing(handle.events()) as events:
-            async for ev in events:
+        async with aclosing(generation.events()) as events:
+            async for _, ev in events:
                 if isinstance(ev, TextDelta):
                     entry.append(ev.text)
                     if ev.text:

@@ -1,1 +1,1 @@
-"""llama.cpp's native server API: /infill, /tokenize, /detokenize, /props."""
+"""llama.cpp's native server API: /infill, /tokenize, /detokenize."""

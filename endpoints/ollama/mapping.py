@@ -1,4 +1,4 @@
-"""Ollama request -> model file, messages, SamplingParams, output constraint and output options.
+"""Ollama request -> model file, prompt, SamplingParams, output constraint and output options.
 
 Sampling follows the shared precedence (common/presets.build_params): Ollama's
 defaults < the active sampler preset < the options the client sent < forced
@@ -8,6 +8,7 @@ preset fields.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from loguru import logger
@@ -17,12 +18,12 @@ from common.config.loader import ModelConfig
 from common.formats.constraints import ConstraintSpec
 from common.downloads.transfer import DownloadRequest, check_repo_id
 from common.errors import BadRequestError, ModelNotFoundError
-from common.generation.pipeline import Prompt
+from common.generation.prompts import Prompt, chat_prompt, text_prompt
 from common.models.files import parse_keep_alive
 from common.models.manager import LoadedModel, ModelFile, ModelManager
 from common.models.presets import Preset, build_params
 from backends.sampling import SamplingParams
-from endpoints.ollama.protocol import LOAD_TIME_OPTIONS, ChatMessage, KeepAlive, Options
+from endpoints.ollama.protocol import LOAD_TIME_OPTIONS, ChatMessage, ChatRequest, GenerateRequest, KeepAlive, Options
 
 # Ollama's defaults (api.DefaultOptions): clients written for Ollama expect them
 # when they send no options, so they apply here instead of the neutral ones.
@@ -217,7 +218,7 @@ def _max_tokens(num_predict: int | None, n_ctx: int) -> int | None:
     if num_predict is None or num_predict == -1:
         return None  # unlimited: until the model stops or the context is full
     if num_predict == -2:
-        return n_ctx  # fill the context (fit_params caps it at the room left)
+        return n_ctx  # fill the context (start_generation caps it at the room left)
     if num_predict <= 0:
         return None
     return num_predict
@@ -267,3 +268,46 @@ def to_sampling_params(
         name = _OLLAMA_NAME.get(exc.param or "", exc.param or "")
         message = exc.message.replace(f"'{exc.param}'", f"'options.{name}'") if exc.param else exc.message
         raise BadRequestError(message + " Fix the option and retry.", param=f"options.{name}") from exc
+
+
+# -- whole requests ------------------------------------------------------------------
+@dataclass(frozen=True)
+class OllamaPlan:
+    """An /api/generate or /api/chat request as the pipeline takes it, and how its output is split."""
+
+    prompt: Prompt
+    params: SamplingParams
+    options: OutputOptions
+
+
+def _plan(prompt: Prompt, params: SamplingParams, options: OutputOptions) -> OllamaPlan:
+    if options.tool_format is not None:
+        params = params.with_updates(skip_special_tokens=False)  # some formats mark calls with special tokens
+    return OllamaPlan(prompt, params, options)
+
+
+def generate_plan(body: GenerateRequest, model: LoadedModel, mc: ModelConfig, preset: Preset | None) -> OllamaPlan:
+    route = "/api/generate"
+    if body.raw:
+        if body.system:
+            logger.info("{}: raw=true, so 'system' is not applied", route)
+        prompt = text_prompt(model, body.prompt)
+    else:
+        messages = generate_messages(body.prompt, body.system)
+        prompt = chat_prompt(model, messages, template_vars=thinking_vars(body.think))
+    params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route=route, preset=preset)
+    return _plan(prompt, params, output_options(model, prompt, mc, think=body.think))
+
+
+def chat_plan(
+    body: ChatRequest, messages: list[dict[str, Any]], model: LoadedModel, mc: ModelConfig, preset: Preset | None
+) -> OllamaPlan:
+    # Like Ollama, a final assistant message is a prefix the model continues.
+    last = messages[-1]
+    continue_final = last["role"] == "assistant" and bool(last.get("content")) and not last.get("tool_calls")
+    prompt = chat_prompt(
+        model, messages, continue_final_message=continue_final, tools=body.tools,
+        template_vars=thinking_vars(body.think),
+    )
+    params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route="/api/chat", preset=preset)
+    return _plan(prompt, params, output_options(model, prompt, mc, think=body.think, tools=body.tools))

@@ -10,48 +10,55 @@ semantics; a negative value keeps it loaded).
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from loguru import logger
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from endpoints.http.auth import require_admin, require_api
-from common.formats.output import OutputOptions
 from common.config.loader import ParleyConfig
 from common.formats.constraints import ConstraintSpec
 from common.downloads.jobs import DownloadManager
 from common.errors import APIError, BadRequestError, Dialect
-from common.generation.pipeline import Prompt, chat_prompt, compile_constraint, fit_params, submit_choices, text_prompt
+from common.generation.hooks import GenerationHooks
+from common.generation.pipeline import start_generation
 from common.models.manager import ModelFile, ModelLease, ModelManager
 from common.models.presets import PresetState
-from backends.sampling import SamplingParams
 from endpoints.http.streaming import ndjson_response, until_disconnect
-from endpoints.http.deps import get_config, get_downloads, get_models, get_presets, log_unknown_fields
+from endpoints.http.deps import (
+    RouteDialect,
+    get_config,
+    get_downloads,
+    get_models,
+    get_presets,
+    log_unknown_fields,
+)
 from endpoints.http.error_docs import error_responses
 from endpoints.http.json_body import StrictJSONRoute
+from endpoints.http.request_context import request_hooks
 from endpoints.ollama import serving
 from endpoints.ollama.mapping import (
+    OllamaPlan,
     chat_messages,
+    chat_plan,
     find_model_file,
     format_constraint,
-    generate_messages,
+    generate_plan,
     is_unload,
     keep_alive_seconds,
     no_images,
-    output_options,
     parse_pull_name,
-    thinking_vars,
-    to_sampling_params,
 )
 from endpoints.ollama.protocol import ChatRequest, EmbedRequest, GenerateRequest, KeepAlive, PullRequest, ShowRequest
 
 OLLAMA_VERSION = "0.6.3"
+# Unknown paths under /api/ answer in Ollama's shape too (KoboldAI claims its longer prefixes).
+OLLAMA = RouteDialect(Dialect.OLLAMA, max_tokens="options.num_predict", claims=("/api/",))
 
 router = APIRouter(tags=["Ollama"], route_class=StrictJSONRoute)
 api = APIRouter(
     prefix="/api",
-    dependencies=[Depends(require_api)],
+    dependencies=[Depends(OLLAMA), Depends(require_api)],
     route_class=StrictJSONRoute,
     responses=error_responses(Dialect.OLLAMA),
 )
@@ -79,20 +86,19 @@ async def _use_model(
 
 
 async def _run(
-    request: Request, lease: ModelLease, prompt: Prompt, params: SamplingParams, config: ParleyConfig,
-    timing: serving.Timing, spec: ConstraintSpec | None, options: OutputOptions, *, stream: bool, chat: bool,
+    request: Request, lease: ModelLease, plan: OllamaPlan, spec: ConstraintSpec | None, config: ParleyConfig,
+    hooks: GenerationHooks, timing: serving.Timing, *, stream: bool, chat: bool,
 ) -> Response:
     model = lease.model
-    if options.tool_format is not None:
-        params = params.with_updates(skip_special_tokens=False)  # some formats mark calls with special tokens
-    params = fit_params(model, prompt, params, config.model.default_max_tokens)
-    constraint = await compile_constraint(model, spec)
-    handle = submit_choices(model, prompt, params, 1, constraint)[0]
+    generation = await start_generation(
+        model, plan.prompt, plan.params, hooks=hooks, constraint=spec,
+        default_max_tokens=config.model.default_max_tokens,
+    )
     if stream:
-        lines = serving.generation_stream(handle, model.name, timing, options, chat=chat)
-        return ndjson_response(lines, handles=[handle], on_close=lease.detach())
-    work = serving.generation_response(handle, model.name, timing, options, chat=chat)
-    return JSONResponse(await until_disconnect(request, work, [handle]))
+        lines = serving.generation_stream(generation, model.name, timing, plan.options, chat=chat)
+        return ndjson_response(lines, handles=generation.handles, on_close=lease.detach())
+    work = serving.generation_response(generation, model.name, timing, plan.options, chat=chat)
+    return JSONResponse(await until_disconnect(request, work, generation.handles))
 
 
 @api.post("/generate")
@@ -102,6 +108,7 @@ async def generate(
     models: ModelManager = Depends(get_models),
     config: ParleyConfig = Depends(get_config),
     presets: PresetState = Depends(get_presets),
+    hooks: GenerationHooks = Depends(request_hooks),
 ) -> Response:
     route = "/api/generate"
     log_unknown_fields(body, route)
@@ -123,24 +130,8 @@ async def generate(
     with await _use_model(models, entry, timing, body.keep_alive) as lease:
         if not body.prompt:
             return JSONResponse(serving.status_body(entry.name, "load", chat=False))
-        return await _generate(body, request, lease, config, presets, timing, spec)
-
-
-async def _generate(
-    body: GenerateRequest, request: Request, lease: ModelLease, config: ParleyConfig, presets: PresetState,
-    timing: serving.Timing, spec: ConstraintSpec | None,
-) -> Response:
-    route, model = "/api/generate", lease.model
-    if body.raw:
-        if body.system:
-            logger.info("{}: raw=true, so 'system' is not applied", route)
-        prompt = text_prompt(model, body.prompt)
-    else:
-        messages = generate_messages(body.prompt, body.system)
-        prompt = chat_prompt(model, messages, template_vars=thinking_vars(body.think))
-    params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route=route, preset=model.preset(presets.active))
-    options = output_options(model, prompt, config.model, think=body.think)
-    return await _run(request, lease, prompt, params, config, timing, spec, options, stream=body.stream, chat=False)
+        plan = generate_plan(body, lease.model, config.model, lease.model.preset(presets.active))
+        return await _run(request, lease, plan, spec, config, hooks, timing, stream=body.stream, chat=False)
 
 
 @api.post("/chat")
@@ -150,6 +141,7 @@ async def chat(
     models: ModelManager = Depends(get_models),
     config: ParleyConfig = Depends(get_config),
     presets: PresetState = Depends(get_presets),
+    hooks: GenerationHooks = Depends(request_hooks),
 ) -> Response:
     route = "/api/chat"
     log_unknown_fields(body, route)
@@ -163,24 +155,8 @@ async def chat(
     with await _use_model(models, entry, timing, body.keep_alive) as lease:
         if not messages:
             return JSONResponse(serving.status_body(entry.name, "load", chat=True))
-        return await _chat(body, messages, request, lease, config, presets, timing, spec)
-
-
-async def _chat(
-    body: ChatRequest, messages: list[dict[str, Any]], request: Request, lease: ModelLease, config: ParleyConfig,
-    presets: PresetState, timing: serving.Timing, spec: ConstraintSpec | None,
-) -> Response:
-    route, model = "/api/chat", lease.model
-    # Like Ollama, a final assistant message is a prefix the model continues.
-    last = messages[-1]
-    continue_final = last["role"] == "assistant" and bool(last.get("content")) and not last.get("tool_calls")
-    prompt = chat_prompt(
-        model, messages, continue_final_message=continue_final, tools=body.tools,
-        template_vars=thinking_vars(body.think),
-    )
-    params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route=route, preset=model.preset(presets.active))
-    options = output_options(model, prompt, config.model, think=body.think, tools=body.tools)
-    return await _run(request, lease, prompt, params, config, timing, spec, options, stream=body.stream, chat=True)
+        plan = chat_plan(body, messages, lease.model, config.model, lease.model.preset(presets.active))
+        return await _run(request, lease, plan, spec, config, hooks, timing, stream=body.stream, chat=True)
 
 
 @api.get("/tags")

@@ -1,6 +1,6 @@
 """Ollama response framing: NDJSON generation streams, model listings, pulls.
 
-Generation output is split by common/chat_output: `thinking` (when the request
+Generation output is split by common/formats/output.py: `thinking` (when the request
 asked for it) and `message.tool_calls` as Ollama shapes them, with arguments
 as an object; a streamed call is sent once, in the chunk where it completes.
 """
@@ -20,13 +20,13 @@ from typing import Any
 
 from loguru import logger
 
-from backends.base import Finished, FinishReason, GenerationHandle, TextDelta
+from backends.base import Finished, FinishReason, TextDelta
 from backends.registry import gguf_file
 from common.formats.output import ChatDeltas, ChatOutput, OutputOptions, parse_whole
 from common.downloads.jobs import DownloadJob, DownloadManager
 from common.downloads.transfer import DownloadPlan, DownloadRequest
 from common.errors import APIError
-from common.generation.pipeline import collect, merge_events, raise_if_failed
+from common.generation.pipeline import Generation
 from common.models.gguf_info import GGUFInfo, parameter_size, read_gguf_info_async
 from common.models.manager import LoadedModel, ModelFile, ModelManager
 from endpoints.http.streaming import dumps
@@ -144,7 +144,7 @@ def _delta_part(d: ChatDeltas, calls: list[ToolCall], chat: bool) -> dict[str, A
 
 
 async def generation_stream(
-    handle: GenerationHandle, model_name: str, timing: Timing, options: OutputOptions, *, chat: bool
+    generation: Generation, model_name: str, timing: Timing, options: OutputOptions, *, chat: bool
 ) -> AsyncIterator[str]:
     """NDJSON chunks `{model, created_at, response|message, done:false}`, then the final one."""
     name = ollama_name(model_name)
@@ -153,7 +153,7 @@ async def generation_stream(
     def chunk(part: dict[str, Any]) -> str:
         return dumps({"model": name, "created_at": now_rfc3339(), **part, "done": False}) + "\n"
 
-    async with aclosing(merge_events([handle])) as events:
+    async with aclosing(generation.events()) as events:
         async for _, ev in events:
             if isinstance(ev, TextDelta):
                 d = output.feed(ev.text) if ev.text else ChatDeltas()
@@ -163,7 +163,9 @@ async def generation_stream(
                 continue
             if ev.reason is FinishReason.CANCELLED:
                 return
-            raise_if_failed(ev)  # engine failure or unload: an {"error"} line
+            failure = generation.failure(ev)
+            if failure is not None:
+                raise failure  # engine failure or unload: an {"error"} line
             d = output.finish()
             part = _delta_part(d, assembler.add(d.tool_calls, final=True, cut=ev.reason is FinishReason.LENGTH), chat)
             if part is not None:
@@ -173,11 +175,10 @@ async def generation_stream(
 
 
 async def generation_response(
-    handle: GenerationHandle, model_name: str, timing: Timing, options: OutputOptions, *, chat: bool
+    generation: Generation, model_name: str, timing: Timing, options: OutputOptions, *, chat: bool
 ) -> dict[str, Any]:
-    result = (await collect([handle]))[0]
-    raise_if_failed(result.finish)
-    assert result.finish is not None
+    result = (await generation.collect())[0]
+    assert result.finish is not None  # collect raises for a choice without one
     reasoning, content, calls = parse_whole(result.text, options)
     if result.finish.reason is FinishReason.LENGTH:
         calls = [c for c in calls if _is_json(c.arguments)]  # the limit cut the last call short

@@ -1,15 +1,21 @@
-"""OpenAI (+ TabbyAPI sampler) request -> SamplingParams and output constraint."""
+"""OpenAI (+ TabbyAPI sampler) request -> prompt, SamplingParams, output constraint and output options."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from common.formats.constraints import ConstraintSpec
-from common.errors import BadRequestError
-from common.models.presets import Preset, build_params
 from backends.sampling import SamplingParams
+from common.config.schema import ModelConfig
+from common.errors import BadRequestError
+from common.formats.constraints import ConstraintSpec
+from common.formats.output import OutputOptions
 from common.formats.tools import ToolFormat, tool_call_grammar
-from endpoints.openai.protocol import ChatCompletionRequest, SamplerFields
+from common.generation.fim import fim_prompt, has_fim
+from common.generation.prompts import Prompt, chat_prompt, text_prompt
+from common.models.manager import LoadedModel
+from common.models.presets import Preset, build_params
+from endpoints.openai.protocol import ChatCompletionRequest, CompletionRequest, SamplerFields
 
 # Field names whose value passes to SamplingParams unchanged.
 _DIRECT = (
@@ -94,3 +100,92 @@ def chat_constraint(req: ChatCompletionRequest, tool_format: ToolFormat | None) 
     elif req.tool_choice not in (None, "none", "auto") and not req.tools:
         raise BadRequestError("tool_choice needs 'tools'.", param="tool_choice")
     return spec
+
+
+@dataclass(frozen=True)
+class ChatPlan:
+    """A chat request as the pipeline takes it, and how its output is split and framed."""
+
+    prompt: Prompt
+    params: SamplingParams
+    constraint: ConstraintSpec | None
+    options: OutputOptions
+    want_logprobs: bool
+
+
+def chat_plan(body: ChatCompletionRequest, model: LoadedModel, mc: ModelConfig, preset: Preset | None) -> ChatPlan:
+    template_vars = {**(body.chat_template_kwargs or {}), **(body.template_vars or {})}
+    if body.reasoning_effort:
+        template_vars.setdefault("reasoning_effort", body.reasoning_effort)
+    prompt = chat_prompt(
+        model,
+        body.messages,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        tools=body.tools if body.tool_choice != "none" else None,
+        template_vars=template_vars or None,
+        response_prefix=body.response_prefix,
+    )
+    options = OutputOptions.for_request(
+        prompt_text=prompt.text,
+        template_source=model.template.source if model.template else None,
+        tools=body.tools,
+        tool_choice=body.tool_choice,
+        reasoning=mc.reasoning_parser,
+        start=mc.reasoning_start_marker,
+        end=mc.reasoning_end_marker,
+        tool_format=mc.tool_format,
+    )
+    spec = chat_constraint(body, options.tool_format)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = to_sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, preset=preset)
+    if options.tool_format is not None:
+        params = params.with_updates(skip_special_tokens=False)  # some formats mark calls with special tokens
+    return ChatPlan(prompt, params, spec, options, want_logprobs=logprobs is not None)
+
+
+@dataclass(frozen=True)
+class CompletionPlan:
+    """A text completion request: one prompt per requested prompt, sharing params and constraint."""
+
+    prompts: list[Prompt]
+    params: SamplingParams
+    constraint: ConstraintSpec | None
+    echo_texts: list[str]  # per prompt, when echo is on; else empty
+
+
+def _raw_prompts(body: CompletionRequest) -> list[str | list[int]]:
+    raw = body.prompt
+    if isinstance(raw, str):
+        prompts: list[str | list[int]] = [raw]
+    elif raw and all(isinstance(p, int) for p in raw):
+        prompts = [list(raw)]  # type: ignore[arg-type]
+    else:
+        prompts = list(raw)  # type: ignore[arg-type]
+    if not prompts:
+        raise BadRequestError("'prompt' must not be empty.", param="prompt")
+    if body.stream and len(prompts) > 1:
+        raise BadRequestError("Streaming supports one prompt per request; send the prompts separately.", param="prompt")
+    return prompts
+
+
+def completion_plan(body: CompletionRequest, model: LoadedModel, preset: Preset | None) -> CompletionPlan:
+    raw = _raw_prompts(body)
+    # An empty suffix on a model without FIM is a plain completion (some clients always send one).
+    fim = body.suffix is not None and (body.suffix != "" or has_fim(model))
+    if fim and not (len(raw) == 1 and isinstance(raw[0], str)):
+        raise BadRequestError(
+            "'suffix' (fill-in-the-middle) takes one text prompt, the code before the cursor; "
+            "send one string as 'prompt', or the prompts in separate requests.",
+            param="prompt",
+        )
+    params = to_sampling_params(body, max_tokens=body.max_tokens, logprobs=body.logprobs, preset=preset)
+    spec = constraint_spec(body, body.response_format)
+    prompts = [
+        fim_prompt(model, p, body.suffix or "", add_bos=body.add_bos_token)
+        if fim and isinstance(p, str) else text_prompt(model, p, add_bos=body.add_bos_token)
+        for p in raw
+    ]
+    echo = [p.text if p.text is not None else model.engine.detokenize(p.tokens) for p in prompts] if body.echo else []
+    return CompletionPlan(prompts, params, spec, echo)

@@ -12,10 +12,9 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from backends.base import Finished, FinishReason, GenerationHandle, TextDelta, TokenLogprob, Usage
+from backends.base import Finished, FinishReason, TextDelta, TokenLogprob, Usage
 from common.formats.output import ChatDeltas, ChatOutput, OutputOptions, parse_whole
-from common.errors import APIError, EngineError, ModelNotLoadedError
-from common.generation.pipeline import collect, merge_events, raise_if_failed, total_usage
+from common.generation.pipeline import Generation, total_usage
 from endpoints.http.streaming import dumps
 from common.formats.tools import ToolCallDelta
 
@@ -41,14 +40,6 @@ def usage_body(usage: Usage) -> dict[str, Any]:
             "acceptance_rate": round(rate, 4),
         }
     return body
-
-
-def stream_failure(finish: Finished) -> APIError | None:
-    if finish.reason is FinishReason.ERROR:
-        return EngineError(finish.error or "The engine failed while generating. Retry the request.")
-    if finish.reason is FinishReason.UNLOAD:
-        return ModelNotLoadedError("The model was unloaded while generating. Load it again and retry.")
-    return None
 
 
 # -- logprobs shapes -----------------------------------------------------------
@@ -101,13 +92,12 @@ def chat_finish_reason(reason: FinishReason, tool_calls: bool) -> str:
 
 # -- chat ------------------------------------------------------------------------
 async def chat_response(
-    handles: list[GenerationHandle], model_name: str, options: OutputOptions, *, want_logprobs: bool
+    generation: Generation, model_name: str, options: OutputOptions, *, want_logprobs: bool
 ) -> dict[str, Any]:
-    results = await collect(handles, keep_logprobs=want_logprobs)
+    results = await generation.collect(keep_logprobs=want_logprobs)
     choices = []
     for r in results:
-        raise_if_failed(r.finish)
-        assert r.finish is not None
+        assert r.finish is not None  # collect raises for a choice without one
         reasoning, content, calls = parse_whole(r.text, options)
         message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
         if reasoning is not None:
@@ -135,7 +125,7 @@ async def chat_response(
 
 
 async def chat_stream(
-    handles: list[GenerationHandle],
+    generation: Generation,
     model_name: str,
     options: OutputOptions,
     *,
@@ -162,18 +152,18 @@ async def chat_stream(
             out.append(frame(index, {"tool_calls": [_tool_call_delta(t) for t in d.tool_calls]}, None, logprobs))
         return out
 
-    outputs = [ChatOutput(options) for _ in handles]
-    for i in range(len(handles)):
+    outputs = [ChatOutput(options) for _ in generation.handles]
+    for i in range(len(outputs)):
         yield frame(i, {"role": "assistant", "content": ""}, None)
     finishes: list[Finished] = []
-    async with aclosing(merge_events(handles)) as events:
+    async with aclosing(generation.events()) as events:
         async for i, ev in events:
             if isinstance(ev, TextDelta):
                 lps = chat_logprobs(ev.logprobs) if want_logprobs and ev.logprobs else None
                 for f in delta_frames(i, outputs[i].feed(ev.text), lps):
                     yield f
                 continue
-            failure = stream_failure(ev)
+            failure = generation.failure(ev)
             if failure is not None:
                 raise failure
             finishes.append(ev)
@@ -189,20 +179,20 @@ async def chat_stream(
 
 # -- text completions ----------------------------------------------------------
 async def completion_response(
-    groups: list[list[GenerationHandle]], model_name: str, echo_texts: list[str], *, want_logprobs: bool
+    generations: list[Generation], model_name: str, echo_texts: list[str], *, want_logprobs: bool
 ) -> dict[str, Any]:
+    """One choice per prompt and n: choice p * n + i is prompt p's i-th."""
     choices: list[dict[str, Any]] = []
     usage = Usage()
-    for p, handles in enumerate(groups):
-        results = await collect(handles, keep_logprobs=want_logprobs)
+    for p, generation in enumerate(generations):
+        results = await generation.collect(keep_logprobs=want_logprobs)
         group_finishes = []
         for r in results:
-            raise_if_failed(r.finish)
-            assert r.finish is not None
+            assert r.finish is not None  # collect raises for a choice without one
             group_finishes.append(r.finish)
             echo = echo_texts[p] if echo_texts else ""
             choices.append({
-                "index": p * len(handles) + r.index,
+                "index": p * len(results) + r.index,
                 "text": echo + r.text,
                 "logprobs": completion_logprobs(r.logprobs, len(echo)) if want_logprobs else None,
                 "finish_reason": FINISH_REASONS.get(r.finish.reason, "stop"),
@@ -224,7 +214,7 @@ async def completion_response(
 
 
 async def completion_stream(
-    handles: list[GenerationHandle],
+    generation: Generation,
     model_name: str,
     *,
     include_usage: bool,
@@ -235,17 +225,17 @@ async def completion_stream(
     created = int(time.time())
     head = f'{{"id":"{cid}","object":"text_completion","created":{created},"model":{dumps(model_name)},'
     usage_null = ',"usage":null' if include_usage else ""
-    offsets = [len(echo_text)] * len(handles)
+    offsets = [len(echo_text)] * len(generation.handles)
 
     def frame(index: int, text: str, finish: str | None, logprobs: Any = None) -> str:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return f'data: {head}"choices":[{dumps(choice)}]{usage_null}}}\n\n'
 
     if echo_text:
-        for i in range(len(handles)):
+        for i in range(len(offsets)):
             yield frame(i, echo_text, None)
     finishes: list[Finished] = []
-    async with aclosing(merge_events(handles)) as events:
+    async with aclosing(generation.events()) as events:
         async for i, ev in events:
             if isinstance(ev, TextDelta):
                 if ev.text or (want_logprobs and ev.logprobs):
@@ -253,7 +243,7 @@ async def completion_stream(
                     offsets[i] += len(ev.text)
                     yield frame(i, ev.text, None, lps)
                 continue
-            failure = stream_failure(ev)
+            failure = generation.failure(ev)
             if failure is not None:
                 raise failure
             finishes.append(ev)

@@ -325,10 +325,10 @@ ADMIN_PATHS = {"/v1/model/load", "/v1/template/switch", "/v1/sampling/override/s
 def test_field_errors_name_the_field(app_env: tuple[TestClient, Keys], path: str, body: dict[str, Any],
                                      expected: str) -> None:
     client, keys = app_env
-    from common.errors import dialect_for_path
+    from endpoints.http.deps import dialect_at
 
     r = client.post(path, json=body, headers=headers(keys, admin=path in ADMIN_PATHS))
-    text = error_text(r, dialect_for_path(path))
+    text = error_text(r, dialect_at(client.app, "POST", path).dialect)
     assert expected in text, text
 
 
@@ -355,12 +355,13 @@ NAME_FIELDS = [
 def test_path_traversal_in_every_name_field(app_env: tuple[TestClient, Keys], path: str, body: dict[str, Any],
                                             name_field: tuple[str], expected: str) -> None:
     client, keys = app_env
-    from common.errors import dialect_for_path
+    from endpoints.http.deps import dialect_at
 
     admin = path in ADMIN_PATHS or path == "/v1/model/unload"
+    dialect = dialect_at(client.app, "POST", path).dialect
     for name in TRAVERSALS:
         r = client.post(path, json=with_value(body, name_field, name), headers=headers(keys, admin=admin))
-        assert expected in error_text(r, dialect_for_path(path)).lower(), (name, r.text)
+        assert expected in error_text(r, dialect).lower(), (name, r.text)
 
 
 def test_download_names_stay_inside_the_model_directory(tmp_path: Any) -> None:

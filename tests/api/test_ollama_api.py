@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from backends.base import Event, Finished, FinishReason, GenerationHandle, GenerationRequest, TextDelta, Usage
 from common.formats.output import OutputOptions
+from common.generation.pipeline import Generation
 from backends.sampling import SamplingParams
 from common.formats.tools import ToolFormat
 from tests.conftest import MODEL_NAME, Keys
@@ -416,8 +417,8 @@ CALLS = [{"function": {"name": "get_weather", "arguments": {"city": "Paris", "da
          {"function": {"name": "get_time", "arguments": {}}}]
 
 
-def _script(texts: list[str], reason: FinishReason = FinishReason.STOP) -> _ScriptedHandle:
-    return _ScriptedHandle([*(TextDelta(t) for t in texts), Finished(reason, Usage(3, len(texts)))])
+def _script(texts: list[str], reason: FinishReason = FinishReason.STOP) -> Generation:
+    return Generation([_ScriptedHandle([*(TextDelta(t) for t in texts), Finished(reason, Usage(3, len(texts)))])])
 
 
 def _stream(texts: list[str], options: OutputOptions, *, chat: bool = True,

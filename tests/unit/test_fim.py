@@ -27,6 +27,7 @@ from common.generation.fim import (
     render_template,
 )
 from common.models.manager import LoadedModel, ModelManager
+from common.models.options import ManagerSettings
 from tests.conftest import MODEL_FILE, MODEL_NAME, ROOT
 
 FIM_IDS = (11, 12, 13)  # <jupyter_start>, <jupyter_text>, <jupyter_code> in SmolLM2's vocabulary
@@ -80,7 +81,7 @@ def manager(fim_gguf: Path, model_path: Path, tmp_path_factory: pytest.TempPathF
     (model_dir / FIM_NAME / FIM_FILE).symlink_to(fim_gguf)
     (model_dir / MODEL_FILE).symlink_to(model_path)
     options = LoadOptions(max_seq_len=256, max_batch_size=1, n_threads=1)
-    models = ModelManager(model_dir, ROOT / "templates", options, max_loaded=2)
+    models = ModelManager(ManagerSettings(model_dir, ROOT / "templates", options, max_loaded=2))
 
     async def load() -> None:
         await models.load(FIM_NAME)

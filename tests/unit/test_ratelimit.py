@@ -11,7 +11,7 @@ from endpoints.http.auth import AuthConfigError, AuthManager, KeyEntry, Permissi
 from common.config.loader import ParleyConfig
 from endpoints.http.lifecycle import CUT_MESSAGE, Lifecycle
 from endpoints.http.ratelimit import PRUNE_EVERY, LimitKind, Limits, RateLimiter, Subject
-from endpoints.http.request_context import Services, max_tokens_field
+from endpoints.http.request_context import Services
 
 
 class Clock:
@@ -209,7 +209,18 @@ def test_without_auth_the_defaults_apply_per_client_address() -> None:
     ],
 )
 def test_the_length_field_is_named_per_dialect(path: str, param: str) -> None:
-    assert max_tokens_field(path)[0] == param
+    from fastapi import FastAPI
+
+    from endpoints.http.deps import dialect_at
+    from endpoints.kobold.router import router as kobold_router
+    from endpoints.llamacpp.router import router as llamacpp_router
+    from endpoints.ollama.router import router as ollama_router
+    from endpoints.openai.router import router as openai_router
+
+    app = FastAPI()
+    for router in (openai_router, llamacpp_router, ollama_router, kobold_router):
+        app.include_router(router)
+    assert dialect_at(app, "POST", path).max_tokens == param
 
 
 # --- the rich keys file ----------------------------------------------------------------------------

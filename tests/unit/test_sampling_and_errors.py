@@ -2,7 +2,7 @@
 
 import pytest
 
-from common.errors import BadRequestError, ContextLengthExceededError, Dialect, ServiceUnavailableError, dialect_for_path
+from common.errors import BadRequestError, ContextLengthExceededError, Dialect, ServiceUnavailableError
 from backends.sampling import SamplingParams
 
 
@@ -33,8 +33,32 @@ def test_error_shapes_per_dialect() -> None:
     assert busy.status == 503 and busy.headers["Retry-After"] == "2"
 
 
-def test_dialect_by_path() -> None:
-    assert dialect_for_path("/v1/chat/completions") is Dialect.OPENAI
-    assert dialect_for_path("/api/v1/generate") is Dialect.KOBOLD
-    assert dialect_for_path("/api/extra/generate/stream") is Dialect.KOBOLD
-    assert dialect_for_path("/api/chat") is Dialect.OLLAMA
+def test_dialect_by_route() -> None:
+    """Each router declares its dialect; unknown paths take the router claiming their prefix, else OpenAI's."""
+    from fastapi import FastAPI
+
+    from endpoints.core.router import router as core_router
+    from endpoints.http.deps import dialect_at
+    from endpoints.kobold.router import router as kobold_router
+    from endpoints.llamacpp.router import router as llamacpp_router
+    from endpoints.ollama.router import router as ollama_router
+    from endpoints.openai.router import router as openai_router
+
+    app = FastAPI()
+    for router in (core_router, openai_router, llamacpp_router, ollama_router, kobold_router):
+        app.include_router(router)
+    expected = {
+        ("POST", "/v1/chat/completions"): Dialect.OPENAI,
+        ("POST", "/infill"): Dialect.OPENAI,
+        ("POST", "/v1/model/load"): Dialect.OPENAI,
+        ("POST", "/api/v1/generate"): Dialect.KOBOLD,
+        ("POST", "/api/extra/generate/stream"): Dialect.KOBOLD,
+        ("GET", "/api/v1/generate"): Dialect.KOBOLD,  # a 405 still answers in the route's dialect
+        ("POST", "/api/chat"): Dialect.OLLAMA,
+        ("POST", "/api/extra/nothing"): Dialect.KOBOLD,
+        ("POST", "/api/nothing"): Dialect.OLLAMA,
+        ("POST", "/v1/nothing"): Dialect.OPENAI,
+        ("GET", "/"): Dialect.OPENAI,
+    }
+    for (method, path), dialect in expected.items():
+        assert dialect_at(app, method, path).dialect is dialect, (method, path)
