@@ -186,7 +186,6 @@ def test_metrics_after_requests(limited: TestClient) -> None:
     assert grew("parley_inter_token_latency_seconds_count", model=MODEL_NAME) >= 3 * 2
     assert value(after, "parley_time_to_first_token_seconds_sum", model=MODEL_NAME) > 0
     assert grew("parley_rate_limit_refusals_total", key="req-metrics", limit="requests") >= 1
-    assert value(after, "parley_rate_limit_refusals_total", key="req-openai", limit="requests") >= 1
     assert grew("parley_generations_total", model=MODEL_NAME, finish_reason="length") >= 2
     # Scrape-time gauges: nothing runs between requests here.
     assert value(after, "parley_queue_depth", model=MODEL_NAME) == 0
