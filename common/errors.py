@@ -2,7 +2,7 @@
 
 Routers and services raise `APIError`s; `endpoints/app.py` renders them in the
 shape of the dialect the request's router declares (OpenAI envelope, KoboldAI
-`detail`, Ollama `error` string). A mid-stream failure becomes the final frame
+`detail`, Ollama `error` string, llama.cpp server's envelope with a numeric code). A mid-stream failure becomes the final frame
 of that dialect's stream (see `endpoints/http/streaming.py`).
 """
 
@@ -16,6 +16,7 @@ class Dialect(str, Enum):
     OPENAI = "openai"
     KOBOLD = "kobold"
     OLLAMA = "ollama"
+    LLAMACPP = "llamacpp"
 
 
 class APIError(Exception):
@@ -64,7 +65,20 @@ class APIError(Exception):
     def ollama_body(self) -> dict[str, Any]:
         return {"error": self.message}
 
+    def llamacpp_body(self) -> dict[str, Any]:
+        # llama-server's envelope: the HTTP status as `code`, and its own error types; `param` added.
+        kind = self.type
+        if self.code == "context_length_exceeded":
+            kind = "exceed_context_size_error"
+        elif self.status == 404:
+            kind = "not_found_error"
+        elif self.status == 503:
+            kind = "unavailable_error"
+        return {"error": {"code": self.status, "message": self.message, "type": kind, "param": self.param}}
+
     def body(self, dialect: Dialect) -> dict[str, Any]:
+        if dialect is Dialect.LLAMACPP:
+            return self.llamacpp_body()
         if dialect is Dialect.KOBOLD:
             return self.kobold_body()
         if dialect is Dialect.OLLAMA:

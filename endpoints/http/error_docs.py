@@ -23,9 +23,22 @@ class OpenAIErrorDetail(BaseModel):
 
 
 class OpenAIErrorBody(BaseModel):
-    """OpenAI's error envelope (also used by the admin and llama.cpp routes)."""
+    """OpenAI's error envelope (also used by the admin routes)."""
 
     error: OpenAIErrorDetail
+
+
+class LlamaCppErrorDetail(BaseModel):
+    code: int = Field(description="The HTTP status.")
+    message: str = Field(description="What went wrong and what to do next.")
+    type: str
+    param: str | None = Field(None, description="The request field at fault, when there is one.")
+
+
+class LlamaCppErrorBody(BaseModel):
+    """llama.cpp server's error envelope: `code` is the HTTP status."""
+
+    error: LlamaCppErrorDetail
 
 
 class KoboldErrorDetail(BaseModel):
@@ -50,6 +63,7 @@ _MODELS: dict[Dialect, type[BaseModel]] = {
     Dialect.OPENAI: OpenAIErrorBody,
     Dialect.KOBOLD: KoboldErrorBody,
     Dialect.OLLAMA: OllamaErrorBody,
+    Dialect.LLAMACPP: LlamaCppErrorBody,
 }
 
 

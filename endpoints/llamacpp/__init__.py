@@ -1,1 +1,1 @@
-"""llama.cpp's native server API: /infill, /tokenize, /detokenize."""
+"""llama.cpp's native server API: /completion, /slots, /infill, /tokenize, /detokenize."""

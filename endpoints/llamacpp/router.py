@@ -1,40 +1,107 @@
-"""llama.cpp server routes: /infill, /tokenize, /detokenize; thin, mapping and framing live beside them.
+"""llama.cpp server routes: /completion (/completions), /slots, /infill, /tokenize, /detokenize; thin.
 
-Editors' code-completion plugins written for llama.cpp's server (llama.vim,
-llama.vscode, ...) call these. Bodies and answers keep llama.cpp's field
-names; errors use the OpenAI envelope, as llama.cpp does.
+Front-ends set to "llama.cpp" (SillyTavern's text completion, llama.cpp's own
+web UI) and editors' code-completion plugins (llama.vim, llama.vscode) call
+these. Bodies and answers keep llama.cpp's field names; mapping and framing
+live beside this file; errors take llama-server's envelope
+`{"error": {"code": <status>, "message", "type"}}` (with `param` added).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import JSONResponse, Response
 
 from common.config.loader import ParleyConfig
-from common.errors import BadRequestError, Dialect
+from common.errors import APIError, BadRequestError, Dialect, ServiceUnavailableError
 from common.generation.hooks import GenerationHooks
-from common.generation.pipeline import start_generation
+from common.generation.pipeline import Generation, start_generation
+from common.models.manager import ModelManager
 from common.models.presets import PresetState
 from endpoints.http.auth import require_api
-from endpoints.http.deps import RouteDialect, get_config, get_presets, lease_model, log_unknown_fields
+from endpoints.http.deps import RouteDialect, get_config, get_models, get_presets, lease_model, log_unknown_fields
 from endpoints.http.error_docs import error_responses
 from endpoints.http.json_body import StrictJSONRoute
 from endpoints.http.request_context import request_hooks
 from endpoints.http.streaming import sse_response, until_disconnect
-from endpoints.llamacpp import serving
+from endpoints.llamacpp import completion_serving, serving
+from endpoints.llamacpp.completion_mapping import completion_plan, default_params
+from endpoints.llamacpp.completion_protocol import LlamaCompletionRequest
 from endpoints.llamacpp.mapping import infill_plan
 from endpoints.llamacpp.protocol import DetokenizeRequest, InfillRequest, TokenizeRequest
 
-LLAMACPP = RouteDialect(Dialect.OPENAI, max_tokens="n_predict")  # llama.cpp's server answers in OpenAI's shape
+LLAMACPP = RouteDialect(Dialect.LLAMACPP, max_tokens="n_predict")
 
 router = APIRouter(
     tags=["llama.cpp"],
     dependencies=[Depends(LLAMACPP), Depends(require_api)],
     route_class=StrictJSONRoute,
-    responses=error_responses(Dialect.OPENAI),
+    responses=error_responses(Dialect.LLAMACPP),
 )
+
+
+@router.post("/completion")
+@router.post("/completions")
+async def completion(
+    body: LlamaCompletionRequest,
+    request: Request,
+    config: ParleyConfig = Depends(get_config),
+    presets: PresetState = Depends(get_presets),
+    hooks: GenerationHooks = Depends(request_hooks),
+) -> Response:
+    """llama.cpp's text completion: a prompt (text, token ids or both) and llama-server's sampler fields."""
+    log_unknown_fields(body, request.url.path)
+    with await lease_model(request, body.model) as lease:
+        model = lease.model
+        plan = completion_plan(body, model, model.preset(presets.active),
+                               default_max_tokens=config.model.default_max_tokens)
+        generations: list[Generation] = []
+        try:
+            for prompt in plan.prompts:
+                generations.append(await start_generation(
+                    model, prompt, plan.params, hooks=hooks, n=plan.n, constraint=plan.constraint,
+                    default_max_tokens=plan.default_max_tokens,
+                ))
+        except BaseException:
+            for g in generations:
+                g.cancel()
+            raise
+        if body.stream:
+            frames = completion_serving.completion_stream(model, generations[0], plan)
+            return sse_response(frames, Dialect.LLAMACPP, done_marker=False, handles=generations[0].handles,
+                                on_close=lease.detach())
+        every = [h for g in generations for h in g.handles]
+        work = completion_serving.completion_response(model, generations, plan)
+        return JSONResponse(await until_disconnect(request, work, every))
+
+
+@router.get("/slots")
+async def slots(
+    model: str | None = Query(None, description="A loaded model's name; none: the default model."),
+    fail_on_no_slot: bool = Query(False, description="Answer 503 when every slot is busy."),
+    models: ModelManager = Depends(get_models),
+    presets: PresetState = Depends(get_presets),
+) -> list[dict[str, Any]]:
+    """llama.cpp's slot list, from the engine's slot counters (no prompt text is ever shown)."""
+    loaded = models.get(model)
+    stats = loaded.engine.stats()
+    if fail_on_no_slot and stats.slots_active >= stats.slots_total:
+        raise ServiceUnavailableError("Every slot is busy; retry shortly.", retry_after=1)
+    return completion_serving.slots_body(loaded, default_params(loaded.preset(presets.active)))
+
+
+@router.post("/slots/{id_slot}")
+async def slot_action(id_slot: int, action: str | None = None) -> None:
+    """llama.cpp's slot save/restore/erase: not offered, Parley manages its prompt cache itself."""
+    err = APIError(
+        f"Slot actions ({action or 'none given'} on slot {id_slot}) are not supported: Parley reuses cached "
+        "prompt prefixes by itself. Send requests as usual; the cache needs no saving or erasing.",
+        status=501, code="not_supported",
+    )
+    err.type = "not_supported_error"  # llama-server's type for a feature it does not offer
+    raise err
 
 
 @router.post("/infill")
@@ -53,7 +120,7 @@ async def infill(
         generation = await start_generation(model, prompt, params, hooks=hooks,
                                             default_max_tokens=config.model.default_max_tokens)
         if body.stream:
-            return sse_response(serving.infill_stream(model, generation), Dialect.OPENAI,
+            return sse_response(serving.infill_stream(model, generation), Dialect.LLAMACPP,
                                 done_marker=False, handles=generation.handles, on_close=lease.detach())
         result = await until_disconnect(request, serving.infill_response(model, generation), generation.handles)
         return JSONResponse(result)

@@ -6,35 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from backends.base import Finished, FinishReason, TextDelta
+from backends.base import Finished, TextDelta
 from common.generation.pipeline import Generation
 from common.models.manager import LoadedModel
 from endpoints.http.streaming import dumps
+from endpoints.llamacpp.completion_serving import stop_type, timings
 from endpoints.llamacpp.protocol import TokenizeRequest
-
-
-def stop_type(finish: Finished) -> str:
-    if finish.reason is FinishReason.LENGTH:
-        return "limit"
-    if finish.reason is FinishReason.STOP:
-        return "word" if finish.stop_string else "eos"
-    return "none"
-
-
-def _timings(finish: Finished) -> dict[str, Any]:
-    u = finish.usage
-    prompt_ms, predicted_ms = u.prompt_seconds * 1000, u.generation_seconds * 1000
-    return {
-        "prompt_n": u.prompt_tokens - u.cached_tokens,
-        "prompt_ms": prompt_ms,
-        "prompt_per_second": (u.prompt_tokens - u.cached_tokens) / u.prompt_seconds if u.prompt_seconds else 0.0,
-        "predicted_n": u.completion_tokens,
-        "predicted_ms": predicted_ms,
-        "predicted_per_token_ms": predicted_ms / u.completion_tokens if u.completion_tokens else 0.0,
-        "predicted_per_second": u.completion_tokens / u.generation_seconds if u.generation_seconds else 0.0,
-        "draft_n": u.draft_tokens,
-        "draft_n_accepted": u.accepted_draft_tokens,
-    }
 
 
 def final_body(model: LoadedModel, generation: Generation, finish: Finished, content: str,
@@ -63,7 +40,7 @@ def final_body(model: LoadedModel, generation: Generation, finish: Finished, con
             "seed": params.seed if params.seed is not None else -1,
             "stop": list(params.stop),
         },
-        "timings": _timings(finish),
+        "timings": timings(finish.usage),
     }
 
 

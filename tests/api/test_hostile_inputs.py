@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from common.errors import Dialect
 from tests.conftest import MODEL_NAME, Keys
 
-OPENAI, KOBOLD, OLLAMA = Dialect.OPENAI, Dialect.KOBOLD, Dialect.OLLAMA
+OPENAI, KOBOLD, OLLAMA, LLAMACPP = Dialect.OPENAI, Dialect.KOBOLD, Dialect.OLLAMA, Dialect.LLAMACPP
 USER = [{"role": "user", "content": "Hi"}]
 INJECTION = "{{ cycler.__init__.__globals__ }}{% include '/etc/passwd' %}{{ ''.__class__.__mro__ }}"
 TRAVERSALS = ["../x", "/etc/passwd", "..\\x", "a/../../b", "%2e%2e/x", "a\x00b"]
@@ -48,10 +48,11 @@ ROUTES = [
           admin=True, negative=-1),
     Route("/v1/template/switch", OPENAI, {"prompt_template_name": "../nope"}, ("prompt_template_name",), admin=True),
     Route("/v1/sampling/override/switch", OPENAI, {"preset": "../nope"}, ("preset",), admin=True),
-    Route("/infill", OPENAI, {"input_prefix": "a", "input_suffix": "b", "n_predict": 2}, ("input_prefix",),
+    Route("/infill", LLAMACPP, {"input_prefix": "a", "input_suffix": "b", "n_predict": 2}, ("input_prefix",),
           ("n_predict",), negative=-5),
-    Route("/tokenize", OPENAI, {"content": "Hi"}, ("content",)),
-    Route("/detokenize", OPENAI, {"tokens": [1]}, ("model",), ("tokens", 0), negative=-1),
+    Route("/completion", LLAMACPP, {"prompt": "Hi", "n_predict": 2}, ("prompt",), ("n_predict",), negative=-5),
+    Route("/tokenize", LLAMACPP, {"content": "Hi"}, ("content",)),
+    Route("/detokenize", LLAMACPP, {"tokens": [1]}, ("model",), ("tokens", 0), negative=-1),
     Route("/api/v1/generate", KOBOLD, {"prompt": "Hi", "max_length": 2}, ("prompt",), ("max_length",), negative=-1),
     Route("/api/extra/generate/stream", KOBOLD, {"prompt": "Hi", "max_length": 2}, ("prompt",), ("top_k",),
           negative=-3),
@@ -95,6 +96,11 @@ def error_text(r: Any, dialect: Dialect) -> str:
     if dialect is OPENAI:
         err = body["error"]
         assert {"message", "type", "param", "code"} <= set(err), body
+        assert isinstance(err["message"], str) and err["message"]
+        return f"{err['message']} {err['param']}"
+    if dialect is LLAMACPP:
+        err = body["error"]
+        assert err["code"] == r.status_code and {"message", "type", "param"} <= set(err), body
         assert isinstance(err["message"], str) and err["message"]
         return f"{err['message']} {err['param']}"
     if dialect is KOBOLD:
@@ -300,6 +306,16 @@ FIELD_CASES: list[tuple[str, str, dict[str, Any], str]] = [
     ("/infill", "n_predict_zero", {"input_prefix": "a", "n_predict": 0}, "n_predict"),
     ("/tokenize", "no_content", {}, "content"),
     ("/detokenize", "out_of_vocab", {"tokens": [49152]}, "tokens"),
+    ("/completion", "no_prompt", {"n_predict": 2}, "prompt"),
+    ("/completion", "prompt_object", {"prompt": {"prompt_string": "a"}, "n_predict": 2}, "prompt"),
+    ("/completion", "token_out_of_vocab", {"prompt": [49152], "n_predict": 2}, "prompt"),
+    ("/completion", "temperature_type", {"prompt": "Hi", "temperature": "hot"}, "temperature"),
+    ("/completion", "logit_bias_shape", {"prompt": "Hi", "logit_bias": [[1, 2, 3]]}, "logit_bias"),
+    ("/completion", "samplers_type", {"prompt": "Hi", "samplers": [1, 2]}, "samplers"),
+    ("/completion", "grammar", {"prompt": "Hi", "grammar": "root ::= ("}, "grammar"),
+    ("/completion", "json_schema", {"prompt": "Hi", "json_schema": {"type": "nope"}}, "json_schema"),
+    ("/completion", "n_probs_negative", {"prompt": "Hi", "n_probs": -1}, "n_probs"),
+    ("/completion", "stream_many", {"prompt": ["a", "b"], "stream": True}, "prompt"),
     # Admin
     ("/v1/sampling/override/switch", "nothing", {}, "preset"),
     ("/v1/sampling/override/switch", "override_type", {"overrides": {"temperature": "hot"}}, "temperature"),
@@ -338,6 +354,7 @@ NAME_FIELDS = [
     ("/v1/token/encode", {"text": "Hi"}, ("model",), "model"),
     ("/tokenize", {"content": "Hi"}, ("model",), "model"),
     ("/infill", {"input_prefix": "a"}, ("model",), "model"),
+    ("/completion", {"prompt": "a", "n_predict": 1}, ("model",), "model"),
     ("/v1/model/load", {}, ("model_name",), "model"),
     ("/v1/model/load", {"model_name": MODEL_NAME}, ("prompt_template",), "template"),
     ("/v1/model/unload", {}, ("model_name",), "model"),
@@ -416,7 +433,8 @@ def test_enormous_prompts_are_a_clean_context_error(app_env: tuple[TestClient, K
 AUTH_ROUTES = [
     ("POST", "/v1/chat/completions", chat(), OPENAI, False),
     ("GET", "/v1/models", None, OPENAI, False),
-    ("POST", "/tokenize", {"content": "Hi"}, OPENAI, False),
+    ("POST", "/tokenize", {"content": "Hi"}, LLAMACPP, False),
+    ("GET", "/slots", None, LLAMACPP, False),
     ("POST", "/v1/model/load", {"model_name": "../never"}, OPENAI, True),
     ("POST", "/v1/template/switch", {"prompt_template_name": "../never"}, OPENAI, True),
     ("POST", "/v1/sampling/override/switch", {"preset": "../never"}, OPENAI, True),

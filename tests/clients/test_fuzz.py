@@ -48,8 +48,10 @@ RESET_AFTER = {
     "/v1/template/switch": "/v1/template/unload",
     "/v1/sampling/override/switch": "/v1/sampling/override/unload",
 }
-# Documented 501s: Ollama's model-file management has no equivalent here (see README).
-NOT_IMPLEMENTED = {"/api/copy", "/api/delete", "/api/create", "/api/push", "/api/blobs/{digest}"}
+# Documented 501s: Ollama's model-file management and llama.cpp's slot actions have no equivalent here (see README).
+NOT_IMPLEMENTED = {
+    "/api/copy", "/api/delete", "/api/create", "/api/push", "/api/blobs/{digest}", "/slots/{id_slot}",
+}
 
 
 def cap_generation(path: str, body: Any) -> None:
@@ -63,12 +65,14 @@ def cap_generation(path: str, body: Any) -> None:
         body["max_length"] = CAP
     elif path == "/infill":
         body["n_predict"] = CAP
+    elif path in ("/completion", "/completions"):
+        body["n_predict"] = CAP  # llama.cpp's: it wins over max_tokens and max_completion_tokens
     elif path in ("/api/chat", "/api/generate"):
         body.pop("keep_alive", None)  # keep_alive 0 with no prompt unloads the model
         options = body.get("options")
         if options is None or isinstance(options, dict):
             body["options"] = {**(options or {}), "num_predict": CAP}
-    for name in ("n", "best_of"):
+    for name in ("n", "best_of", "n_cmpl"):
         if isinstance(body.get(name), int) and body[name] > 2:
             body[name] = 2
 

@@ -29,6 +29,8 @@ def test_error_shapes_per_dialect() -> None:
                                                   "param": "messages", "code": "context_length_exceeded"}}
     assert err.body(Dialect.OLLAMA) == {"error": "too long"}
     assert err.body(Dialect.KOBOLD)["detail"]["msg"] == "too long"
+    assert err.body(Dialect.LLAMACPP) == {"error": {"code": 400, "message": "too long", "param": "messages",
+                                                    "type": "exceed_context_size_error"}}
     busy = ServiceUnavailableError("busy", retry_after=2.4)
     assert busy.status == 503 and busy.headers["Retry-After"] == "2"
 
@@ -49,7 +51,11 @@ def test_dialect_by_route() -> None:
         app.include_router(router)
     expected = {
         ("POST", "/v1/chat/completions"): Dialect.OPENAI,
-        ("POST", "/infill"): Dialect.OPENAI,
+        ("POST", "/infill"): Dialect.LLAMACPP,
+        ("POST", "/completion"): Dialect.LLAMACPP,
+        ("POST", "/completions"): Dialect.LLAMACPP,
+        ("POST", "/v1/completions"): Dialect.OPENAI,
+        ("GET", "/slots"): Dialect.LLAMACPP,
         ("POST", "/v1/model/load"): Dialect.OPENAI,
         ("POST", "/api/v1/generate"): Dialect.KOBOLD,
         ("POST", "/api/extra/generate/stream"): Dialect.KOBOLD,
