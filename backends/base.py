@@ -10,23 +10,44 @@ from __future__ import annotations
 
 import abc
 import enum
-import itertools
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from backends.sampling import SamplingParams
+from common.errors import BadRequestError
 
 if TYPE_CHECKING:
-    from common.formats.constraints import Constraint
-
-from common.errors import BadRequestError
-from backends.sampling import SamplingParams
-
-_request_ids = itertools.count(1)
+    import numpy as np
 
 
-def next_request_id() -> str:
-    return f"req-{next(_request_ids)}"
+def new_request_id() -> str:
+    """A request id unique without any shared counter."""
+    return f"req-{uuid.uuid4().hex[:16]}"
+
+
+class ConstraintState(Protocol):
+    """One sequence's progress through a constraint; one owner (the engine's scheduler thread)."""
+
+    def is_finished(self) -> bool:
+        """Complete: only an end-of-generation token may follow."""
+
+    def apply_to_logits(self, logits: np.ndarray) -> None:
+        """Set the logits of tokens not allowed next to -inf, in place."""
+
+    def advance(self, token: int) -> None:
+        """Consume a sampled token."""
+
+    def rollback(self, n: int) -> None:
+        """Undo the last n advanced tokens (a banned-string rewind)."""
+
+
+class Constraint(Protocol):
+    """A compiled output constraint (JSON schema, regex, grammar), shared by the requests that use it."""
+
+    def new_state(self) -> ConstraintState: ...
 
 
 class FinishReason(str, enum.Enum):
@@ -88,7 +109,7 @@ Event = TextDelta | Finished
 class GenerationRequest:
     prompt_tokens: list[int]
     params: SamplingParams
-    request_id: str = field(default_factory=next_request_id)
+    request_id: str = field(default_factory=new_request_id)
     constraint: Constraint | None = None  # compiled; each sequence gets its own state
     loras: tuple[tuple[str, float], ...] | None = None  # adapters and scales; None = the model's active set
 

@@ -9,6 +9,7 @@ request actually uses with `SamplingParams.active_knobs()`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
 from typing import Any
 
 from common.errors import BadRequestError
@@ -122,7 +123,7 @@ class SamplingParams:
 
 
 # (low, high) inclusive; None = unbounded on that side.
-_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+_BOUNDS: MappingProxyType[str, tuple[float | None, float | None]] = MappingProxyType({
     "max_tokens": (1, None),
     "min_tokens": (0, None),
     "temperature": (0.0, 100.0),
@@ -151,4 +152,4 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "mirostat_eta": (0.0, 1.0),
     "seed": (None, None),
     "logprobs": (0, 20),
-}
+})

@@ -1,44 +1,54 @@
-"""Per-request and per-slot state of the llama.cpp scheduler."""
+"""The scheduler thread's state: each request's sequence (`Job`), each KV slot (`Slot`), and their `SlotState`.
+
+Only the scheduler thread reads or writes these after a job is submitted; the
+event-loop side of a request is its `RequestHandle` (handle.py).
+"""
 
 from __future__ import annotations
 
-import asyncio
+import enum
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import llama_cpp as lc
 import numpy as np
 
-from backends.base import (
-    Event,
-    Finished,
-    GenerationHandle,
-    GenerationRequest,
-    TokenLogprob,
-)
+from backends.base import ConstraintState, GenerationRequest, TokenLogprob
+from backends.llamacpp.handle import RequestHandle
 from backends.llamacpp.lora import NO_LORA, LoraKey
 from backends.llamacpp.sampler import SamplerChain
+from backends.llamacpp.speculative import NgramIndex, common_prefix
 from backends.text_stream import TokenTextStream
 
-if TYPE_CHECKING:
-    from backends.llamacpp.engine import LlamaCppEngine
+
+class SlotState(enum.Enum):
+    """Where a request stands, which is what its slot is doing; a slot with no request is IDLE.
+
+    QUEUED -> [WAITING_FOR_SHARER ->] PREFILLING -> GENERATING -> DONE; a preempted
+    request goes back to QUEUED, and a request whose prompt is already in KV
+    goes straight to GENERATING.
+    """
+
+    IDLE = "idle"  # a slot without a request: its KV is a cached prefix later requests may reuse
+    QUEUED = "queued"  # waiting for a free slot
+    WAITING_FOR_SHARER = "waiting_for_sharer"  # held back while a prefilling request computes a prefix it shares
+    PREFILLING = "prefilling"  # in a slot, its prompt partly in KV
+    GENERATING = "generating"  # in a slot, prompt in KV: sampling a token per step
+    DONE = "done"  # finished; it left its slot
 
 
-class Job(GenerationHandle):
+class Job:
+    """One request's sequence: its tokens, counters, sampler chain, text stream and constraint state."""
+
     __slots__ = (
         "bans",
         "cached_tokens",
-        "cancelled",
-        "draft_len",
         "chain",
         "constraint",
         "context",
-        "engine",
-        "finished",
+        "draft_len",
         "first_logits",
-        "loop",
+        "handle",
         "lora_key",
         "max_new",
         "n_accepted",
@@ -50,10 +60,10 @@ class Job(GenerationHandle):
         "params",
         "pending_logprobs",
         "preempted",
-        "queue",
         "request",
         "rewinds",
         "slot",
+        "state",
         "stop_ids",
         "stream",
         "t_admit",
@@ -61,16 +71,13 @@ class Job(GenerationHandle):
         "t_submit",
     )
 
-    def __init__(
-        self, engine: LlamaCppEngine, request: GenerationRequest, loop: asyncio.AbstractEventLoop, n_ctx: int
-    ) -> None:
-        self.engine = engine
+    def __init__(self, handle: RequestHandle, n_ctx: int, lora_key: LoraKey = NO_LORA) -> None:
+        request: GenerationRequest = handle.request
+        self.handle = handle  # where events go (on its event loop)
         self.request = request
         self.params = request.params
-        self.loop = loop
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.cancelled = False
-        self.finished = False
+        self.lora_key = lora_key
+        self.state = SlotState.QUEUED
         self.context = list(request.prompt_tokens)
         self.n_prompt = len(self.context)
         self.n_cached = 0
@@ -85,12 +92,13 @@ class Job(GenerationHandle):
         self.t_admit = 0.0
         self.t_first = 0.0
         self.stop_ids = frozenset(self.params.stop_token_ids)
-        self.constraint = request.constraint.new_state() if request.constraint is not None else None
+        self.constraint: ConstraintState | None = (
+            request.constraint.new_state() if request.constraint is not None else None
+        )
         self.bans: dict[int, set[int]] = {}  # generated position -> tokens banned there (banned strings)
         self.rewinds = 0
         self.preempted = False  # recomputed after the KV cache ran full; readmitted only with room to finish
         self.pending_logprobs: deque[TokenLogprob] = deque()
-        self.lora_key: LoraKey = NO_LORA  # set at submission
         self.ngram = NgramIndex()
         self.n_drafted = 0  # speculative tokens guessed for this request
         self.n_accepted = 0  # ... and kept
@@ -109,20 +117,6 @@ class Job(GenerationHandle):
             or self.n_generated in self.bans
         )
 
-    async def events(self) -> AsyncIterator[Event]:
-        try:
-            while True:
-                event = await self.queue.get()
-                yield event
-                if isinstance(event, Finished):
-                    return
-        finally:
-            if not self.finished:
-                self.cancel()
-
-    def cancel(self) -> None:
-        self.engine._cancel(self)
-
 
 class Slot:
     """One KV sequence: the tokens it holds and, for exact reuse, the logits its last prompt gave."""
@@ -139,6 +133,11 @@ class Slot:
         # A later request with the same prompt samples its first token from them instead of
         # recomputing the last prompt token in another batch shape (which rounds differently).
         self.saved: tuple[int, np.ndarray] | None = None
+
+    @property
+    def state(self) -> SlotState:
+        job = self.job
+        return SlotState.IDLE if job is None else job.state
 
     def cut(self, mem: object, n: int) -> None:
         """Drop KV from position n on; saved logits that depended on dropped KV go too."""
@@ -159,50 +158,3 @@ class Slot:
         if match >= n and self.saved is not None and self.saved[0] == n - 1:
             return n
         return min(match, n - 1)
-
-
-class NgramIndex:
-    """Where each n-gram of one sequence last occurred, extended as the sequence grows (prompt lookup)."""
-
-    __slots__ = ("table", "upto")
-
-    NGRAM_MIN = 2
-    NGRAM_MAX = 4
-
-    def __init__(self) -> None:
-        self.table: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it
-        self.upto = 0  # n-grams ending before this index are in the table
-
-    def propose(self, context: list[int], k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the context's last n-gram."""
-        n_ctx = len(context)
-        if self.upto > n_ctx - 1:  # the sequence was rewound: start over
-            self.table.clear()
-            self.upto = 0
-        table, lo, hi = self.table, self.NGRAM_MIN, self.NGRAM_MAX
-        # Index every n-gram that has a continuation (ends before the last token).
-        for end in range(self.upto, n_ctx - 1):
-            for n in range(lo, hi + 1):
-                start = end - n + 1
-                if start < 0:
-                    break
-                table[tuple(context[start : end + 1])] = end + 1
-        self.upto = max(self.upto, n_ctx - 1)
-        for n in range(hi, lo - 1, -1):
-            if n_ctx >= n:
-                follow = table.get(tuple(context[n_ctx - n :]))
-                if follow is not None:
-                    return context[follow : follow + k]
-        return []
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    # Compare in blocks first: prompts share long prefixes, Python loops are slow.
-    step = 64
-    while i + step <= n and a[i : i + step] == b[i : i + step]:
-        i += step
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -1,7 +1,7 @@
 """Thin owner of the llama.cpp model, context and vocabulary pointers.
 
 Loading, tokenization, token pieces, metadata and the reusable batch live here;
-scheduling lives in engine.py.
+scheduling lives in scheduler.py.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import ctypes
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import MappingProxyType
 
 import llama_cpp as lc
 import numpy as np
@@ -17,8 +18,8 @@ from loguru import logger
 
 from backends.base import LoadOptions, ModelInfo
 
-_CACHE_TYPES = {"FP16": 1, "Q8_0": 8, "Q4_0": 2}  # ggml_type ids
-_FLASH = {"auto": -1, "off": 0, "on": 1}
+_CACHE_TYPES = MappingProxyType({"FP16": 1, "Q8_0": 8, "Q4_0": 2})  # ggml_type ids
+_FLASH = MappingProxyType({"auto": -1, "off": 0, "on": 1})
 
 
 class LoadError(Exception):

@@ -1,27 +1,29 @@
-"""The scheduler thread of the llama.cpp engine: admission, batching, sampling, speculation.
+"""The scheduler of the llama.cpp engine: admission, batching, sampling, speculation.
 
-Everything here runs on the engine's one scheduler thread, which owns the llama.cpp
-context; engine.py is the event-loop side (submission, cancellation, commands).
+A `Scheduler` runs on the engine's one thread, which owns the llama.cpp context
+and every `Job` and `Slot`. Event loops reach it only through its `Inbox`
+(messages.py); it hands events back with `loop.call_soon_threadsafe`. Each pass:
+take messages, admit waiting jobs, run one step, deliver the events.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import deque
-from collections.abc import Callable
 
 import llama_cpp as lc
 import numpy as np
 from loguru import logger
 
-from backends.base import Event, Finished, FinishReason, TextDelta, TokenLogprob, Usage
-from backends.llamacpp.job import Job, Slot, common_prefix
-from backends.llamacpp.lora import AdapterStore, LoraKey
+from backends.base import EngineStats, Event, Finished, FinishReason, TextDelta, TokenLogprob, Usage
+from backends.llamacpp.handle import RequestHandle, deliver
+from backends.llamacpp.job import Job, Slot, SlotState
+from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraKey
+from backends.llamacpp.messages import Cancel, Command, Inbox, Message, Submit
 from backends.llamacpp.native import NativeBatch, NativeModel
 from backends.llamacpp.sampler import build_chain
-from backends.llamacpp.speculative import Drafter
+from backends.llamacpp.speculative import Drafter, common_prefix
 from backends.logprobs import log_softmax, token_logprob
 from backends.text_stream import Release, Rewind, StopHit
 
@@ -34,95 +36,165 @@ _SHARE_MIN_TOKENS = 32
 
 
 class Scheduler:
-    """State shared with the event-loop side is guarded by `_cv`; the rest is this thread's own."""
+    """Everything here runs on the scheduler thread, except `stats` (a snapshot read from any thread)."""
 
-    native: NativeModel
-    _slots: list[Slot]
-    _batch: NativeBatch
-    _cv: threading.Condition
-    _waiting: deque[Job]
-    _commands: deque[Callable[[], None]]
-    _wake: bool
-    _stopping: bool
-    _closed: bool
-    _finished_count: int
-    _generated_count: int
-    _adapters: AdapterStore
-    _lora_turn: int
-    _drafter: Drafter | None
-    _draft_max: int
-    _drafted_count: int
-    _accepted_count: int
+    def __init__(
+        self,
+        native: NativeModel,
+        inbox: Inbox,
+        adapters: AdapterStore,
+        drafter: Drafter | None,
+        draft_max: int,
+    ) -> None:
+        self.native = native
+        self.slots = [Slot(i) for i in range(native.n_slots)]
+        self._inbox = inbox
+        self._adapters = adapters
+        self._drafter = drafter
+        self._draft_max = draft_max
+        self._batch = NativeBatch(native.n_batch)
+        self._unread: deque[Message] = deque()  # taken from the inbox, not yet handled
+        self._waiting: deque[Job] = deque()  # submitted, not in a slot, in admission order
+        self._outbox: dict[Job, list[Event]] = {}  # events of this pass, delivered at its end
+        self._lora_turn = 0
+        self.finished_count = 0
+        self.generated_count = 0
+        self.drafted_count = 0
+        self.accepted_count = 0
 
-    # -- scheduler thread ---------------------------------------------------
-    def _run(self) -> None:
-        outbox: dict[Job, list[Event]] = {}
+    # -- the thread's loop ----------------------------------------------------
+    def run(self) -> None:
+        """The thread's body: until the inbox closes (or a step fails)."""
         try:
             while True:
-                with self._cv:
-                    while not (self._stopping or self._wake or self._waiting or self._has_active()):
-                        self._cv.wait()
-                    if self._stopping:
-                        break
-                    self._wake = False
-                    while self._commands:
-                        self._commands.popleft()()
-                    self._reap_cancelled(outbox)
-                    self._admit(outbox)
+                messages = self._inbox.take(wait=not (self._waiting or self._has_active()))
+                if messages is None:
+                    break
+                unread = self._unread
+                unread.extend(messages)
+                while unread:
+                    self._on_message(unread.popleft())
+                self._admit()
                 if self._has_active():
-                    self._step(outbox)
-                self._deliver(outbox)
+                    self._step()
+                self._deliver()
         except Exception as exc:  # noqa: BLE001 - the engine must report, not vanish
             logger.exception("llama.cpp scheduler failed")
-            self._fail_all(outbox, FinishReason.ERROR, f"The engine failed: {exc}. Reload the model.")
-            with self._cv:
-                self._closed = True
+            self._inbox.close()
+            self._shut_down(FinishReason.ERROR, f"The engine failed: {exc}. Reload the model.")
         else:
-            self._fail_all(outbox, FinishReason.UNLOAD, "The model was unloaded.")
-        self._deliver(outbox)
+            self._shut_down(FinishReason.UNLOAD, "The model was unloaded.")
 
+    def _on_message(self, message: Message) -> None:
+        if isinstance(message, Submit):
+            job = message.job
+            missing = [n for n, _ in job.lora_key if n not in self._adapters.adapters]
+            if missing:  # unloaded between its submission and now
+                self._finish(job, FinishReason.UNLOAD, error="A LoRA adapter this request used was unloaded.")
+            else:
+                self._waiting.append(job)
+        elif isinstance(message, Cancel):
+            self._cancel(message.handle)
+        else:
+            message.run()
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        """Finish the request of `handle` as cancelled, wherever it is (nothing when already done)."""
+        for slot in self.slots:
+            if slot.job is not None and slot.job.handle is handle:
+                self._finish(slot.job, FinishReason.CANCELLED)
+                return
+        for job in self._waiting:
+            if job.handle is handle:
+                self._waiting.remove(job)
+                self._finish(job, FinishReason.CANCELLED)
+                return
+
+    def _shut_down(self, reason: FinishReason, message: str) -> None:
+        self._unread.extend(self._inbox.drain())
+        for left in self._unread:
+            if isinstance(left, Submit):
+                self._waiting.append(left.job)
+            elif isinstance(left, Command):
+                left.abandon()
+        self._unread.clear()
+        for job in list(self._waiting) + [s.job for s in self.slots if s.job is not None]:
+            self._finish(job, reason, error=message)
+        self._waiting.clear()
+        self._deliver()
+
+    # -- commands (the engine runs these on this thread through the inbox) ----
+    def unload_loras(self, gone: set[str]) -> list[str]:
+        """End the requests that use an adapter in `gone`, drop KV made under one, free them."""
+        users = list(self._waiting) + [s.job for s in self.slots if s.job is not None]
+        for job in users:
+            if any(n in gone for n, _ in job.lora_key):
+                self._finish(job, FinishReason.UNLOAD, error="A LoRA adapter this request used was unloaded.")
+        self._waiting = deque(j for j in self._waiting if j.state is not SlotState.DONE)
+        for slot in self.slots:
+            if slot.state is SlotState.IDLE and any(n in gone for n, _ in slot.lora_key):
+                slot.cut(self.native.mem, 0)
+                slot.lora_key = NO_LORA
+        freed = [n for n in gone if n in self._adapters.adapters]
+        for n in freed:
+            self._adapters.free(n)
+        self._deliver()
+        return sorted(freed)
+
+    def clear_cache(self) -> None:
+        """Forget every cached prefix of idle slots (running requests keep theirs)."""
+        for slot in self.slots:
+            if slot.state is SlotState.IDLE and slot.tokens:
+                slot.cut(self.native.mem, 0)
+
+    def check_consistency(self) -> None:
+        """Assert each slot's bookkeeping matches the KV cache (while idle; for tests)."""
+        for slot in self.slots:
+            top = lc.llama_memory_seq_pos_max(self.native.mem, slot.seq)
+            assert top == len(slot.tokens) - 1, f"slot {slot.seq}: KV ends at {top}, bookkeeping has {len(slot.tokens)}"
+
+    def stats(self) -> EngineStats:
+        """A snapshot from any thread: each figure is current, together they may be a step apart."""
+        states = [(s.state, len(s.tokens)) for s in self.slots]
+        active = [n for state, n in states if state is not SlotState.IDLE]
+        return EngineStats(
+            slots_total=len(states),
+            slots_active=len(active),
+            queue_depth=max(0, self._inbox.outstanding - len(active)),
+            kv_cells_total=self.native.n_ctx,
+            kv_cells_used=sum(active),
+            cached_prefix_tokens=sum(n for state, n in states if state is SlotState.IDLE),
+            requests_finished=self.finished_count,
+            tokens_generated=self.generated_count,
+            draft_tokens=self.drafted_count,
+            accepted_draft_tokens=self.accepted_count,
+        )
+
+    # -- admission -------------------------------------------------------------
     def _has_active(self) -> bool:
-        return any(s.job is not None for s in self._slots)
-
-    def _fail_all(self, outbox: dict[Job, list[Event]], reason: FinishReason, message: str) -> None:
-        with self._cv:
-            waiting = list(self._waiting)
-            self._waiting.clear()
-        for job in waiting + [s.job for s in self._slots if s.job is not None]:
-            self._finish(job, reason, outbox, error=message)
-
-    def _reap_cancelled(self, outbox: dict[Job, list[Event]]) -> None:
-        if any(j.cancelled for j in self._waiting):
-            keep = deque()
-            for job in self._waiting:
-                if job.cancelled:
-                    self._finish(job, FinishReason.CANCELLED, outbox)
-                else:
-                    keep.append(job)
-            self._waiting = keep
-        for slot in self._slots:
-            if slot.job is not None and slot.job.cancelled:
-                self._finish(slot.job, FinishReason.CANCELLED, outbox)
+        return any(s.state is not SlotState.IDLE for s in self.slots)
 
     def _kv_used(self) -> int:
         # Upper bound: cells shared between sequences are counted once per sequence.
-        return sum(len(s.tokens) for s in self._slots)
+        return sum(len(s.tokens) for s in self.slots)
 
-    def _admit(self, outbox: dict[Job, list[Event]]) -> None:
+    def _admit(self) -> None:
         deferred: list[Job] = []
         while self._waiting:
-            free = [s for s in self._slots if s.job is None]
+            free = [s for s in self.slots if s.state is SlotState.IDLE]
             if not free:
                 break
             job = self._waiting.popleft()
             if self._should_wait_for_sharer(job):
+                job.state = SlotState.WAITING_FOR_SHARER
                 deferred.append(job)
                 continue
+            job.state = SlotState.QUEUED
             slot, own, source, shared = self._choose_slot(job, free)
             need = len(job.context) - max(own, shared)
             if job.preempted and self._has_active():
                 # It ran the cache full once: come back only when everyone can finish.
-                need += job.remaining + sum(s.job.remaining for s in self._slots if s.job is not None)
+                need += job.remaining + sum(s.job.remaining for s in self.slots if s.job is not None)
             if not self._make_room(need, slot):
                 self._waiting.appendleft(job)
                 break
@@ -132,10 +204,10 @@ class Scheduler:
     def _should_wait_for_sharer(self, job: Job) -> bool:
         """True when a job still prefilling shares a long prefix with this one: wait, then copy its KV."""
         key = job.lora_key
-        cached = max((common_prefix(s.tokens, job.context) for s in self._slots if s.lora_key == key), default=0)
-        for s in self._slots:
+        cached = max((common_prefix(s.tokens, job.context) for s in self.slots if s.lora_key == key), default=0)
+        for s in self.slots:
             other = s.job
-            if other is None or other.n_cached >= other.n_prompt or other.lora_key != key:
+            if other is None or other.state is not SlotState.PREFILLING or other.lora_key != key:
                 continue
             shared = common_prefix(other.context[: other.n_prompt], job.context)
             if shared - cached >= _SHARE_MIN_TOKENS:
@@ -156,7 +228,7 @@ class Scheduler:
                 best_free, best_own = s, own
         assert best_free is not None
         source, shared = None, best_own
-        for s in self._slots:
+        for s in self.slots:
             if s is best_free or s.lora_key != key:
                 continue
             n = s.reusable(context)
@@ -170,7 +242,7 @@ class Scheduler:
         if self._kv_used() + need <= capacity:
             return True
         idle = sorted(
-            (s for s in self._slots if s.job is None and s.tokens and s is not target),
+            (s for s in self.slots if s.state is SlotState.IDLE and s.tokens and s is not target),
             key=lambda s: s.last_used,
         )
         for s in idle:
@@ -195,6 +267,7 @@ class Scheduler:
         slot.lora_key = job.lora_key
         slot.job = job
         job.slot = slot
+        job.state = SlotState.PREFILLING if reuse < job.n_prompt else SlotState.GENERATING
         job.n_cached = reuse
         job.cached_tokens = reuse
         job.t_admit = time.perf_counter()
@@ -203,11 +276,11 @@ class Scheduler:
             job.params, vocab=n.vocab, n_vocab=n.n_vocab, n_ctx=n.n_ctx, eog_tokens=n.eog_tokens
         )
 
-    def _step(self, outbox: dict[Job, list[Event]]) -> None:
-        for slot in self._slots:
+    def _step(self) -> None:
+        for slot in self.slots:
             job = slot.job
             if job is not None and job.first_logits is not None:  # whole prompt cached: nothing to decode
-                self._sample(job, -1, outbox)
+                self._sample(job, -1)
         # A full KV cache makes llama_decode refuse the batch (and leave the cache as it was);
         # freeing room then retrying keeps every step productive.
         while True:
@@ -218,17 +291,19 @@ class Scheduler:
             rc = lc.llama_decode(self.native.ctx, self._batch.finalize())
             if rc == 0:
                 break
-            if not self._on_decode_failure(rc, [(j, t) for j, t, _ in fed], outbox):
+            if not self._on_decode_failure(rc, [(j, t) for j, t, _ in fed]):
                 return
         for job, take, drafts in fed:
             job.slot.tokens.extend(job.context[job.n_cached : job.n_cached + take])
             job.n_cached += take
             job.slot.tokens.extend(drafts)  # in KV now; what is not accepted is removed after sampling
+            if job.state is SlotState.PREFILLING and job.n_cached >= job.n_prompt:
+                job.state = SlotState.GENERATING
         for job, idx, drafts in sample_at:
             if drafts:
-                self._verify(job, idx - len(drafts), drafts, outbox)
+                self._verify(job, idx - len(drafts), drafts)
             else:
-                self._sample(job, idx, outbox)
+                self._sample(job, idx)
 
     def _fill_batch(self) -> tuple[list[tuple[Job, int, list[int]]], list[tuple[Job, int, list[int]]], LoraKey]:
         batch = self._batch
@@ -236,7 +311,7 @@ class Scheduler:
         budget = batch.capacity
         sample_at: list[tuple[Job, int, list[int]]] = []
         fed: list[tuple[Job, int, list[int]]] = []
-        active = [s.job for s in self._slots if s.job is not None and len(s.job.context) > s.job.n_cached]
+        active = [s.job for s in self.slots if s.job is not None and len(s.job.context) > s.job.n_cached]
         key = self._step_lora_key(active)
         active = [j for j in active if j.lora_key == key]
         # Decoding sequences first (one token each, plus guesses), then prefill in admission order.
@@ -287,7 +362,7 @@ class Scheduler:
                 room -= len(guess)
         return out
 
-    def _verify(self, job: Job, idx: int, drafts: list[int], outbox: dict[Job, list[Event]]) -> None:
+    def _verify(self, job: Job, idx: int, drafts: list[int]) -> None:
         """Sample at each guessed position in turn; keep guesses while the sample equals them."""
         slot = job.slot
         assert slot is not None
@@ -295,8 +370,8 @@ class Scheduler:
         rewinds = job.rewinds
         accepted = 0
         for i in range(len(drafts) + 1):
-            self._sample(job, idx + i, outbox)
-            if job.finished or job.rewinds != rewinds:
+            self._sample(job, idx + i)
+            if job.state is SlotState.DONE or job.rewinds != rewinds:
                 break
             if i < len(drafts) and job.context[-1] == drafts[i]:
                 accepted += 1
@@ -307,19 +382,19 @@ class Scheduler:
         # Guess as far as guesses have been landing: double after a full hit, else one past the hits.
         # Each guessed position costs nearly a token's compute on CPUs, so misses are not free.
         job.draft_len = min(2 * len(drafts), self._draft_max) if accepted == len(drafts) else accepted + 1
-        self._drafted_count += len(drafts)
-        self._accepted_count += accepted
+        self.drafted_count += len(drafts)
+        self.accepted_count += accepted
         if job.rewinds != rewinds:
             return  # a banned string rewound the sequence: its KV is already cut back past the guesses
         keep = base + accepted
         slot.cut(self.native.mem, keep)
-        if not job.finished:
+        if job.state is not SlotState.DONE:
             job.n_cached = keep
 
-    def _on_decode_failure(self, rc: int, fed: list[tuple[Job, int]], outbox: dict[Job, list[Event]]) -> bool:
+    def _on_decode_failure(self, rc: int, fed: list[tuple[Job, int]]) -> bool:
         """Make room after a refused batch; True when the step should be retried."""
         if rc == 1:
-            idle = [s for s in self._slots if s.job is None and s.tokens]
+            idle = [s for s in self.slots if s.state is SlotState.IDLE and s.tokens]
             if idle:  # cached prefixes go first
                 for s in idle:
                     s.cut(self.native.mem, 0)
@@ -329,10 +404,10 @@ class Scheduler:
                 self._preempt(victim)
                 return True
             # One sequence alone does not fit: the cache is smaller than its context.
-            self._finish(victim, FinishReason.LENGTH, outbox)
+            self._finish(victim, FinishReason.LENGTH)
             return False
         for job, _ in fed:
-            self._finish(job, FinishReason.ERROR, outbox, error=f"llama_decode failed with code {rc}.")
+            self._finish(job, FinishReason.ERROR, error=f"llama_decode failed with code {rc}.")
         return False
 
     def _preempt(self, job: Job) -> None:
@@ -341,13 +416,13 @@ class Scheduler:
         slot.cut(self.native.mem, 0)
         slot.job = None
         job.slot = None
+        job.state = SlotState.QUEUED
         job.n_cached = 0
         job.preempted = True
-        with self._cv:
-            self._waiting.appendleft(job)
+        self._waiting.appendleft(job)
         logger.debug("KV cache full: preempted {} to recompute later", job.request.request_id)
 
-    def _sample(self, job: Job, idx: int, outbox: dict[Job, list[Event]]) -> None:
+    def _sample(self, job: Job, idx: int) -> None:
         """Sample the job's next token from batch row `idx`, or from its saved logits (idx -1)."""
         assert job.chain is not None and job.slot is not None
         params = job.params
@@ -365,7 +440,7 @@ class Scheduler:
                 logprobs = log_softmax(logits)  # the model's own distribution, before any mask
             if job.constraint is not None:
                 if job.constraint.is_finished():
-                    self._finish(job, FinishReason.STOP, outbox)
+                    self._finish(job, FinishReason.STOP)
                     return
                 job.constraint.apply_to_logits(logits)
             if job.n_generated < params.min_tokens:
@@ -377,9 +452,9 @@ class Scheduler:
         if job.n_generated == 0:
             job.t_first = time.perf_counter()
         job.n_generated += 1
-        self._generated_count += 1
+        self.generated_count += 1
         if (lc.llama_vocab_is_eog(self.native.vocab, token) and not params.ignore_eos) or token in job.stop_ids:
-            self._finish(job, FinishReason.STOP, outbox)
+            self._finish(job, FinishReason.STOP)
             return
         if job.constraint is not None:
             job.constraint.advance(token)
@@ -388,28 +463,28 @@ class Scheduler:
             job.pending_logprobs.append(token_logprob(logprobs, token, params.logprobs or 0, self._piece))
         got = job.stream.push(token, self.native.piece(token, special=not params.skip_special_tokens))
         if isinstance(got, Rewind):
-            self._rewind(job, got, outbox)
+            self._rewind(job, got)
             return
         if isinstance(got, StopHit):
-            self._emit(job, got.release, outbox)
-            self._finish(job, FinishReason.STOP, outbox, stop_string=got.stop)
+            self._emit(job, got.release)
+            self._finish(job, FinishReason.STOP, stop_string=got.stop)
             return
-        self._emit(job, got, outbox)
+        self._emit(job, got)
         if job.n_generated >= job.max_new:
-            self._finish(job, FinishReason.LENGTH, outbox)
+            self._finish(job, FinishReason.LENGTH)
 
     def _piece(self, token: int) -> bytes:
         return self.native.piece(token, special=True)
 
-    def _emit(self, job: Job, release: Release, outbox: dict[Job, list[Event]]) -> None:
+    def _emit(self, job: Job, release: Release) -> None:
         if not release.tokens and not release.text:
             return
         lps: tuple[TokenLogprob, ...] = ()
         if job.pending_logprobs:
             lps = tuple(job.pending_logprobs.popleft() for _ in release.tokens if job.pending_logprobs)
-        outbox.setdefault(job, []).append(TextDelta(release.text, release.tokens, lps))
+        self._outbox.setdefault(job, []).append(TextDelta(release.text, release.tokens, lps))
 
-    def _rewind(self, job: Job, rewind: Rewind, outbox: dict[Job, list[Event]]) -> None:
+    def _rewind(self, job: Job, rewind: Rewind) -> None:
         """A banned string appeared: drop its tokens and sample that position again without them."""
         n = rewind.n_tokens
         job.rewinds += 1
@@ -430,22 +505,22 @@ class Scheduler:
             job.chain.accept(t)
         if job.rewinds > _MAX_REWINDS:
             logger.warning("{}: banned strings forced {} rewinds; ending the output", job.request.request_id, _MAX_REWINDS)
-            self._finish(job, FinishReason.STOP, outbox)
+            self._finish(job, FinishReason.STOP)
 
     def _finish(
         self,
         job: Job,
         reason: FinishReason,
-        outbox: dict[Job, list[Event]],
         *,
         stop_string: str | None = None,
         error: str | None = None,
     ) -> None:
-        if job.finished:
+        """End the job (wherever it is: the caller takes a waiting job out of the queue)."""
+        if job.state is SlotState.DONE:
             return
-        job.finished = True
+        job.state = SlotState.DONE
         if reason in (FinishReason.STOP, FinishReason.LENGTH):
-            self._emit(job, job.stream.flush(), outbox)
+            self._emit(job, job.stream.flush())
         slot = job.slot
         if slot is not None:
             slot.job = None
@@ -468,24 +543,22 @@ class Scheduler:
             draft_tokens=job.n_drafted,
             accepted_draft_tokens=job.n_accepted,
         )
-        self._finished_count += 1
-        outbox.setdefault(job, []).append(Finished(reason, usage, stop_string=stop_string, error=error))
+        self.finished_count += 1
+        self._inbox.retire()
+        self._outbox.setdefault(job, []).append(Finished(reason, usage, stop_string=stop_string, error=error))
 
-    def _deliver(self, outbox: dict[Job, list[Event]]) -> None:
+    def _deliver(self) -> None:
+        """Hand this pass's events to their event loops: one call per loop."""
+        outbox = self._outbox
         if not outbox:
             return
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, list[Event]]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, list[Event]]]] = {}
         for job, events in outbox.items():
-            by_loop.setdefault(job.loop, []).append((job, events))
+            handle = job.handle
+            by_loop.setdefault(handle.loop, []).append((handle, events))
         outbox.clear()
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(deliver, items)
             except RuntimeError:  # that event loop is closed: nobody is listening
                 pass
-
-
-def _put_all(items: list[tuple[Job, list[Event]]]) -> None:
-    for job, events in items:
-        for event in events:
-            job.queue.put_nowait(event)

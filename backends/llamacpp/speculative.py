@@ -10,8 +10,9 @@ land. Rejected positions are removed from the KV cache.
 
 Two drafters:
 - `NgramDrafter` (prompt lookup): the tokens that followed the latest earlier
-  occurrence of the sequence's last n tokens. Free, and strong on outputs that
-  copy from the input (quoting, editing, code, summaries with names).
+  occurrence of the sequence's last n tokens (each sequence keeps an
+  `NgramIndex`). Free, and strong on outputs that copy from the input
+  (quoting, editing, code, summaries with names).
 - `ModelDrafter`: a small model with the same vocabulary, run greedily on its
   own context, one KV sequence per scheduler slot.
 """
@@ -25,8 +26,55 @@ import numpy as np
 from loguru import logger
 
 from backends.base import LoadOptions
-from backends.llamacpp.job import NgramIndex, common_prefix
 from backends.llamacpp.native import NativeBatch, NativeModel
+
+
+class NgramIndex:
+    """Where each n-gram of one sequence last occurred, extended as the sequence grows (prompt lookup)."""
+
+    __slots__ = ("table", "upto")
+
+    NGRAM_MIN = 2
+    NGRAM_MAX = 4
+
+    def __init__(self) -> None:
+        self.table: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it
+        self.upto = 0  # n-grams ending before this index are in the table
+
+    def propose(self, context: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the context's last n-gram."""
+        n_ctx = len(context)
+        if self.upto > n_ctx - 1:  # the sequence was rewound: start over
+            self.table.clear()
+            self.upto = 0
+        table, lo, hi = self.table, self.NGRAM_MIN, self.NGRAM_MAX
+        # Index every n-gram that has a continuation (ends before the last token).
+        for end in range(self.upto, n_ctx - 1):
+            for n in range(lo, hi + 1):
+                start = end - n + 1
+                if start < 0:
+                    break
+                table[tuple(context[start : end + 1])] = end + 1
+        self.upto = max(self.upto, n_ctx - 1)
+        for n in range(hi, lo - 1, -1):
+            if n_ctx >= n:
+                follow = table.get(tuple(context[n_ctx - n :]))
+                if follow is not None:
+                    return context[follow : follow + k]
+        return []
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = min(len(a), len(b))
+    i = 0
+    # Compare in blocks first: prompts share long prefixes, Python loops are slow.
+    step = 64
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 class DraftError(Exception):
@@ -146,8 +194,6 @@ def check_same_vocab(target: NativeModel, draft: NativeModel) -> None:
                 f"Token {token} differs between the model and the draft model '{draft.path.name}'; "
                 "pick a draft model with the same tokenizer."
             )
-
-
 
 Drafter = NgramDrafter | ModelDrafter
 

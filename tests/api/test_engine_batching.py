@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from backends.base import Finished, FinishReason, GenerationRequest, LoadOptions, TextDelta
 from backends.llamacpp.engine import LlamaCppEngine
-from common.errors import ServiceUnavailableError
+from common.errors import ModelNotLoadedError, ServiceUnavailableError
 from backends.sampling import SamplingParams
 from tests.neartie import Step, assert_agree, steps_from_engine
 
@@ -123,7 +123,17 @@ async def test_prefix_reuse_matches_cold_run_and_reports_cached(engine: LlamaCpp
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_disconnects_free_everything(engine: LlamaCppEngine) -> None:
+async def test_disconnects_free_everything(model_path: Path) -> None:
+    # Its own engine, with a queue long enough that 32 clients on 8 slots queue rather than being refused.
+    options = LoadOptions(max_seq_len=2048, cache_size=8192, max_batch_size=8, chunk_size=128, max_queue=64)
+    engine = await asyncio.to_thread(LlamaCppEngine.load, model_path, "smol-64", options)
+    try:
+        await _disconnects_free_everything(engine)
+    finally:
+        await engine.close()
+
+
+async def _disconnects_free_everything(engine: LlamaCppEngine) -> None:
     async def client(i: int) -> str | None:
         tokens = engine.tokenize(PROMPTS[i % len(PROMPTS)] + f" ({i})", add_bos=False, special=True)
         params = SamplingParams(temperature=0.7, seed=i, max_tokens=48, ignore_eos=True)
@@ -137,12 +147,7 @@ async def test_disconnects_free_everything(engine: LlamaCppEngine) -> None:
                     return None  # leaving the iterator = the client went away
         return "no finish"
 
-    engine_queue_limit = engine._max_queue
-    engine._max_queue = 64  # 32 clients on 8 slots must queue, not be refused
-    try:
-        outcomes = await asyncio.gather(*(client(i) for i in range(32)))
-    finally:
-        engine._max_queue = engine_queue_limit
+    outcomes = await asyncio.gather(*(client(i) for i in range(32)))
     survivors = [o for i, o in enumerate(outcomes) if i % 3 != 0]
     assert survivors and all(o == "length" for o in survivors)
     await idle(engine)
@@ -189,3 +194,24 @@ async def test_full_kv_cache_preempts_and_recomputes_without_failing(model_path:
         small.check_consistency()
     finally:
         await small.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_close_ends_running_and_queued_requests_and_refuses_new_work(model_path: Path) -> None:
+    options = LoadOptions(max_seq_len=512, cache_size=1024, max_batch_size=2, chunk_size=64, max_queue=8)
+    eng = await asyncio.to_thread(LlamaCppEngine.load, model_path, "closing", options)
+    tokens = eng.tokenize("Count to one hundred:", add_bos=False, special=True)
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    handles = [eng.submit(GenerationRequest(tokens, params)) for _ in range(5)]  # 2 running, 3 queued
+    events = handles[0].events()
+    assert isinstance(await anext(events), TextDelta)  # the engine is mid-generation
+    await eng.close()
+    finishes = [ev async for ev in events if isinstance(ev, Finished)]
+    for h in handles[1:]:
+        finishes += [ev async for ev in h.events() if isinstance(ev, Finished)]
+    assert [f.reason for f in finishes] == [FinishReason.UNLOAD] * 5
+    with pytest.raises(ModelNotLoadedError):
+        eng.submit(GenerationRequest(tokens, params))
+    with pytest.raises(ModelNotLoadedError):
+        await eng.clear_cache()
+    await eng.close()  # a second close is a no-op
