@@ -156,6 +156,20 @@ class ConstraintSpec:
             raise _invalid(self, error)
 
 
+def gbnf_field(grammar: str | None, param: str = "grammar") -> ConstraintSpec | None:
+    """A GBNF `grammar` field as KoboldCpp and llama-server take it: "" or None means none; errors name `param`."""
+    if grammar is None or not grammar.strip():
+        return None
+    try:
+        return ConstraintSpec.from_request(grammar_string=grammar)
+    except BadRequestError as exc:
+        message = exc.message.replace("'grammar_string'", f"'{param}'").rstrip(". ")
+        raise BadRequestError(
+            f"{message}. Fix the GBNF grammar (for example: root ::= \"yes\" | \"no\") or send \"\" for none.",
+            param=param,
+        ) from None
+
+
 def _from_response_format(response_format: Any) -> ConstraintSpec | None:
     if hasattr(response_format, "model_dump"):
         response_format = response_format.model_dump(exclude_none=True, by_alias=True)

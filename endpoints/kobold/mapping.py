@@ -19,7 +19,7 @@ from typing import Any
 
 from loguru import logger
 
-from common.formats.constraints import ConstraintSpec
+from common.formats.constraints import ConstraintSpec, gbnf_field
 from common.errors import BadRequestError
 from common.generation.prompts import Prompt, text_prompt
 from common.models.manager import LoadedModel
@@ -155,16 +155,7 @@ def to_sampling_params(
 
 def grammar_constraint(body: GenerateRequest) -> ConstraintSpec | None:
     """`grammar` (GBNF, as KoboldCpp takes it) -> the output constraint; "" means none."""
-    if body.grammar is None or not body.grammar.strip():
-        return None
-    try:
-        return ConstraintSpec.from_request(grammar_string=body.grammar)
-    except BadRequestError as exc:
-        message = exc.message.replace("'grammar_string'", "'grammar'").rstrip(". ")
-        raise BadRequestError(
-            f"{message}. Fix the GBNF grammar (for example: root ::= \"yes\" | \"no\") or send \"\" for none.",
-            param="grammar",
-        ) from exc
+    return gbnf_field(body.grammar)
 
 
 def fit_context(

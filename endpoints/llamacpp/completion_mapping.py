@@ -31,7 +31,7 @@ from loguru import logger
 
 from backends.sampling import SamplingParams
 from common.errors import BadRequestError
-from common.formats.constraints import ConstraintSpec
+from common.formats.constraints import ConstraintSpec, gbnf_field
 from common.generation.prompts import Prompt, refuse_hopeless, text_prompt
 from common.models.manager import LoadedModel
 from common.models.presets import Preset, build_params
@@ -388,14 +388,7 @@ def constraint_of(body: LlamaCompletionRequest) -> ConstraintSpec | None:
     if body.grammar is not None and body.grammar.strip():
         if body.json_schema is not None:
             logger.info("/completion: json_schema ignored because a grammar was sent (as llama-server does)")
-        try:
-            return ConstraintSpec.from_request(grammar_string=body.grammar)
-        except BadRequestError as exc:
-            message = exc.message.replace("'grammar_string'", "'grammar'").rstrip(". ")
-            raise BadRequestError(
-                f"{message}. Fix the GBNF grammar (for example: root ::= \"yes\" | \"no\") or send \"\" for none.",
-                param="grammar",
-            ) from None
+        return gbnf_field(body.grammar)
     if body.json_schema is not None:
         return ConstraintSpec.from_request(json_schema=body.json_schema)
     return None
