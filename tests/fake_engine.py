@@ -75,6 +75,22 @@ CHATML = (
 )
 
 
+class ScriptedHandle(GenerationHandle):
+    """A handle that yields a fixed list of events: for tests that replace an engine's submit."""
+
+    def __init__(self, request: GenerationRequest, events: list[Event]) -> None:
+        self.request = request
+        self._events = events
+        self.cancelled = False
+
+    async def events(self) -> AsyncIterator[Event]:
+        for ev in self._events:
+            yield ev
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 @dataclass(frozen=True)
 class Pause:
     seconds: float

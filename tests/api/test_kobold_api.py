@@ -25,6 +25,7 @@ from endpoints.kobold.genkeys import AbortOutcome, GenRegistry
 from endpoints.kobold.mapping import KOBOLD_DEFAULTS, sent_fields, to_sampling_params
 from endpoints.kobold.protocol import GenerateRequest
 from tests.conftest import MODEL_NAME, Keys, make_config
+from tests.fake_engine import ScriptedHandle
 
 GENERATE = "/api/v1/generate"
 STREAM = "/api/extra/generate/stream"
@@ -271,20 +272,6 @@ def test_no_model_loaded_is_503_in_kobold_shape(model_dir: Path, tmp_path: Path)
         assert c.get("/api/extra/nowhere").json()["detail"]["type"] == "not_found"
 
 
-class _ScriptedHandle(GenerationHandle):
-    def __init__(self, request: GenerationRequest, events: list[Event]) -> None:
-        self.request = request
-        self._events = events
-        self.cancelled = False
-
-    async def events(self) -> AsyncIterator[Event]:
-        for ev in self._events:
-            yield ev
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
 def test_busy_is_503_in_kobold_shape(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = client.app.state.models.get().engine
 
@@ -301,7 +288,7 @@ def test_busy_is_503_in_kobold_shape(client: TestClient, monkeypatch: pytest.Mon
 def test_mid_stream_failure_ends_with_an_error_frame(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = client.app.state.models.get().engine
     script: list[Event] = [TextDelta("Hel"), Finished(FinishReason.ERROR, Usage(), error="decode failed")]
-    monkeypatch.setattr(engine, "submit", lambda request: _ScriptedHandle(request, script))
+    monkeypatch.setattr(engine, "submit", lambda request: ScriptedHandle(request, script))
     with client.stream("POST", STREAM, json={"prompt": "Hi", "max_length": 4}) as r:
         frames = kobold_frames(r.read().decode())
     assert frames[0] == ("message", {"token": "Hel", "finish_reason": None})
@@ -341,7 +328,7 @@ async def test_registry_prunes_and_bounds() -> None:
     now = [0.0]
     reg = GenRegistry(keep_seconds=10, max_entries=3, clock=lambda: now[0])
     params = to_sampling_params(GenerateRequest(), n_vocab=9, default_length=1)
-    handle = _ScriptedHandle(GenerationRequest([1], params), [])
+    handle = ScriptedHandle(GenerationRequest([1], params), [])
     done = reg.start("a", "k1", [handle])
     reg.finish(done)
     running = reg.start("a", "k2", [handle])

@@ -21,20 +21,7 @@ from common.errors import (
 from common.generation.hooks import NO_HOOKS, GenerationHooks
 from common.generation.pipeline import Generation, start_generation
 from common.generation.prompts import Prompt
-
-
-class ScriptedHandle(GenerationHandle):
-    def __init__(self, request: GenerationRequest, events: list[Event]) -> None:
-        self.request = request
-        self._events = events
-        self.cancelled = False
-
-    async def events(self) -> AsyncIterator[Event]:
-        for ev in self._events:
-            yield ev
-
-    def cancel(self) -> None:
-        self.cancelled = True
+from tests.fake_engine import ScriptedHandle
 
 
 class ScriptedEngine:
