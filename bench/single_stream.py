@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import DEFAULT_MODEL, Server, servers  # noqa: E402
+from harness import DEFAULT_MODEL, Server, make_servers  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 
@@ -57,7 +57,7 @@ def main() -> None:
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="parley-single-"))
-    srv: Server = servers(args.model, args.threads, 16, 16384, ["parley"], tmp)[0]
+    srv: Server = make_servers(args.model, args.threads, 16, 16384, ["parley"], tmp)[0]
     srv.start(tmp)
     try:
         api = [parley_decode(srv.base, args.tokens) for _ in range(args.runs)]
