@@ -58,7 +58,7 @@ def _blocks(content: str | list[Block], where: str) -> list[tuple[Block, str]]:
     for j, block in enumerate(content):
         at = f"{where}[{j}]"
         if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-            raise _bad(at, "each content block must be an object with a 'type', e.g. {\"type\": \"text\", \"text\": ...}.")
+            raise _bad(at, 'each content block must be an object with a type, e.g. {"type": "text", "text": "..."}.')
         out.append((block, at))
     return out
 
@@ -224,6 +224,37 @@ def build_prompt(model: LoadedModel, body: PromptFields) -> tuple[Prompt, list[d
     return prompt, tools, choice, parallel
 
 
+def output_format(body: MessagesRequest) -> ConstraintSpec | None:
+    """`output_config.format` `{"type": "json_schema", "schema": {...}}`: the answer is JSON valid against it
+    (Anthropic's structured outputs), through the same constraint layer as the other dialects' schemas."""
+    fmt = (body.output_config or {}).get("format")
+    if fmt is None:
+        return None
+    where = "output_config.format"
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise _bad(f"{where}.type", "must be 'json_schema', with the schema in 'schema'.")
+    schema = fmt.get("schema")
+    if not isinstance(schema, dict):
+        raise _bad(f"{where}.schema", "must be a JSON schema object.")
+    try:
+        return ConstraintSpec.from_request(json_schema=schema)
+    except BadRequestError as exc:
+        raise _bad(f"{where}.schema", exc.message) from exc
+
+
+def _constraint(body: MessagesRequest, forced: ConstraintSpec | None) -> ConstraintSpec | None:
+    """At most one of: a forced tool call, output_config.format, Parley's json_schema/regex/grammar fields."""
+    candidates = (
+        ("tool_choice", forced),
+        ("output_config.format", output_format(body)),
+        ("json_schema/regex_pattern/grammar_string", constraint_spec(body, None)),
+    )
+    specs = [(name, spec) for name, spec in candidates if spec is not None]
+    if len(specs) > 1:
+        raise _bad(specs[1][0], f"cannot be combined with {specs[0][0]}: both constrain the output; drop one of them.")
+    return specs[0][1] if specs else None
+
+
 @dataclass(frozen=True)
 class MessagesPlan:
     """A /v1/messages request as the pipeline takes it, and how its output is split and framed."""
@@ -249,14 +280,10 @@ def message_plan(body: MessagesRequest, model: LoadedModel, mc: ModelConfig, pre
         end=mc.reasoning_end_marker,
         tool_format=mc.tool_format,
     )
-    spec = constraint_spec(body, None)
+    forced = None
     if tools and options.tool_format is not None:
         forced = tool_call_grammar(tools, choice, parallel, options.tool_format)
-        if forced is not None:
-            if spec is not None:
-                raise _bad("tool_choice", "a forced tool call cannot be combined with json_schema, regex_pattern "
-                                          "or grammar_string; drop one of them.")
-            spec = forced
+    spec = _constraint(body, forced)
     sent = sent_fields(body)
     stops = tuple(s for s in (body.stop_sequences or ()) if s)
     sent["stop"] = sent.get("stop", ()) + tuple(s for s in stops if s not in sent.get("stop", ()))

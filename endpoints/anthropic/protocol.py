@@ -1,7 +1,7 @@
 """Anthropic Messages API wire models: POST /v1/messages and /v1/messages/count_tokens.
 
 The request carries Anthropic's fields (`system`, `messages` with content
-blocks, `tools`, `tool_choice`, `thinking`, `stop_sequences`, `metadata`) and,
+blocks, `tools`, `tool_choice`, `thinking`, `stop_sequences`, `metadata`, `output_config.format`) and,
 through the shared `SamplerFields`, every Parley sampler the OpenAI routes
 accept (`min_p`, `repetition_penalty`, `json_schema`, ...), which the SDK
 passes as `extra_body`. Content blocks stay plain dicts here: mapping.py reads
@@ -64,6 +64,7 @@ class MessagesRequest(PromptFields, SamplerFields):
     stop_sequences: list[str] | None = None
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
 
 
 class CountTokensRequest(PromptFields):
