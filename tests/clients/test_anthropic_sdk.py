@@ -9,6 +9,7 @@ off answers every name with that model, as Claude-named clients need).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,35 +111,26 @@ def test_sampling_through_extra_body(sdk: anthropic.Anthropic) -> None:
 
 
 def test_tool_round_trip(sdk: anthropic.Anthropic) -> None:
+    """A forced call, streamed (the SDK assembles `input` from input_json_delta), then its result."""
     messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Paris?"}]
     forced = {"type": "tool", "name": "get_weather"}
-    m = sdk.messages.create(model=MODEL_NAME, max_tokens=60, messages=messages, tools=[WEATHER], tool_choice=forced,
-                            extra_body=GREEDY)
+    with sdk.messages.stream(model=MODEL_NAME, max_tokens=40, messages=messages, tools=[WEATHER],
+                             tool_choice=forced, extra_body=GREEDY) as stream:
+        json_parts = [e.delta.partial_json for e in stream
+                      if e.type == "content_block_delta" and e.delta.type == "input_json_delta"]
+        m = stream.get_final_message()
     assert m.stop_reason == "tool_use", m
     calls = [b for b in m.content if b.type == "tool_use"]
     assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].id.startswith("toolu_")
-    assert isinstance(calls[0].input, dict) and isinstance(calls[0].input["city"], str)
+    assert calls[0].input == json.loads("".join(json_parts)) and isinstance(calls[0].input["city"], str)
     messages += [
         {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in m.content]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": calls[0].id, "content": "18 C, sunny"}]},
     ]
-    answer = sdk.messages.create(model=MODEL_NAME, max_tokens=30, messages=messages, tools=[WEATHER],
+    answer = sdk.messages.create(model=MODEL_NAME, max_tokens=20, messages=messages, tools=[WEATHER],
                                  tool_choice={"type": "none"}, extra_body=GREEDY)
     assert answer.stop_reason in ("end_turn", "max_tokens")
     assert text_of(answer).strip() and not [b for b in answer.content if b.type == "tool_use"]
-
-
-def test_streamed_tool_call(sdk: anthropic.Anthropic) -> None:
-    with sdk.messages.stream(model=MODEL_NAME, max_tokens=60, tools=[WEATHER], tool_choice={"type": "any"},
-                             messages=[{"role": "user", "content": "Weather in Rome?"}],
-                             extra_body=GREEDY) as stream:
-        json_parts = [e.delta.partial_json for e in stream
-                      if e.type == "content_block_delta" and e.delta.type == "input_json_delta"]
-        final = stream.get_final_message()
-    calls = [b for b in final.content if b.type == "tool_use"]
-    assert calls and calls[0].name == "get_weather" and json_parts
-    if final.stop_reason == "tool_use":  # not cut by max_tokens: the arguments are whole
-        assert isinstance(calls[0].input.get("city"), str)
 
 
 def test_bad_input_is_anthropic_errors_naming_the_field(sdk: anthropic.Anthropic, server: LiveServer) -> None:

@@ -219,6 +219,11 @@ def test_extra_samplers_reach_the_engine(server: FakeServer) -> None:
     assert (params.temperature, params.top_p, params.top_k, params.min_p) == (0.5, 0.9, 7, 0.1)
     assert (params.repetition_penalty, params.seed, params.max_tokens) == (1.2, 3, 50)
     assert "END" in params.stop
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    r = server.client.post("/v1/messages", json=ask("hi", output_config={"format": {"type": "json_schema",
+                                                                                    "schema": schema}}))
+    assert r.status_code == 200, r.text
+    assert server.engine.requests[-1].constraint is not None
 
 
 def test_tool_use_blocks(server: FakeServer) -> None:
@@ -280,6 +285,10 @@ def test_engine_failure_mid_stream_is_an_error_event(server: FakeServer) -> None
     (ask("hi", top_k=True), "top_k"),
     (ask("hi", n=2), "n"),
     (ask([{"type": "image", "source": {"type": "base64", "data": ""}}]), "messages[0].content[0].type"),
+    (ask("hi", output_config={"format": {"type": "xml"}}), "output_config.format.type"),
+    (ask("hi", output_config={"format": {"type": "json_schema", "schema": 5}}), "output_config.format.schema"),
+    (ask("hi", output_config={"format": {"type": "json_schema", "schema": {"type": "object"}}},
+         regex_pattern="[0-9]+"), "json_schema/regex_pattern/grammar_string"),
 ])
 def test_bad_requests_name_the_field(server: FakeServer, body: dict[str, Any], field: str) -> None:
     assert_error(server.client.post("/v1/messages", json=body), 400, "invalid_request_error", field)
