@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import pytest
 
 from tests.conftest import MODEL_NAME, LiveServer, run_server
@@ -160,3 +161,25 @@ def test_bad_input_is_anthropic_errors_naming_the_field(sdk: anthropic.Anthropic
 
     bearer = anthropic.Anthropic(base_url=server.base_url, auth_token=server.keys.api, max_retries=0)
     assert bearer.messages.count_tokens(model=MODEL_NAME, messages=CAPITAL).input_tokens > 0
+
+
+def test_a_fault_mid_stream_is_an_error_event(sdk: anthropic.Anthropic, server: LiveServer) -> None:
+    """Unloading the model under a running stream ends it with `event: error`, which the SDK raises."""
+    admin = {"X-Admin-Key": server.keys.admin}
+    seen: list[str] = []
+    with pytest.raises(anthropic.APIStatusError) as exc:
+        with sdk.messages.stream(model=MODEL_NAME, max_tokens=200, messages=[
+            {"role": "user", "content": "Write a long story about a dragon."}
+        ], extra_body={"ignore_eos": True}) as stream:
+            for event in stream:
+                seen.append(event.type)
+                if event.type == "content_block_delta" and seen.count("content_block_delta") == 1:
+                    r = httpx.post(server.base_url + "/v1/model/unload", headers=admin, json={}, timeout=60)
+                    assert r.status_code == 200, r.text
+    assert "message_start" in seen and "message_stop" not in seen
+    assert exc.value.body["type"] == "error" and exc.value.body["error"]["type"] == "overloaded_error"
+    assert "unloaded" in exc.value.body["error"]["message"]
+    with httpx.stream("POST", server.base_url + "/v1/model/load", headers=admin, json={"model_name": MODEL_NAME},
+                      timeout=120) as r:
+        assert r.status_code == 200 and r.read()
+    assert sdk.messages.count_tokens(model=MODEL_NAME, messages=CAPITAL).input_tokens > 0
