@@ -38,7 +38,7 @@ def _bad(where: str, message: str) -> BadRequestError:
 
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise _bad(where, "must be a string.")
+        raise _bad(where, "must be a string; send the text as a JSON string.")
     return value
 
 
@@ -89,7 +89,7 @@ def _tool_result_text(block: Block, where: str) -> str:
             texts.append(_text(inner.get("text"), f"{at}.text"))
         text = "\n".join(texts)
     else:
-        raise _bad(f"{where}.content", "must be a string or a list of text blocks.")
+        raise _bad(f"{where}.content", 'must be a string or a list of text blocks ({"type": "text", "text": "..."}).')
     return f"Error: {text}" if block.get("is_error") else text
 
 
@@ -132,7 +132,7 @@ def _assistant_turn(msg: InputMessage, where: str, called: dict[str, str]) -> di
             name = _text(block.get("name"), f"{at}.name")
             arguments = block.get("input", {})
             if not isinstance(arguments, dict):
-                raise _bad(f"{at}.input", "must be an object (the tool's arguments).")
+                raise _bad(f"{at}.input", 'must be an object (the tool\'s arguments), e.g. {"city": "Paris"}.')
             called[call_id] = name
             calls.append({"id": call_id, "type": "function",
                           "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}})
@@ -175,10 +175,11 @@ def function_tools(tools: list[Block] | None) -> list[dict[str, Any]] | None:
                                      "({\"name\", \"description\", \"input_schema\"}) run here.")
         name = _text(tool.get("name"), f"{at}.name")
         if not name:
-            raise _bad(f"{at}.name", "must not be empty.")
+            raise _bad(f"{at}.name", "must not be empty; name the tool the model may call.")
         schema = tool.get("input_schema", {"type": "object"})
         if not isinstance(schema, dict):
-            raise _bad(f"{at}.input_schema", "must be a JSON schema object.")
+            raise _bad(f"{at}.input_schema",
+                       'must be a JSON schema object, e.g. {"type": "object", "properties": {...}}.')
         fn: dict[str, Any] = {"name": name, "parameters": schema}
         if tool.get("description") is not None:
             fn["description"] = _text(tool["description"], f"{at}.description")
