@@ -2,7 +2,8 @@
 
 Routers and services raise `APIError`s; `endpoints/app.py` renders them in the
 shape of the dialect the request's router declares (OpenAI envelope, KoboldAI
-`detail`, Ollama `error` string, llama.cpp server's envelope with a numeric code). A mid-stream failure becomes the final frame
+`detail`, Ollama `error` string, llama.cpp server's envelope with a numeric code, Anthropic's
+`{"type": "error", "error": {...}}`). A mid-stream failure becomes the final frame
 of that dialect's stream (see `endpoints/http/streaming.py`).
 """
 
@@ -17,6 +18,7 @@ class Dialect(str, Enum):
     KOBOLD = "kobold"
     OLLAMA = "ollama"
     LLAMACPP = "llamacpp"
+    ANTHROPIC = "anthropic"
 
 
 class APIError(Exception):
@@ -76,7 +78,17 @@ class APIError(Exception):
             kind = "unavailable_error"
         return {"error": {"code": self.status, "message": self.message, "type": kind, "param": self.param}}
 
+    def anthropic_body(self) -> dict[str, Any]:
+        # Anthropic's envelope has no `param`: the message names the field instead.
+        message = self.message
+        if self.param and self.param not in message:
+            message = f"{self.param}: {message}"
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(self.status, _anthropic_fallback(self.status)),
+                                           "message": message}}
+
     def body(self, dialect: Dialect) -> dict[str, Any]:
+        if dialect is Dialect.ANTHROPIC:
+            return self.anthropic_body()
         if dialect is Dialect.LLAMACPP:
             return self.llamacpp_body()
         if dialect is Dialect.KOBOLD:
@@ -84,6 +96,23 @@ class APIError(Exception):
         if dialect is Dialect.OLLAMA:
             return self.ollama_body()
         return self.openai_body()
+
+
+# Anthropic's error types by HTTP status (its SDK picks the exception class from the status).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def _anthropic_fallback(status: int) -> str:
+    return "invalid_request_error" if 400 <= status < 500 else "api_error"
 
 
 class BadRequestError(APIError):

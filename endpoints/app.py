@@ -206,4 +206,8 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
         app.include_router(ollama_router)
     if "kobold" in servers:
         app.include_router(kobold_router)
+    if "anthropic" in servers:
+        from endpoints.anthropic.router import router as anthropic_router
+
+        app.include_router(anthropic_router)
     return app

@@ -18,7 +18,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, protected_namespaces=())
 
 
-ApiServer = Literal["openai", "kobold", "ollama", "core"]
+ApiServer = Literal["openai", "kobold", "ollama", "anthropic", "core"]
 
 
 class NetworkConfig(_Section):
@@ -38,7 +38,7 @@ class NetworkConfig(_Section):
         description="File holding the API and admin keys; created with random keys on first start.",
     )
     api_servers: list[ApiServer] = Field(
-        default_factory=lambda: ["openai", "kobold", "ollama", "core"], min_length=1,
+        default_factory=lambda: ["openai", "kobold", "ollama", "anthropic", "core"], min_length=1,
         description="API dialects to serve. 'core' is model management and server info.",
     )
     cors_origins: list[str] = Field(

@@ -59,11 +59,24 @@ class OllamaErrorBody(BaseModel):
     error: str
 
 
+class AnthropicErrorDetail(BaseModel):
+    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, rate_limit_error, ...")
+    message: str = Field(description="What went wrong (naming the field) and what to do next.")
+
+
+class AnthropicErrorBody(BaseModel):
+    """Anthropic's error envelope."""
+
+    type: str = Field("error")
+    error: AnthropicErrorDetail
+
+
 _MODELS: dict[Dialect, type[BaseModel]] = {
     Dialect.OPENAI: OpenAIErrorBody,
     Dialect.KOBOLD: KoboldErrorBody,
     Dialect.OLLAMA: OllamaErrorBody,
     Dialect.LLAMACPP: LlamaCppErrorBody,
+    Dialect.ANTHROPIC: AnthropicErrorBody,
 }
 
 

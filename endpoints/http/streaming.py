@@ -82,7 +82,7 @@ def sse_response(
 
     def on_error(err: APIError) -> list[str]:
         out = [f"data: {dumps(err.body(dialect))}\n\n"]
-        if dialect is Dialect.KOBOLD:
+        if dialect in (Dialect.KOBOLD, Dialect.ANTHROPIC):
             out = [f"event: error\ndata: {dumps(err.body(dialect))}\n\n"]
         if done_marker:
             out.append("data: [DONE]\n\n")

@@ -18,6 +18,7 @@ from common.errors import Dialect
 from tests.conftest import MODEL_NAME, Keys
 
 OPENAI, KOBOLD, OLLAMA, LLAMACPP = Dialect.OPENAI, Dialect.KOBOLD, Dialect.OLLAMA, Dialect.LLAMACPP
+ANTHROPIC = Dialect.ANTHROPIC
 USER = [{"role": "user", "content": "Hi"}]
 INJECTION = "{{ cycler.__init__.__globals__ }}{% include '/etc/passwd' %}{{ ''.__class__.__mro__ }}"
 TRAVERSALS = ["../x", "/etc/passwd", "..\\x", "a/../../b", "%2e%2e/x", "a\x00b"]
@@ -65,6 +66,9 @@ ROUTES = [
           negative=-7),
     Route("/api/show", OLLAMA, {"model": MODEL_NAME}, ("model",)),
     Route("/api/pull", OLLAMA, {"model": "../nope"}, ("model",), admin=True),
+    Route("/v1/messages", ANTHROPIC, {"model": MODEL_NAME, "messages": USER, "max_tokens": 2},
+          ("messages", 0, "content"), ("max_tokens",), negative=-1),
+    Route("/v1/messages/count_tokens", ANTHROPIC, {"model": MODEL_NAME, "messages": USER}, ("system",)),
 ]
 
 
@@ -103,6 +107,10 @@ def error_text(r: Any, dialect: Dialect) -> str:
         assert err["code"] == r.status_code and {"message", "type", "param"} <= set(err), body
         assert isinstance(err["message"], str) and err["message"]
         return f"{err['message']} {err['param']}"
+    if dialect is ANTHROPIC:
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+        assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+        return body["error"]["message"]
     if dialect is KOBOLD:
         detail = body["detail"]
         assert isinstance(detail["msg"], str) and detail["msg"] and isinstance(detail["type"], str), body
@@ -444,6 +452,7 @@ AUTH_ROUTES = [
     ("POST", "/api/chat", ollama_chat(options={"num_predict": 2}), OLLAMA, False),
     ("GET", "/api/tags", None, OLLAMA, False),
     ("POST", "/api/pull", {"model": "../never"}, OLLAMA, True),
+    ("POST", "/v1/messages/count_tokens", {"model": MODEL_NAME, "messages": USER}, ANTHROPIC, False),
 ]
 
 
@@ -469,7 +478,8 @@ def test_missing_wrong_and_insufficient_keys(app_env: tuple[TestClient, Keys], m
 def test_unknown_routes_answer_in_shape(app_env: tuple[TestClient, Keys]) -> None:
     client, keys = app_env
     for path, dialect in (("/v1/embeddings", OPENAI), ("/v1/nothing", OPENAI), ("/v1/lora", OPENAI),
-                          ("/api/extra/nothing", KOBOLD), ("/api/nothing", OLLAMA)):
+                          ("/api/extra/nothing", KOBOLD), ("/api/nothing", OLLAMA),
+                          ("/v1/messages/batches", ANTHROPIC)):
         r = client.post(path, json={}, headers=headers(keys, admin=True))
         assert r.status_code == 404 and path in error_text(r, dialect)
     r = client.delete("/v1/chat/completions", headers=headers(keys))

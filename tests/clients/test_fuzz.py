@@ -58,7 +58,7 @@ def cap_generation(path: str, body: Any) -> None:
     """Keep every generation cheap: small length caps, few choices, no unloading keep_alive."""
     if not isinstance(body, dict):
         return
-    if path in ("/v1/chat/completions", "/v1/completions"):
+    if path in ("/v1/chat/completions", "/v1/completions", "/v1/messages"):
         body["max_tokens"] = CAP
         body.pop("max_completion_tokens", None)
     elif path in ("/api/v1/generate", "/api/extra/generate/stream"):

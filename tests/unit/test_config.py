@@ -43,7 +43,7 @@ def test_defaults() -> None:
     assert config.network.host == "127.0.0.1"
     assert config.network.port == 5000
     assert config.network.disable_auth is False
-    assert config.network.api_servers == ["openai", "kobold", "ollama", "core"]
+    assert config.network.api_servers == ["openai", "kobold", "ollama", "anthropic", "core"]
     assert config.network.cors_origins == []
     assert config.network.max_request_body_bytes == 10_000_000
     assert config.logging.log_level == "INFO"
@@ -68,7 +68,7 @@ def test_defaults_are_not_shared_between_instances() -> None:
     first = ParleyConfig()
     first.network.api_servers.append("core")
     first.model.dummy_model_names.clear()
-    assert ParleyConfig().network.api_servers == ["openai", "kobold", "ollama", "core"]
+    assert ParleyConfig().network.api_servers == ["openai", "kobold", "ollama", "anthropic", "core"]
     assert ParleyConfig().model.dummy_model_names == ["gpt-3.5-turbo"]
 
 
@@ -232,7 +232,7 @@ def test_invalid_enum_from_flag_names_the_flag() -> None:
 
 
 def test_invalid_list_item_names_allowed_values() -> None:
-    with pytest.raises(ConfigError, match=r"network\.api_servers\.0.*Allowed values: openai, kobold, ollama, core"):
+    with pytest.raises(ConfigError, match=r"network\.api_servers\.0.*Allowed values: openai, kobold, ollama, anthropic, core"):
         parse_invocation(["--api-servers", "grpc"], environ={})
 
 
