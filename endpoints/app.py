@@ -27,6 +27,7 @@ from endpoints.http.ratelimit import RateLimiter
 from endpoints.http.deps import route_dialect
 from endpoints.http.request_context import Services
 from endpoints.http.middleware import ParleyMiddleware
+from endpoints.http.store import StoreHolder
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VERSION = "0.1.0"
@@ -154,6 +155,7 @@ def install_services(app: FastAPI, config: ParleyConfig, metrics: Metrics | None
 def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.store.start()
         app.state.startup_load = (
             asyncio.create_task(load_startup_model(app)) if load_model_on_startup else None
         )
@@ -165,6 +167,7 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
             await app.state.downloads.close()
+            await app.state.store.close()
             await app.state.models.close()
 
     app = FastAPI(title="Parley", version=VERSION, lifespan=lifespan)
@@ -174,6 +177,7 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
     app.state.models = build_model_manager(config, metrics)
     app.state.downloads = DownloadManager(Path(config.model.model_dir), config.model.hf_endpoint)
     app.state.presets = PresetState(PROJECT_ROOT / "sampler_overrides")
+    app.state.store = StoreHolder(config)
     if config.sampling.override_preset:
         try:
             app.state.presets.switch(config.sampling.override_preset)

@@ -44,6 +44,7 @@ def make_config(tmp: Path, model_dir: Path, **sections: dict[str, Any]) -> Any:
     overrides: dict[str, dict[str, Any]] = {
         "network": {"api_tokens_file": str(tmp / "api_tokens.yml")},
         "model": {"model_dir": str(model_dir), "model_name": MODEL_NAME, "max_seq_len": 2048},
+        "store": {"data_dir": str(tmp / "data")},
     }
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
