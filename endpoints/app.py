@@ -204,8 +204,13 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
     if "openai" in servers:
         from endpoints.llamacpp.router import router as llamacpp_router
 
+        from endpoints.responses.conversations import router as conversations_router
+        from endpoints.responses.router import router as responses_router
+
         app.include_router(openai_router)
         app.include_router(llamacpp_router)
+        app.include_router(responses_router)
+        app.include_router(conversations_router)
     if "ollama" in servers:
         app.include_router(ollama_router)
     if "kobold" in servers:

@@ -113,8 +113,11 @@ class LiveServer:
 
 
 @contextmanager
-def run_server(model_dir: Path, model_name: str, tmp: Path, max_seq_len: int = 2048) -> Iterator[LiveServer]:
-    """Parley started as users start it (python main.py), on a free port; stopped on exit."""
+def run_server(
+    model_dir: Path, model_name: str, tmp: Path, max_seq_len: int = 2048, extra_args: tuple[str, ...] = (),
+) -> Iterator[LiveServer]:
+    """Parley started as users start it (python main.py), on a free port; stopped on exit.
+    `extra_args` go to main.py after the others (e.g. ("--url", "postgresql://...") for the store)."""
     port = free_port()
     (tmp / "config.yml").touch()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
@@ -128,6 +131,7 @@ def run_server(model_dir: Path, model_name: str, tmp: Path, max_seq_len: int = 2
                 "--max-seq-len", str(max_seq_len),
                 "--api-tokens-file", str(tmp / "api_tokens.yml"),
                 "--config", str(tmp / "config.yml"),
+                *extra_args,
             ],
             cwd=tmp, stdout=log, stderr=subprocess.STDOUT, env=env,
         )

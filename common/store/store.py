@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from common.errors import BadRequestError, ConflictError, NotFoundError
-from common.store.ids import new_id
+from common.store.ids import id_for
 from common.store.tables import StoredObject
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -127,7 +127,7 @@ class Store:
         """Several objects in one transaction, in order: (kind, data, id, parent_id, status, active_on, created_at)."""
         now = int(time.time())
         objects = [
-            StoredObject(id=id or new_id(kind), kind=kind, owner=owner.id, parent_id=parent_id,
+            StoredObject(id=id or id_for(kind), kind=kind, owner=owner.id, parent_id=parent_id,
                          created_at=created_at or now, status=status, active_on=active_on, data=data)
             for kind, data, id, parent_id, status, active_on, created_at in rows
         ]
