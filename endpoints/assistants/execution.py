@@ -42,6 +42,7 @@ from endpoints.openai.mapping import ChatPlan, chat_plan
 from endpoints.openai.protocol import ChatCompletionRequest
 
 POLL_AFTER_MS = "200"  # the openai-poll-after-ms a run in progress answers with
+STATUS_CHECK_SECONDS = 0.5  # how often a generating run looks for a cancel made by another process
 
 
 class DetachedHooks(GenerationHooks):
@@ -259,6 +260,13 @@ async def _abandon(job: RunJob) -> None:
         logger.warning("Could not mark run {} cancelled: {!r}", job.run["id"], exc)
 
 
+async def _still_wanted(job: RunJob) -> None:
+    """Raise RunCancelled when the stored run was cancelled meanwhile (maybe through another process)."""
+    stored = await job.store.find("run", job.run["id"], Owner(job.owner.id, admin=True))
+    if stored is None or stored.status not in ("queued", "in_progress"):
+        raise RunCancelled()
+
+
 async def _generate(job: RunJob) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     run = job.run
     thread_id = run["thread_id"]
@@ -278,9 +286,13 @@ async def _generate(job: RunJob) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         return [("thread.run.step.created", step), ("thread.run.step.in_progress", step),
                 ("thread.message.created", message), ("thread.message.in_progress", message)]
 
+    checked = time.monotonic()
     async with aclosing(job.generation.events()) as events:
         async for _, ev in events:
             if isinstance(ev, TextDelta):
+                if time.monotonic() - checked > STATUS_CHECK_SECONDS:
+                    await _still_wanted(job)
+                    checked = time.monotonic()
                 deltas = parser.feed(ev.text)
             else:
                 failure = job.generation.failure(ev)
