@@ -211,6 +211,7 @@ class RunJob:
     generation: Generation
     plan: ChatPlan
     release: Callable[[], None]  # gives the model lease back
+    started: bool = False
 
     @property
     def run(self) -> dict[str, Any]:
@@ -226,6 +227,7 @@ async def execute(job: RunJob) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """Drive the run's generation: (SDK event name, object) pairs, ending in completed, requires_action,
     incomplete or failed. Leaving early (a client gone, a cancel) leaves the run cancelled."""
     run = job.run
+    job.started = True
     settled = False
     try:
         if not await job.write("in_progress", ("queued", "in_progress"), started_at=run.get("started_at") or
@@ -342,6 +344,14 @@ async def _generate(job: RunJob) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         return
     if await job.write("completed", ("in_progress",), release=True, required_action=None, completed_at=now):
         yield "thread.run.completed", run
+
+
+async def unstarted(job: RunJob) -> None:
+    """A streamed run whose client left before its stream began: it ends cancelled, the model is let go."""
+    if not job.started:
+        job.generation.cancel()
+        job.release()
+        await _abandon(job)
 
 
 async def drain(job: RunJob) -> None:

@@ -89,9 +89,15 @@ class RunStarter:
                 raise
             job = execution.RunJob(self.store, self.owner, record, generation, plan, lease.detach())
         if stream:
-            done = self.tasks.watch(run["id"], generation.cancel)
+            unwatch = self.tasks.watch(run["id"], generation.cancel)
+
+            def closed() -> None:
+                unwatch()
+                if not job.started:
+                    self.tasks.start(run["id"], execution.unstarted(job))
+
             return sse_response(execution.stream(head, job), Dialect.OPENAI, done_marker=False,
-                                handles=generation.handles, on_close=done)
+                                handles=generation.handles, on_close=closed)
         answer = objects.public(dict(run))
         self.tasks.start(run["id"], execution.drain(job))
         return JSONResponse(answer)

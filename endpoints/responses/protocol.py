@@ -17,7 +17,7 @@ from endpoints.openai.protocol import SamplerFields
 
 class ResponsesRequest(SamplerFields):
     model: ModelName | None = None
-    input: str | list[Any] = Field(...)
+    input: str | list[Any] | None = None
     instructions: str | None = None
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None

@@ -57,7 +57,7 @@ async def create_response(
     owner: Owner = Depends(owner_of),
 ) -> Response:
     log_unknown_fields(body, "/v1/responses")
-    items = input_items(body.input)
+    items = input_items(body.input) if body.input is not None else []
     conv_id = conversation_id(body.conversation)
     context: list[dict[str, Any]] = []
     if conv_id and body.previous_response_id:

@@ -124,3 +124,29 @@ def test_cancel(sdk: openai.OpenAI) -> None:
     assert again.status in ("completed", "incomplete")
     runs = {m.run_id for m in sdk.beta.threads.messages.list(thread_id=thread.id) if m.role == "assistant"}
     assert runs == {again.id}
+
+
+def test_a_streamed_run_whose_client_leaves_ends_cancelled(sdk: openai.OpenAI, live_server: LiveServer) -> None:
+    import time
+
+    import httpx
+
+    assistant = sdk.beta.assistants.create(model=MODEL_NAME)
+    thread = sdk.beta.threads.create(messages=[{"role": "user", "content": "Tell me a long story."}])
+    headers = {"Authorization": f"Bearer {live_server.keys.api}"}
+    body = {"assistant_id": assistant.id, "stream": True, "max_completion_tokens": 1000}
+    with httpx.stream("POST", f"{live_server.base_url}/v1/threads/{thread.id}/runs", json=body, headers=headers,
+                      timeout=60) as r:
+        for line in r.iter_lines():
+            if line == "event: thread.message.delta":
+                break  # leave mid-stream
+    run = sdk.beta.threads.runs.list(thread_id=thread.id).data[0]
+    for _ in range(600):
+        if run.status == "cancelled":
+            break
+        time.sleep(0.05)
+        run = sdk.beta.threads.runs.retrieve(run.id, thread_id=thread.id)
+    assert run.status == "cancelled"
+    # The thread is free for the next run.
+    assert sdk.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                 max_completion_tokens=2).status in ("completed", "incomplete")
