@@ -94,9 +94,12 @@ def test_function_tool_requires_action_then_continues(sdk: openai.OpenAI) -> Non
     with pytest.raises(openai.ConflictError) as conflict:  # one active run per thread
         sdk.beta.threads.runs.create(thread_id=thread.id, assistant_id=assistant.id)
     assert conflict.value.body["param"] == "thread_id"
-    done = sdk.beta.threads.runs.submit_tool_outputs_and_poll(
+    with sdk.beta.threads.runs.submit_tool_outputs_stream(  # continued as a stream
         thread_id=thread.id, run_id=run.id, tool_outputs=[{"tool_call_id": calls[0].id, "output": "21 C, sunny"}],
-    )
+    ) as stream:
+        events = [e.event for e in stream]
+        done = stream.get_final_run()
+    assert events[0] == "thread.run.step.completed" and "thread.message.delta" in events
     assert done.status in ("completed", "incomplete")
     with pytest.raises(openai.BadRequestError) as late:
         sdk.beta.threads.runs.submit_tool_outputs(thread_id=thread.id, run_id=run.id,
