@@ -185,10 +185,15 @@ class Store:
             )
 
     # -- reading ----------------------------------------------------------------------
-    async def find(self, kind: str | Sequence[str], id: str, owner: Owner) -> Record | None:
+    async def find(self, kind: str | Sequence[str], id: str, owner: Owner, *,
+                   parent_id: str | None = None) -> Record | None:
+        """The object if `owner` may read it; under `parent_id` (whose owner the caller checked) whoever
+        added it (an admin may add to another key's thread)."""
         kinds = [kind] if isinstance(kind, str) else list(kind)
         stmt = select(StoredObject).where(StoredObject.id == id, StoredObject.kind.in_(kinds))
-        if not owner.admin:
+        if parent_id is not None:
+            stmt = stmt.where(StoredObject.parent_id == parent_id)
+        elif not owner.admin:
             stmt = stmt.where(StoredObject.owner == owner.id)
         async with self._sessions() as session:
             row = (await session.execute(stmt)).scalar_one_or_none()
@@ -197,8 +202,8 @@ class Store:
     async def get(self, kind: str | Sequence[str], id: str, owner: Owner, *, param: str,
                   parent_id: str | None = None) -> Record:
         """The object, or a 404 naming `param` (missing, another owner's, or not under `parent_id`)."""
-        record = await self.find(kind, id, owner)
-        if record is None or (parent_id is not None and record.parent_id != parent_id):
+        record = await self.find(kind, id, owner, parent_id=parent_id)
+        if record is None:
             noun = kind if isinstance(kind, str) else kind[0]
             where = f" in {parent_id}" if parent_id else ""
             raise NotFoundError(

@@ -237,7 +237,7 @@ async def submit_tool_outputs(thread_id: str, run_id: str, body: SubmitToolOutpu
     if not await store.save(record, expect_status=["requires_action"]):
         raise BadRequestError(f"Run {run_id} changed while the outputs were submitted (cancelled?); retrieve it.",
                               param="run_id")
-    step = await store.get("step", turn["step_id"], owner, param="run_id")
+    step = await store.get("step", turn["step_id"], owner, param="run_id", parent_id=run_id)
     for call in step.data["step_details"]["tool_calls"]:
         call["function"]["output"] = outputs.get(call["id"])
     step.data.update(status="completed", completed_at=int(time.time()))

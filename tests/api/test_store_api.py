@@ -83,6 +83,10 @@ def test_objects_belong_to_their_key(clients: tuple[Client, Client, Client]) -> 
     assert assistant["id"] in listed
     assert admin.get(f"/v1/threads/{thread['id']}").json()["id"] == thread["id"]
     assert alice.get(f"/v1/threads/{thread['id']}").json()["id"] == thread["id"]
+    # What the admin adds to alice's thread, alice reads; bob still does not.
+    note = admin.post(f"/v1/threads/{thread['id']}/messages", {"role": "user", "content": "From admin"}).json()
+    assert alice.get(f"/v1/threads/{thread['id']}/messages/{note['id']}").json()["id"] == note["id"]
+    _error(bob.get(f"/v1/threads/{thread['id']}/messages/{note['id']}"), 404, "thread_id")
 
 
 def test_unknown_ids_and_bad_fields_name_the_field(clients: tuple[Client, Client, Client]) -> None:
