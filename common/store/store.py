@@ -20,7 +20,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from loguru import logger
-from sqlalchemy import Connection, delete, func, select, text, update
+from sqlalchemy import Connection, delete, event, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -68,13 +68,18 @@ def database_url(url: str | None, data_dir: str) -> str:
     """The SQLAlchemy URL: `url` as given (postgresql:// becomes postgresql+asyncpg://), else a SQLite
     file in `data_dir` (created when missing)."""
     if url:
-        for plain in ("postgresql://", "postgres://"):
-            if url.startswith(plain):
-                return "postgresql+asyncpg://" + url[len(plain):]
-        return url
+        return async_url(url)
     folder = Path(data_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite+aiosqlite:///{(folder / 'parley.db').resolve()}"
+
+
+def async_url(url: str) -> str:
+    """postgresql:// (or postgres://) as SQLAlchemy's asyncpg URL; any other URL as it is."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+asyncpg://" + url[len(plain):]
+    return url
 
 
 def _migrate(connection: Connection) -> None:
@@ -84,6 +89,15 @@ def _migrate(connection: Connection) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["connection"] = connection
     command.upgrade(cfg, "head")
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    """WAL: readers never wait for the writer, and a commit is one append instead of a journal round trip
+    (synchronous=NORMAL: a power cut may lose the last commits, never corrupt the file)."""
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def _record(row: StoredObject) -> Record:
@@ -100,10 +114,13 @@ class Store:
     @classmethod
     async def open(cls, url: str) -> Store:
         """Connect and bring the schema to the newest migration."""
+        url = async_url(url)
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30}
         engine = create_async_engine(url, **kwargs)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         async with engine.begin() as conn:
             await conn.run_sync(_migrate)
         logger.info("Store ready: {}", engine.url.render_as_string(hide_password=True))

@@ -23,16 +23,16 @@ def sdk(live_server: LiveServer) -> openai.OpenAI:
 
 def test_create_retrieve_chain_and_delete(sdk: openai.OpenAI) -> None:
     first = sdk.responses.create(model=MODEL_NAME, input="What is the capital of France? One word.",
-                                 instructions="You answer briefly.", max_output_tokens=12, temperature=0)
+                                 instructions="You answer briefly.", max_output_tokens=6, temperature=0)
     assert first.id.startswith("resp_") and first.status in ("completed", "incomplete")
     assert first.output_text.strip() and first.output[0].type == "message"
-    assert first.usage is not None and 0 < first.usage.output_tokens <= 12
+    assert first.usage is not None and 0 < first.usage.output_tokens <= 6
     assert sdk.responses.retrieve(first.id).output_text == first.output_text
     items = sdk.responses.input_items.list(first.id)
     assert [i.type for i in items.data] == ["message"] and items.data[0].content[0].text.startswith("What is")
 
     second = sdk.responses.create(model=MODEL_NAME, input="Repeat your last answer.", previous_response_id=first.id,
-                                  max_output_tokens=12, temperature=0)
+                                  max_output_tokens=4, temperature=0)
     assert second.previous_response_id == first.id and second.output_text.strip()
     # The second prompt held the first exchange: more input tokens than the new message alone.
     assert second.usage.input_tokens > first.usage.input_tokens
@@ -67,19 +67,19 @@ def test_streamed_events(sdk: openai.OpenAI) -> None:
 
 def test_forced_function_tool_and_its_output(sdk: openai.OpenAI) -> None:
     r = sdk.responses.create(model=MODEL_NAME, input="What is the weather in Paris?", tools=[WEATHER],
-                             tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=60,
+                             tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=40,
                              temperature=0)
     calls = [o for o in r.output if o.type == "function_call"]
     assert len(calls) == 1 and calls[0].name == "get_weather" and calls[0].call_id
     assert isinstance(json.loads(calls[0].arguments)["city"], str)
     follow = sdk.responses.create(
-        model=MODEL_NAME, previous_response_id=r.id, tools=[WEATHER], max_output_tokens=16, temperature=0,
+        model=MODEL_NAME, previous_response_id=r.id, tools=[WEATHER], max_output_tokens=8, temperature=0,
         input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": '{"celsius": 21}'}],
     )
     assert follow.output_text.strip()
 
     stream = sdk.responses.create(model=MODEL_NAME, input="Weather in Rome?", tools=[WEATHER], tool_choice="required",
-                                  parallel_tool_calls=False, max_output_tokens=60, temperature=0, stream=True)
+                                  parallel_tool_calls=False, max_output_tokens=40, temperature=0, stream=True)
     events = list(stream)
     kinds = [e.type for e in events]
     assert "response.function_call_arguments.delta" in kinds and "response.function_call_arguments.done" in kinds
