@@ -20,8 +20,8 @@ fi
 VPY="$VENV/bin/python"
 
 # Install only when the dependency set changed since the last install.
-EXTRAS="llamacpp"
-[[ "$MODE" == "test" ]] && EXTRAS="llamacpp,dev"
+EXTRAS="llamacpp,store"
+[[ "$MODE" == "test" ]] && EXTRAS="llamacpp,store,dev"
 STAMP="$VENV/.parley-installed-$EXTRAS"
 WANT=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
@@ -36,6 +36,13 @@ fi
 "$VPY" scripts/fetch_default_model.py models
 
 if [[ "$MODE" == "test" ]]; then
+  # The store tests start a real PostgreSQL server (initdb + pg_ctl) in a temporary folder.
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+    echo "==> Installing PostgreSQL (for the store tests)"
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq postgresql >/dev/null \
+      || echo "Could not install postgresql; the PostgreSQL store tests will be skipped." >&2
+  fi
   set +e
   "$VPY" -m pytest "$@"
   rc=$?

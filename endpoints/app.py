@@ -27,6 +27,8 @@ from endpoints.http.ratelimit import RateLimiter
 from endpoints.http.deps import route_dialect
 from endpoints.http.request_context import Services
 from endpoints.http.middleware import ParleyMiddleware
+from endpoints.http.store import StoreHolder
+from endpoints.assistants.execution import RunTasks
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VERSION = "0.1.0"
@@ -154,6 +156,7 @@ def install_services(app: FastAPI, config: ParleyConfig, metrics: Metrics | None
 def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.store.start()
         app.state.startup_load = (
             asyncio.create_task(load_startup_model(app)) if load_model_on_startup else None
         )
@@ -165,6 +168,8 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
             await app.state.downloads.close()
+            await app.state.run_tasks.close()
+            await app.state.store.close()
             await app.state.models.close()
 
     app = FastAPI(title="Parley", version=VERSION, lifespan=lifespan)
@@ -174,6 +179,8 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
     app.state.models = build_model_manager(config, metrics)
     app.state.downloads = DownloadManager(Path(config.model.model_dir), config.model.hf_endpoint)
     app.state.presets = PresetState(PROJECT_ROOT / "sampler_overrides")
+    app.state.store = StoreHolder(config)
+    app.state.run_tasks = RunTasks()
     if config.sampling.override_preset:
         try:
             app.state.presets.switch(config.sampling.override_preset)
@@ -200,8 +207,17 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
     if "openai" in servers:
         from endpoints.llamacpp.router import router as llamacpp_router
 
+        from endpoints.assistants.router import router as assistants_router
+        from endpoints.assistants.runs import router as runs_router
+        from endpoints.responses.conversations import router as conversations_router
+        from endpoints.responses.router import router as responses_router
+
         app.include_router(openai_router)
         app.include_router(llamacpp_router)
+        app.include_router(responses_router)
+        app.include_router(conversations_router)
+        app.include_router(runs_router)  # before assistants_router: POST /v1/threads/runs is not a thread id
+        app.include_router(assistants_router)
     if "ollama" in servers:
         app.include_router(ollama_router)
     if "kobold" in servers:

@@ -44,6 +44,7 @@ def make_config(tmp: Path, model_dir: Path, **sections: dict[str, Any]) -> Any:
     overrides: dict[str, dict[str, Any]] = {
         "network": {"api_tokens_file": str(tmp / "api_tokens.yml")},
         "model": {"model_dir": str(model_dir), "model_name": MODEL_NAME, "max_seq_len": 2048},
+        "store": {"data_dir": str(tmp / "data")},
     }
     for section, values in sections.items():
         overrides.setdefault(section, {}).update(values)
@@ -112,8 +113,11 @@ class LiveServer:
 
 
 @contextmanager
-def run_server(model_dir: Path, model_name: str, tmp: Path, max_seq_len: int = 2048) -> Iterator[LiveServer]:
-    """Parley started as users start it (python main.py), on a free port; stopped on exit."""
+def run_server(
+    model_dir: Path, model_name: str, tmp: Path, max_seq_len: int = 2048, extra_args: tuple[str, ...] = (),
+) -> Iterator[LiveServer]:
+    """Parley started as users start it (python main.py), on a free port; stopped on exit.
+    `extra_args` go to main.py after the others (e.g. ("--url", "postgresql://...") for the store)."""
     port = free_port()
     (tmp / "config.yml").touch()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARLEY_")}
@@ -127,6 +131,7 @@ def run_server(model_dir: Path, model_name: str, tmp: Path, max_seq_len: int = 2
                 "--max-seq-len", str(max_seq_len),
                 "--api-tokens-file", str(tmp / "api_tokens.yml"),
                 "--config", str(tmp / "config.yml"),
+                *extra_args,
             ],
             cwd=tmp, stdout=log, stderr=subprocess.STDOUT, env=env,
         )

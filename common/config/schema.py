@@ -280,6 +280,20 @@ class EmbeddingsConfig(_Section):
     )
 
 
+class StoreConfig(_Section):
+    """Where assistants, threads, stored responses and conversations are kept."""
+
+    url: str | None = Field(
+        None,
+        description="Database URL, e.g. postgresql://user:password@host:5432/parley to share one store between "
+        "several Parley processes (needs the store extra: asyncpg). null keeps a SQLite file in data_dir.",
+    )
+    data_dir: str = Field("data", description="Folder for the SQLite store (parley.db) when url is null.")
+    max_thread_messages: int = Field(
+        10_000, ge=1, description="Most messages one thread or conversation may hold; adding more is a 400.",
+    )
+
+
 class DeveloperConfig(_Section):
     """Switches for development and debugging."""
 
@@ -307,6 +321,7 @@ class ParleyConfig(_Section):
     lora: LoraConfig = _section(LoraConfig)
     sampling: SamplingConfig = _section(SamplingConfig)
     embeddings: EmbeddingsConfig = _section(EmbeddingsConfig)
+    store: StoreConfig = _section(StoreConfig)
     developer: DeveloperConfig = _section(DeveloperConfig)
 
 

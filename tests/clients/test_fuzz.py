@@ -61,6 +61,10 @@ def cap_generation(path: str, body: Any) -> None:
     if path in ("/v1/chat/completions", "/v1/completions", "/v1/messages"):
         body["max_tokens"] = CAP
         body.pop("max_completion_tokens", None)
+    elif path == "/v1/responses":
+        body["max_output_tokens"] = CAP
+    elif path in ("/v1/threads/runs", "/v1/threads/{thread_id}/runs"):
+        body["max_completion_tokens"] = CAP
     elif path in ("/api/v1/generate", "/api/extra/generate/stream"):
         body["max_length"] = CAP
     elif path == "/infill":

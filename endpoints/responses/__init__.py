@@ -1,0 +1,1 @@
+"""OpenAI Responses and Conversations APIs on the store."""
