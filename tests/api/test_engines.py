@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,8 @@ class Pool:
     def close(self) -> None:
         for engine in self.engines.values():
             asyncio.run(engine.close())
+        for name in [m for m, mod in sys.modules.items() if str(getattr(mod, "__file__", "")).startswith(str(FAKES))]:
+            del sys.modules[name]  # the fakes leave with this module: later tests see the real (absent) libraries
 
 
 @pytest.fixture(scope="module")
