@@ -46,7 +46,8 @@ def byte_token(b: int) -> int:
     return N_SPECIAL + b
 
 
-def write_model_folder(folder: Path, quant_method: str) -> Path:
+def write_model_folder(folder: Path, quant_method: str | None) -> Path:
+    """The folder's files; `quant_method` None leaves out quantization_config (a plain Hugging Face folder)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -57,20 +58,24 @@ def write_model_folder(folder: Path, quant_method: str) -> Path:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
     tok.save(str(folder / "tokenizer.json"))
-    (folder / "config.json").write_text(json.dumps({
+    config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": N_VOCAB,
         "max_position_embeddings": 512,
         "bos_token_id": IM_START,
         "eos_token_id": IM_END,
-        "quantization_config": {"quant_method": quant_method, "bits": 4.0},
-    }))
+    }
+    if quant_method is not None:
+        config["quantization_config"] = {"quant_method": quant_method, "bits": 4.0}
+    (folder / "config.json").write_text(json.dumps(config))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False, "chat_template": CHATML,
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+        "add_bos_token": False, "chat_template": CHATML,
     }))
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [IM_END, EOT]}))
-    (folder / "model.safetensors").write_bytes(b"")  # stands for the quantized weights
+    if quant_method is not None:
+        (folder / "model.safetensors").write_bytes(b"")  # stands for the quantized weights
     return folder
 
 
