@@ -48,6 +48,21 @@ def _model_source(path: Path) -> tuple[str, dict[str, Any], int]:
     return str(path), {}, sum(f.stat().st_size for f in weights)
 
 
+def _gguf_adds_bos(file: Path) -> bool:
+    """llama.cpp's rule: the GGUF's tokenizer.ggml.add_bos_token, else true for SentencePiece vocabularies only.
+
+    transformers' GGUF tokenizer loader adds BOS for every Llama-family vocabulary, which doubles the
+    BOS of chat templates that begin with it (SmolLM2's <|im_start|>)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(file)).fields
+    flag = fields.get("tokenizer.ggml.add_bos_token")
+    if flag is not None:
+        return bool(flag.contents())
+    model = fields.get("tokenizer.ggml.model")
+    return model is not None and model.contents() == "llama"
+
+
 class TransformersEngine(Engine):
     def __init__(self, model: Any, tokenizer: Any, name: str, path: Path, options: LoadOptions, size: int) -> None:
         import torch
@@ -139,6 +154,8 @@ class TransformersEngine(Engine):
     def _model_info(self, name: str, path: Path, n_ctx: int, n_ctx_train: int, options: LoadOptions,
                     size: int) -> ModelInfo:
         tok, config = self.tokenizer, self.model.config
+        gguf = self._gguf_file(path)
+        add_bos = _gguf_adds_bos(gguf) if gguf is not None else bool(getattr(tok, "add_bos_token", False))
         eos_ids = self.model.generation_config.eos_token_id
         eos_list = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
         if not eos_list and tok.eos_token_id is not None:
@@ -162,7 +179,7 @@ class TransformersEngine(Engine):
             eos_token=self.vocab.piece(eos).decode("utf-8", "replace") if eos >= 0 else "",
             bos_token_id=bos,
             eos_token_id=eos,
-            add_bos_token=bool(getattr(tok, "add_bos_token", False)) and bos >= 0,
+            add_bos_token=add_bos and bos >= 0,
             chat_template=template,
             eog_token_ids=tuple(sorted(eog)),
             control_token_ids=tuple(sorted(self.vocab.special_ids)),
@@ -172,6 +189,12 @@ class TransformersEngine(Engine):
             quantization=str(self.model.dtype).removeprefix("torch."),
             architecture=str(getattr(config, "model_type", "")),
         )
+
+    @staticmethod
+    def _gguf_file(path: Path) -> Path | None:
+        _, extra, _ = _model_source(path)
+        name = extra.get("gguf_file")
+        return None if name is None else (path if path.is_file() else path / name)
 
     # -- Engine interface -------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
