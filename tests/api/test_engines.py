@@ -221,6 +221,7 @@ async def test_transformers_agrees_with_llamacpp_up_to_a_near_tie(pool: Pool) ->
 def test_transformers_model_facts_match_llamacpp(pool: Pool) -> None:
     tf, lc = pool.get("transformers").info, pool.get("llamacpp").info
     assert (tf.n_vocab, tf.bos_token_id, tf.eos_token_id) == (lc.n_vocab, lc.bos_token_id, lc.eos_token_id)
-    assert set(lc.eog_token_ids) <= set(tf.eog_token_ids)
+    assert lc.eos_token_id in tf.eog_token_ids and set(tf.eog_token_ids) <= set(lc.eog_token_ids)
+    assert (tf.add_bos_token, tf.n_ctx) == (lc.add_bos_token, lc.n_ctx)
     assert tf.chat_template and "im_start" in tf.chat_template
     assert all(pool.get("transformers").token_piece(t) == pool.get("llamacpp").token_piece(t) for t in range(0, 49152, 97))
