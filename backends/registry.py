@@ -2,13 +2,62 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 from backends.base import Engine, LoadOptions
 from common.errors import BadRequestError
 
-BACKENDS = ("llamacpp",)
+BACKENDS = ("llamacpp", "transformers", "exllamav2", "exllamav3")
+
+# backend -> (modules it imports, the pyproject extra that installs them)
+_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "llamacpp": (("llama_cpp",), "llamacpp"),
+    "transformers": (("torch", "transformers"), "transformers"),
+    "exllamav2": (("torch", "exllamav2"), "exllamav2"),
+    "exllamav3": (("torch", "exllamav3"), "exllamav3"),
+}
+
+
+def require_library(kind: str) -> None:
+    """A clear 400 naming the extra to install when the backend's library is missing."""
+    modules, extra = _NEEDS[kind]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BadRequestError(
+            f"The {kind} backend needs {', '.join(missing)}, which is not installed. "
+            f"Install it with: pip install '.[{extra}]' (then restart Parley).",
+            param="backend",
+            code="backend_not_installed",
+        )
+
+
+def _quant_method(folder: Path) -> str | None:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    return str(method).lower() if method else None
+
+
+def sniff_backend(path: Path) -> str | None:
+    """What a model path holds: *.gguf -> llamacpp; EXL2/EXL3 config -> exllama; other safetensors -> transformers."""
+    if path.is_file():
+        return "llamacpp" if path.suffix.lower() == ".gguf" else None
+    if not path.is_dir():
+        return None
+    if any(path.glob("*.gguf")):
+        return "llamacpp"
+    method = _quant_method(path)
+    if method in ("exl2", "exl3"):
+        return "exllamav2" if method == "exl2" else "exllamav3"
+    if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
+        return "transformers"
+    return None
 
 
 def detect_backend(path: Path, requested: str = "auto") -> str:
@@ -19,16 +68,18 @@ def detect_backend(path: Path, requested: str = "auto") -> str:
                 f"Backend '{requested}' is not available in this build. Available: {', '.join(BACKENDS)}.",
                 param="backend",
             )
+        require_library(requested)
         return requested
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return "llamacpp"
-    if path.is_dir() and any(path.glob("*.gguf")):
-        return "llamacpp"
-    raise BadRequestError(
-        f"Cannot tell which backend serves '{path.name}': only GGUF models are supported by the "
-        "installed backends. Convert the model to GGUF or install a GPU backend.",
-        param="backend",
-    )
+    kind = sniff_backend(path)
+    if kind is None:
+        raise BadRequestError(
+            f"Cannot tell which backend serves '{path.name}': expected a GGUF file, an EXL2/EXL3 folder "
+            "(config.json quantization_config.quant_method) or a Hugging Face folder (config.json + safetensors). "
+            "Name one with 'backend'.",
+            param="backend",
+        )
+    require_library(kind)
+    return kind
 
 
 def gguf_file(path: Path) -> Path:
@@ -47,8 +98,21 @@ def load_engine(
     progress: Callable[[float], None] | None = None,
 ) -> Engine:
     """Blocking: load a model with the named backend."""
+    if kind not in BACKENDS:
+        raise BadRequestError(f"Unknown backend '{kind}'.", param="backend")
+    require_library(kind)
     if kind == "llamacpp":
         from backends.llamacpp.engine import LlamaCppEngine
 
         return LlamaCppEngine.load(gguf_file(path), name, options, progress)
-    raise BadRequestError(f"Unknown backend '{kind}'.", param="backend")
+    if kind == "transformers":
+        from backends.transformers.engine import TransformersEngine
+
+        return TransformersEngine.load(path, name, options, progress)
+    if kind == "exllamav2":
+        from backends.exllamav2.engine import ExLlamaV2Engine
+
+        return ExLlamaV2Engine.load(path, name, options, progress)
+    from backends.exllamav3.engine import ExLlamaV3Engine
+
+    return ExLlamaV3Engine.load(path, name, options, progress)
