@@ -250,7 +250,8 @@ class ModelManager:
                 model.active += self._roster.pending[entry.name].waiters
                 self._roster.loaded[entry.name] = model
                 self._roster.expired.pop(entry.name, None)
-                if self.default_name is None or self.default_name not in self._roster.loaded:
+                if (self.default_name is None or self.default_name not in self._roster.loaded
+                        or self._roster.loaded[self.default_name].backend == "remote"):
                     self._roster.default_name = entry.name
             self._reaper.watch()
             return model
@@ -260,8 +261,8 @@ class ModelManager:
     async def _make_room(self, incoming: str) -> None:
         """Unload least recently used idle models until one more fits; wait for one to go idle if none is."""
         deadline = time.monotonic() + self.settings.load_wait_timeout
-        while len(self._roster.loaded) + self._closing >= self.settings.max_loaded:
-            idle = [m for m in self._roster.loaded.values() if not m.busy()]
+        while sum(m.backend != "remote" for m in self._roster.loaded.values()) + self._closing >= self.settings.max_loaded:
+            idle = [m for m in self._roster.loaded.values() if not m.busy() and m.backend != "remote"]
             if idle:
                 victim = min(idle, key=lambda m: m.last_used)
                 logger.info("Unloading idle model {} to make room for {}", victim.name, incoming)
@@ -304,6 +305,12 @@ class ModelManager:
             except Exception:  # noqa: BLE001 - a failed extra must not fail the load itself
                 logger.exception("Preparing {} after its load failed; it serves without that step", entry.name)
         return model
+
+    def register(self, model: LoadedModel) -> None:
+        """Serve a model opened elsewhere (a remote model): listed and leased like loaded ones, never
+        unloaded for idleness or to make room, and default only when nothing local is."""
+        self._roster.loaded[model.name] = model
+        self.catalog.remote[model.name] = ModelFile(model.name, Path(f"remote:{model.name}"), 0, "remote", model.loaded_at)
 
     # -- templates ---------------------------------------------------------------
     def template_by_name(self, name: str | None) -> ChatTemplate | None:
