@@ -157,8 +157,11 @@ class RemoteHandle(GenerationHandle):
                     return
         finally:
             if self._task is not None and not self._task.done():
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
+                if self._cancelled is None:
+                    self._cancelled = FinishReason.CANCELLED
+                    self._task.cancel()
+                # Once: a second cancel would interrupt the reader closing its upstream connection.
+                await asyncio.shield(asyncio.gather(self._task, return_exceptions=True))
             self.engine.done(self, self.usage)
 
     def cancel(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
@@ -212,7 +215,9 @@ class RemoteHandle(GenerationHandle):
         pool.begin(replica)
         asked = time.perf_counter()
         try:
-            async with self.engine.client.stream("POST", replica.url + call.path, json=call.body) as response:
+            request = self.engine.client.build_request("POST", replica.url + call.path, json=call.body)
+            response = await self.engine.client.send(request, stream=True)
+            async with _closing(response):
                 if response.status_code >= 400:
                     raw = await response.aread()
                     message = upstream_error(response.status_code, raw)
@@ -298,6 +303,20 @@ class RemoteHandle(GenerationHandle):
         if rest:
             self._queue.put_nowait(TextDelta(rest, (NO_TOKEN,)))
         return Finished(reason, self.usage)
+
+
+class _closing:
+    """Close an upstream answer on the way out, even when the reader is being cancelled: an answer left
+    open keeps the upstream generating for a client that has gone."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+
+    async def __aenter__(self) -> httpx.Response:
+        return self.response
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.shield(self.response.aclose())
 
 
 async def _documents(response: httpx.Response, ndjson: bool) -> AsyncIterator[dict]:
