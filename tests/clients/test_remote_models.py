@@ -67,6 +67,8 @@ def fleet(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             model("generic", [a.base_url], server="openai"),
             model("flaky", [empty.base_url, a.base_url], routing="round_robin", health_interval=0),
             model("victim", [doomed.base_url, b.base_url], routing="round_robin"),
+            {"name": "olla", "kind": "ollama", "replicas": [b.base_url], "upstream_model": MODEL_NAME,
+             "api_key_env": "UPSTREAM_KEY"},  # Parley speaks Ollama's native API too
         ]
         front = stack.enter_context(front_door(dirs["front"], models, env={"UPSTREAM_KEY": a.keys.api}))
         yield Fleet(front, a, b, doomed, empty)
@@ -139,6 +141,19 @@ def test_kobold_generate_and_stream(fleet: Fleet) -> None:
             if line.startswith("data:"):
                 events.append(json.loads(line[5:]))
     assert "".join(e.get("token", "") for e in events)
+
+
+def test_an_ollama_upstream_behind_the_openai_dialect(fleet: Fleet) -> None:
+    client = fleet.openai()
+    chat = client.chat.completions.create(model="olla", messages=[{"role": "user", "content": "Say hello."}],
+                                          max_tokens=6, temperature=0)
+    assert chat.choices[0].message.content and chat.usage is not None and chat.usage.completion_tokens > 0
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model="olla", prompt="Once upon a time", max_tokens=6, temperature=0, stream=True) if c.choices)
+    assert text
+    with pytest.raises(openai.BadRequestError) as err:  # Ollama gives no logprobs: refused, naming the field
+        client.completions.create(model="olla", prompt="Hi", max_tokens=2, logprobs=2)
+    assert "logprobs" in str(err.value)
 
 
 # -- what Parley enforces and maps ------------------------------------------------------------------
