@@ -224,6 +224,10 @@ class RemoteHandle(GenerationHandle):
                     if response.status_code >= 500 or response.status_code == 429:
                         pool.fail(replica)
                         raise _Retry(f"{replica.url} answered {response.status_code}: {message}")
+                    if response.status_code in (401, 403):  # the operator's key, not the client's
+                        return Finished(FinishReason.ERROR, self.usage, error_status=502, error=(
+                            f"The upstream server {replica.url} refused Parley's API key ({message}). The operator "
+                            "should check the variable named by api_key_env."))
                     return Finished(FinishReason.ERROR, self.usage, error_status=response.status_code,
                                     error=f"The upstream server refused the request: {message}")
                 pool.first_byte(replica, time.perf_counter() - asked)

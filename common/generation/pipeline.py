@@ -27,7 +27,14 @@ from backends.base import (
     Usage,
 )
 from backends.sampling import SamplingParams
-from common.errors import APIError, BadRequestError, ContextLengthExceededError, EngineError, ModelNotLoadedError
+from common.errors import (
+    APIError,
+    BadRequestError,
+    ContextLengthExceededError,
+    EngineError,
+    ModelNotLoadedError,
+    ServiceUnavailableError,
+)
 from common.formats.constraints import Constraint, ConstraintSpec
 from common.generation.hooks import GenerationHooks
 from common.generation.prompts import Prompt
@@ -118,7 +125,9 @@ class Generation:
         """The error a finish stands for (None: the choice ended normally, cancelled included)."""
         if finish is None:
             return EngineError("The generation ended without a result. Retry the request.")
-        if finish.reason is FinishReason.ERROR and finish.error_status is not None and 400 <= finish.error_status < 500:
+        if finish.reason is FinishReason.ERROR and finish.error_status == 503:
+            return ServiceUnavailableError(finish.error or "The engine is busy. Retry shortly.", retry_after=2)
+        if finish.reason is FinishReason.ERROR and finish.error_status is not None:
             return APIError(finish.error or "The request was refused.", status=finish.error_status, code="upstream_refused")
         if finish.reason is FinishReason.ERROR:
             return EngineError(
