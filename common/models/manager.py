@@ -30,7 +30,7 @@ from typing import Any
 from loguru import logger
 
 from backends.base import LoadOptions
-from common.errors import ModelNotLoadedError, ServiceUnavailableError
+from common.errors import BadRequestError, ModelNotLoadedError, ServiceUnavailableError
 from common.formats.templating import ChatTemplate
 from common.models.catalog import ModelCatalog
 from common.models.files import ModelFile, confine_name, read_defaults, scan_models
@@ -341,9 +341,15 @@ class ModelManager:
                     f"Model '{name}' is not loaded; nothing to unload. Loaded: {self._roster.loaded_names()}.",
                     status=400,
                 )
+            if model.backend == "remote":
+                raise BadRequestError(
+                    f"'{model.name}' is a remote model: its servers are not loaded here, so there is nothing to "
+                    "unload. Remove it from remote_models (or its .remote.yml file) and restart to stop serving it.",
+                    param="model_name",
+                )
             names = [model.name]
         else:
-            names = list(self._roster.loaded)
+            names = [n for n, m in self._roster.loaded.items() if m.backend != "remote"]
         for n in names:
             self._roster.expired.pop(n, None)
             if n in self._roster.loaded:
