@@ -361,6 +361,8 @@ class ModelManager:
         model = self._roster.loaded.get(name)
         if model is None:
             return True
+        if model.backend == "remote":
+            return False  # served elsewhere: nothing here to free
         model.keep_alive = 0.0
         if not model.busy():
             await self._close(model, remember=True)
@@ -387,7 +389,10 @@ class ModelManager:
 
     # -- keep_alive and shutdown ---------------------------------------------------
     async def set_keep_alive(self, model: LoadedModel, seconds: float | None) -> None:
-        """A new keep_alive for a loaded model (Ollama's per-request keep_alive); 0 unloads it once idle."""
+        """A new keep_alive for a loaded model (Ollama's per-request keep_alive); 0 unloads it once idle.
+        A remote model ignores it: its servers stay up whatever one client asks."""
+        if model.backend == "remote":
+            return
         model.keep_alive = seconds
         model.last_used = time.monotonic()
         if seconds == 0:
