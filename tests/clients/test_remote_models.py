@@ -126,8 +126,9 @@ def test_ollama_client_chat_and_generate(fleet: Fleet) -> None:
                         options={"num_predict": 8, "temperature": 0})
     assert reply.message.content and reply.eval_count and reply.prompt_eval_count
     chunks = list(client.generate(model="fleet", prompt="Once upon a time", raw=True, stream=True,
-                                  options={"num_predict": 8, "temperature": 0}))
+                                  options={"num_predict": 8, "temperature": 0}, keep_alive=0))
     assert "".join(c.response for c in chunks) and chunks[-1].done
+    assert "fleet:latest" in [m.model for m in client.ps().models]  # keep_alive 0 does not unload a remote model
 
 
 def test_kobold_generate_and_stream(fleet: Fleet) -> None:
