@@ -120,6 +120,12 @@ def replica_requests(front: str, headers: dict, model: str) -> dict[str, float]:
     return {url: float(v) for url, v in found}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ms(x: float) -> str:
     return f"{x * 1000:7.2f}"
 
@@ -168,7 +174,9 @@ def main() -> int:
         fh = front.keys.api_headers()
 
         print(f"\n1. Gateway overhead: {args.requests} streaming requests each way, {args.max_tokens} tokens, one at a time")
+        cpu_before = cpu_seconds(front.proc.pid)
         res = asyncio.run(overhead(base1, h1, front.base_url, fh, name1, args.requests, args.max_tokens))
+        cpu_used = cpu_seconds(front.proc.pid) - cpu_before
         print(f"{'':10} {'TTFT p50':>10} {'TTFT p99':>10} {'ITL p50':>10} {'ITL p99':>10}   (ms)")
         for way in ("direct", "parley"):
             r = res[way]
@@ -178,6 +186,10 @@ def main() -> int:
         print(f"{'added':10} {ms(pct(p['ttft'], 50) - pct(d['ttft'], 50)):>10} "
               f"{ms(pct(p['ttft'], 99) - pct(d['ttft'], 99)):>10} {ms(pct(p['itl'], 50) - pct(d['itl'], 50)):>10} "
               f"{ms(pct(p['itl'], 99) - pct(d['itl'], 99)):>10}")
+        tokens = (args.requests + 2) * args.max_tokens
+        print(f"Parley's own CPU time: {cpu_used * 1000 / tokens:.3f} ms per streamed token, "
+              f"{cpu_used * 1000 / (args.requests + 2):.1f} ms per request (whole process, all threads; "
+              "a figure CPU contention does not inflate the way it inflates wall-clock latency)")
 
         n = max(8, args.requests)
         print(f"\n2. Shared prefixes over 2 replicas: {n} requests from 4 system prompts (~1,500 chars), 2 at a time")
