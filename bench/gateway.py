@@ -79,9 +79,10 @@ async def overhead(direct: str, direct_headers: dict, front: str, front_headers:
     out = {"direct": {"ttft": [], "itl": []}, "parley": {"ttft": [], "itl": []}}
     async with httpx.AsyncClient(timeout=300) as client:
         for i in range(n + 2):
-            prompt = f"Note {i}: a short story about the {TOPICS[i % len(TOPICS)]}. Once upon a time"
-            for way, url, headers, model in (("direct", direct, direct_headers, model_direct),
-                                             ("parley", front, front_headers, "up")):
+            ways = [("direct", direct, direct_headers, model_direct), ("parley", front, front_headers, "up")]
+            for way, url, headers, model in ways if i % 2 else ways[::-1]:  # alternate who goes first
+                # A prompt of its own per way and round, so neither finds the other's prompt cached.
+                prompt = f"Note {i}{way[0]}: a short story about the {TOPICS[i % len(TOPICS)]}. Once upon a time"
                 body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                         "stream": True, "ignore_eos": True}
                 ttft, gaps = await stream_once(client, url + "/v1/completions", body, headers)
