@@ -334,7 +334,7 @@ async def _documents(response: httpx.Response, ndjson: bool) -> AsyncIterator[di
                 continue
             line = line[5:].strip()
             if line == "[DONE]":
-                return
+                continue  # read on to the end of the body, so the connection goes back to the pool
         try:
             data = json.loads(line)
         except ValueError:
