@@ -55,7 +55,17 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def stream_once(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> tuple[float, list[float]]:
-    """(TTFT, inter-token gaps) of one streaming completion, in seconds, measured at the client."""
+    """(TTFT, inter-token gaps) of one streaming completion, in seconds, measured at the client. llama-server
+    now and then closes a kept-alive connection after a stream: such a request is sent again (as Parley does)."""
+    for _ in range(3):
+        try:
+            return await _stream_once(client, url, body, headers)
+        except httpx.RemoteProtocolError:
+            continue
+    return await _stream_once(client, url, body, headers)
+
+
+async def _stream_once(client: httpx.AsyncClient, url: str, body: dict, headers: dict) -> tuple[float, list[float]]:
     started = time.perf_counter()
     stamps: list[float] = []
     lines: list[str] = []
