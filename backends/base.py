@@ -100,9 +100,29 @@ class Finished:
     usage: Usage
     stop_string: str | None = None
     error: str | None = None
+    error_status: int | None = None  # an ERROR the client caused (4xx), e.g. as an upstream server judged it
 
 
 Event = TextDelta | Finished
+
+
+class ConstraintSpecLike(Protocol):
+    """An output constraint not compiled yet (kind: json_schema | json_object | regex | grammar), for
+    engines whose server enforces it (`Engine.compiles_constraints` False)."""
+
+    kind: str
+    source: str
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """A chat prompt as OpenAI-shaped messages, for engines that apply the model's own chat template
+    (`Engine.renders_chat`): a remote server knows its model's template and tool-call format."""
+
+    messages: tuple[dict[str, Any], ...]
+    tools: tuple[dict[str, Any], ...] | None = None
+    tool_choice: Any = None
+    template_vars: dict[str, Any] | None = None
 
 
 @dataclass
@@ -112,6 +132,10 @@ class GenerationRequest:
     request_id: str = field(default_factory=new_request_id)
     constraint: Constraint | None = None  # compiled; each sequence gets its own state
     loras: tuple[tuple[str, float], ...] | None = None  # adapters and scales; None = the model's active set
+    prompt_text: str | None = None  # the prompt as text, when it came as text
+    chat: ChatInput | None = None  # the messages, for engines that render chat themselves
+    constraint_spec: ConstraintSpecLike | None = None  # uncompiled, for engines that do not compile
+    affinity_key: str | None = None  # the prompt's leading part, for routing to where it is cached
 
 
 @dataclass(frozen=True)
@@ -145,6 +169,20 @@ class ModelInfo:
     architecture: str = ""
 
 
+@dataclass(frozen=True)
+class ReplicaStats:
+    """One upstream server of a remote engine, as /metrics shows it."""
+
+    url: str
+    in_flight: int
+    requests: int
+    errors: int
+    ejections: int
+    healthy: bool
+    latency_seconds_sum: float
+    latency_count: int
+
+
 @dataclass
 class EngineStats:
     slots_total: int
@@ -176,6 +214,16 @@ class Engine(abc.ABC):
     """One loaded model, able to serve many requests at once."""
 
     info: ModelInfo
+    # Engines in front of another server (backends/remote) turn these off: that server applies the
+    # model's chat template to `GenerationRequest.chat`, enforces `constraint_spec` itself, and its
+    # vocabulary is unknown here (token ids are the prompt's UTF-8 bytes; token-id fields are refused).
+    renders_chat = False
+    compiles_constraints = True
+    knows_vocabulary = True
+
+    def replica_stats(self) -> list[ReplicaStats]:
+        """Per upstream server, for engines that have them."""
+        return []
 
     @abc.abstractmethod
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]: ...

@@ -22,8 +22,10 @@ from endpoints.http.lifecycle import Lifecycle
 from endpoints.http.metrics import Metrics
 from common.models.manager import ModelManager
 from common.models.options import LoraPolicy, ManagerSettings
+from common.models.remote import check_reachable, open_remote, remote_specs, templates_of
+from backends.remote.spec import RemoteSpec
 from common.models.presets import PresetState
-from endpoints.http.ratelimit import RateLimiter
+from endpoints.http.limit_store import build_limit_store
 from endpoints.http.deps import route_dialect
 from endpoints.http.request_context import Services
 from endpoints.http.middleware import ParleyMiddleware
@@ -65,6 +67,28 @@ async def load_startup_model(app: FastAPI) -> None:
         logger.error("Could not load '{}': {}", name, exc.message)
     except Exception:
         logger.exception("Could not load '{}'", name)
+
+
+def remote_models_of(config: ParleyConfig, *, check: bool) -> list[RemoteSpec]:
+    """The remote models the config declares; a bad one (or, with `check`, an unreachable replica)
+    stops the server with a message naming the key."""
+    try:
+        specs = remote_specs(config)
+        if check:
+            check_reachable(specs, config)
+    except ConfigError as exc:
+        raise SystemExit(f"Configuration error: {exc}") from None
+    return specs
+
+
+async def open_remote_models(app: FastAPI, specs: list[RemoteSpec]) -> None:
+    models: ModelManager = app.state.models
+    templates = templates_of(app.state.config) if specs else {}
+    for spec in specs:
+        model = await open_remote(spec, models.template_by_name(templates.get(spec.name)))
+        models.register(model)
+        logger.info("Remote model {} ({} {}, {} replica(s), routing {})", spec.name, spec.kind, spec.server,
+                    len(spec.replicas), spec.routing)
 
 
 def _param_of(loc: list[str | int]) -> str | None:
@@ -129,7 +153,8 @@ def install_error_handlers(app: FastAPI) -> None:
 def install_services(app: FastAPI, config: ParleyConfig, metrics: Metrics | None) -> None:
     """Rate limits, metrics and the shutdown state on app.state.services; the middleware using them; CORS."""
     lifecycle = Lifecycle(config.network.shutdown_timeout)
-    services = Services(config, RateLimiter(), lifecycle, metrics)
+    limits = config.limits
+    services = Services(config, build_limit_store(limits.store, fail_open=limits.store_fail_open), lifecycle, metrics)
     app.state.services = services
     app.state.lifecycle = lifecycle
     models: ModelManager = app.state.models
@@ -157,6 +182,7 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.store.start()
+        await open_remote_models(app, remote)
         app.state.startup_load = (
             asyncio.create_task(load_startup_model(app)) if load_model_on_startup else None
         )
@@ -171,12 +197,14 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
             await app.state.run_tasks.close()
             await app.state.store.close()
             await app.state.models.close()
+            await app.state.services.limiter.close()
 
     app = FastAPI(title="Parley", version=VERSION, lifespan=lifespan)
     app.state.config = config
     app.state.auth = AuthManager.load(config.network.api_tokens_file, disabled=config.network.disable_auth)
     metrics = Metrics() if config.network.enable_metrics else None
     app.state.models = build_model_manager(config, metrics)
+    remote = remote_models_of(config, check=load_model_on_startup)
     app.state.downloads = DownloadManager(Path(config.model.model_dir), config.model.hf_endpoint)
     app.state.presets = PresetState(PROJECT_ROOT / "sampler_overrides")
     app.state.store = StoreHolder(config)

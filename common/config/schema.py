@@ -114,6 +114,17 @@ class LimitsConfig(_Section):
         description="Generated tokens per minute for API keys without their own tokens_per_minute in the keys "
         "file (per client address when auth is disabled). null: unlimited.",
     )
+    store: str = Field(
+        "memory",
+        pattern=r"^(memory|rediss?://.+|unix://.+)$",
+        description="Where rate-limit buckets live: memory (this process) or a Redis URL (redis://host:6379/0) "
+        "shared by several Parley instances behind one load balancer, so a key's limits hold across them.",
+    )
+    store_fail_open: bool = Field(
+        False,
+        description="When the Redis limit store cannot be reached: false answers 503 to callers with limits, "
+        "true lets them through unlimited. Either way it is logged.",
+    )
 
 
 class ModelConfig(_Section):
@@ -256,6 +267,68 @@ class LoraConfig(_Section):
     )
 
 
+class RemoteModelEntry(_Section):
+    """One model served by upstream servers (README, "Remote models")."""
+
+    name: str = Field(..., min_length=1, description="The name clients use.")
+    kind: Literal["openai", "ollama"] = Field(
+        ..., description="openai: any OpenAI-compatible server (vLLM, SGLang, llama-server, TGI, another Parley); "
+        "ollama: Ollama's native API.",
+    )
+    replicas: list[str] = Field(..., min_length=1, description="Base URLs, e.g. http://10.0.0.5:8000 (no /v1).")
+    upstream_model: str | None = Field(None, description="The upstream's name for the model. null: name.")
+    server: Literal["vllm", "sglang", "llamacpp", "parley", "openai"] = Field(
+        "vllm", description="For kind openai, which server it is: decides the extra fields it is sent.",
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the upstream's API key (never the key itself).",
+    )
+    routing: Literal["least_outstanding", "round_robin", "prefix_affinity"] = "least_outstanding"
+    max_inflight: int = Field(64, ge=1, description="Requests in flight per replica; past it on all: 503.")
+    connect_timeout: float = Field(5.0, gt=0)
+    read_timeout: float = Field(600.0, gt=0, description="Longest silence between two bytes of an answer.")
+    health_interval: float = Field(10.0, ge=0, description="Seconds between active health checks; 0: none.")
+    eject_seconds: float = Field(10.0, ge=0, description="A replica that failed is left out this long.")
+    retries: int = Field(2, ge=0, description="Other replicas tried before the first byte reached the client.")
+    affinity_prefix_chars: int = Field(512, ge=1, description="prefix_affinity hashes this much of the prompt.")
+    affinity_load_factor: float = Field(1.25, ge=1.0, description="prefix_affinity's bound on a replica's load.")
+    context_length: int = Field(32768, ge=16, description="The upstream model's context in tokens.")
+    prompt_template: str | None = Field(
+        None, description="Template (templates/) for prompts sent as text. null: chatml.",
+    )
+    chat: bool = Field(True, description="Send chat requests as messages, rendered by the upstream.")
+    strict_sampling: bool = Field(False, description="Refuse sampler fields the upstream lacks (default: drop).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_json(cls, data: Any) -> Any:
+        if isinstance(data, str):  # from an environment variable or flag: one JSON object
+            import json
+
+            return json.loads(data)
+        return data
+
+
+class RemoteConfig(_Section):
+    """Models served by other servers behind Parley's front door; more can be NAME.remote.yml files in model_dir."""
+
+    remote_models: list[RemoteModelEntry] = Field(
+        default_factory=list,
+        description="e.g. [{name: llama-70b, kind: openai, server: vllm, replicas: [http://gpu1:8000, "
+        "http://gpu2:8000], upstream_model: meta-llama/Llama-3.3-70B-Instruct, api_key_env: VLLM_KEY, "
+        "routing: prefix_affinity}].",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RemoteConfig:
+        seen: set[str] = set()
+        for entry in self.remote_models:
+            if entry.name in seen:
+                raise ValueError(f"remote_models: the name '{entry.name}' is used twice; give each model its own name")
+            seen.add(entry.name)
+        return self
+
+
 class SamplingConfig(_Section):
     """Server-side sampler defaults."""
 
@@ -323,6 +396,7 @@ class ParleyConfig(_Section):
     embeddings: EmbeddingsConfig = _section(EmbeddingsConfig)
     store: StoreConfig = _section(StoreConfig)
     developer: DeveloperConfig = _section(DeveloperConfig)
+    remote: RemoteConfig = _section(RemoteConfig)
 
 
 def section_models() -> dict[str, type[_Section]]:

@@ -27,8 +27,9 @@ class GenerationHooks(Protocol):
         """The prompt and the fitted parameters, once they are settled (for the request log)."""
         ...
 
-    def admit(self, n: int) -> None:
-        """Just before `n` choices are queued: refuse when the caller may not start them now."""
+    async def admit(self, n: int) -> None:
+        """Just before `n` choices are queued: refuse when the caller may not start them now (it may
+        await a limit store shared by several servers)."""
         ...
 
     def observe(self, handle: GenerationHandle, model: str, *, counts_prompt: bool) -> GenerationHandle:
@@ -48,7 +49,7 @@ class OfflineHooks(GenerationHooks):
     def record_prompt(self, model: str, n_prompt: int, text: str | None, params: SamplingParams) -> None:
         return None
 
-    def admit(self, n: int) -> None:
+    async def admit(self, n: int) -> None:
         return None
 
     def observe(self, handle: GenerationHandle, model: str, *, counts_prompt: bool) -> GenerationHandle:

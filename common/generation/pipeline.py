@@ -27,7 +27,14 @@ from backends.base import (
     Usage,
 )
 from backends.sampling import SamplingParams
-from common.errors import APIError, BadRequestError, ContextLengthExceededError, EngineError, ModelNotLoadedError
+from common.errors import (
+    APIError,
+    BadRequestError,
+    ContextLengthExceededError,
+    EngineError,
+    ModelNotLoadedError,
+    ServiceUnavailableError,
+)
 from common.formats.constraints import Constraint, ConstraintSpec
 from common.generation.hooks import GenerationHooks
 from common.generation.prompts import Prompt
@@ -118,6 +125,10 @@ class Generation:
         """The error a finish stands for (None: the choice ended normally, cancelled included)."""
         if finish is None:
             return EngineError("The generation ended without a result. Retry the request.")
+        if finish.reason is FinishReason.ERROR and finish.error_status == 503:
+            return ServiceUnavailableError(finish.error or "The engine is busy. Retry shortly.", retry_after=2)
+        if finish.reason is FinishReason.ERROR and finish.error_status is not None:
+            return APIError(finish.error or "The request was refused.", status=finish.error_status, code="upstream_refused")
         if finish.reason is FinishReason.ERROR:
             return EngineError(
                 finish.error or "The engine failed while generating. Retry the request; reload the model if it persists."
@@ -153,14 +164,18 @@ async def start_generation(
     if n < 1:
         raise BadRequestError(f"n is {n}; ask for at least one choice.", param="n")
     fitted = _fit(model, prompt, params, default_max_tokens, hooks)
-    hooks.admit(n)
-    compiled = await _compile(model, constraint)
+    await hooks.admit(n)
+    engine = model.engine
+    spec = constraint if isinstance(constraint, ConstraintSpec) and not getattr(engine, "compiles_constraints", True) else None
+    compiled = None if spec is not None else await _compile(model, constraint)
     handles: list[GenerationHandle] = []
     try:
         for i in range(n):
             p = fitted if (n == 1 or fitted.seed is None) else fitted.with_updates(seed=fitted.seed + i)
-            handles.append(model.engine.submit(GenerationRequest(list(prompt.tokens), p, constraint=compiled,
-                                                                 loras=loras)))
+            handles.append(engine.submit(GenerationRequest(
+                list(prompt.tokens), p, constraint=compiled, loras=loras, prompt_text=prompt.text,
+                chat=prompt.chat, constraint_spec=spec, affinity_key=prompt.affinity_key,
+            )))
             handles[-1] = hooks.observe(handles[-1], model.name, counts_prompt=i == 0)
     except BaseException:
         for h in handles:
@@ -169,9 +184,9 @@ async def start_generation(
     return Generation(handles)
 
 
-def _check_token_ids(params: SamplingParams, n_vocab: int) -> None:
+def _check_token_ids(params: SamplingParams, n_vocab: int, known: bool = True) -> None:
     """Token ids in sampling fields must exist: an unknown id would be silently ignored (or, in
-    allowed_tokens, leave nothing to sample)."""
+    allowed_tokens, leave nothing to sample). `known` False: the vocabulary is another server's."""
     fields = (
         ("logit_bias", tuple(params.logit_bias)),
         ("banned_tokens", params.banned_tokens),
@@ -179,6 +194,12 @@ def _check_token_ids(params: SamplingParams, n_vocab: int) -> None:
         ("stop_token_ids", params.stop_token_ids),
     )
     for name, ids in fields:
+        if ids and not known:
+            raise BadRequestError(
+                f"'{name}' names token ids, and this model is served by a remote server whose vocabulary "
+                "Parley does not hold. Drop the field, or use banned_strings / stop strings instead.",
+                param=name,
+            )
         bad = next((t for t in ids if not 0 <= t < n_vocab), None)
         if bad is not None:
             raise BadRequestError(
@@ -192,7 +213,7 @@ def _fit(
     model: LoadedModel, prompt: Prompt, params: SamplingParams, default_max_tokens: int | None, hooks: GenerationHooks
 ) -> SamplingParams:
     """Check the token ids exist and the prompt fits the context and the caps; settle max_tokens and stop strings."""
-    _check_token_ids(params, model.info.n_vocab)
+    _check_token_ids(params, model.info.n_vocab, getattr(model.engine, "knows_vocabulary", True))
     n_ctx = model.info.n_ctx
     n_prompt = len(prompt.tokens)
     if n_prompt == 0:

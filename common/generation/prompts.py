@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from backends.base import ChatInput
 from common.errors import BadRequestError, ContextLengthExceededError
 from common.models.manager import LoadedModel
 
@@ -20,6 +21,8 @@ class Prompt:
     text: str | None = None
     stop: tuple[str, ...] = ()  # stop strings the chat template declares
     param: str = "prompt"  # the request field this prompt came from, for error messages
+    chat: ChatInput | None = None  # the messages, for a model whose server renders chat itself
+    affinity_key: str | None = None  # the leading part that names where this prompt is cached
 
 
 def _text_of(content: Any, where: str) -> str | None:
@@ -172,7 +175,12 @@ def chat_prompt(
     add_bos = info.add_bos_token and not (info.bos_token and text.startswith(info.bos_token))
     refuse_hopeless(model, text, "messages")
     tokens = model.engine.tokenize(text, add_bos=add_bos, special=True)
-    return Prompt(tokens, text, tuple(template.metadata.stop_strings), param="messages")
+    if getattr(model.engine, "renders_chat", False) and not (continue_final_message or response_prefix or not add_generation_prompt):
+        # The server applies its model's own template and tool format; the text above only
+        # measures the prompt and keys routing. A continued or prefixed reply goes as text instead.
+        chat = ChatInput(tuple(normalized), tuple(tools) if tools else None, template_vars=template_vars)
+        return Prompt(tokens, text, (), param="messages", chat=chat, affinity_key=text)
+    return Prompt(tokens, text, tuple(template.metadata.stop_strings), param="messages", affinity_key=text)
 
 
 def refuse_hopeless(model: LoadedModel, text: str, param: str) -> None:
@@ -194,6 +202,11 @@ def text_prompt(
 ) -> Prompt:
     """`truncatable`: the caller cuts an overlong prompt itself (KoboldAI does), so no early refusal."""
     info = model.info
+    if isinstance(prompt, list) and not getattr(model.engine, "knows_vocabulary", True):
+        raise BadRequestError(
+            "This model is served by a remote server whose vocabulary Parley does not hold: send the prompt "
+            "as text, not token ids.", param="prompt",
+        )
     if isinstance(prompt, list):
         bad = next((t for t in prompt if not (0 <= t < info.n_vocab)), None)
         if bad is not None:
@@ -205,5 +218,5 @@ def text_prompt(
         add_bos = False
     if not truncatable:
         refuse_hopeless(model, prompt, "prompt")
-    return Prompt(model.engine.tokenize(prompt, add_bos=add_bos, special=True), prompt)
+    return Prompt(model.engine.tokenize(prompt, add_bos=add_bos, special=True), prompt, affinity_key=prompt)
 

@@ -29,10 +29,11 @@ class ModelCatalog:
         self.model_dir = model_dir
         self.template_dir = template_dir
         self.backend = backend  # used when a load names none
+        self.remote: dict[str, ModelFile] = {}  # models served by other servers (registered, never loaded here)
 
     # -- models on disk ----------------------------------------------------------
     def available(self) -> list[ModelFile]:
-        return scan_models(self.model_dir)
+        return scan_models(self.model_dir) + list(self.remote.values())
 
     def find(self, name: str) -> ModelFile:
         """The model called `name` (with or without .gguf); 404 listing the directory when absent."""

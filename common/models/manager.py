@@ -30,7 +30,7 @@ from typing import Any
 from loguru import logger
 
 from backends.base import LoadOptions
-from common.errors import ModelNotLoadedError, ServiceUnavailableError
+from common.errors import BadRequestError, ModelNotLoadedError, ServiceUnavailableError
 from common.formats.templating import ChatTemplate
 from common.models.catalog import ModelCatalog
 from common.models.files import ModelFile, confine_name, read_defaults, scan_models
@@ -250,7 +250,8 @@ class ModelManager:
                 model.active += self._roster.pending[entry.name].waiters
                 self._roster.loaded[entry.name] = model
                 self._roster.expired.pop(entry.name, None)
-                if self.default_name is None or self.default_name not in self._roster.loaded:
+                if (self.default_name is None or self.default_name not in self._roster.loaded
+                        or self._roster.loaded[self.default_name].backend == "remote"):
                     self._roster.default_name = entry.name
             self._reaper.watch()
             return model
@@ -260,8 +261,8 @@ class ModelManager:
     async def _make_room(self, incoming: str) -> None:
         """Unload least recently used idle models until one more fits; wait for one to go idle if none is."""
         deadline = time.monotonic() + self.settings.load_wait_timeout
-        while len(self._roster.loaded) + self._closing >= self.settings.max_loaded:
-            idle = [m for m in self._roster.loaded.values() if not m.busy()]
+        while sum(m.backend != "remote" for m in self._roster.loaded.values()) + self._closing >= self.settings.max_loaded:
+            idle = [m for m in self._roster.loaded.values() if not m.busy() and m.backend != "remote"]
             if idle:
                 victim = min(idle, key=lambda m: m.last_used)
                 logger.info("Unloading idle model {} to make room for {}", victim.name, incoming)
@@ -305,6 +306,12 @@ class ModelManager:
                 logger.exception("Preparing {} after its load failed; it serves without that step", entry.name)
         return model
 
+    def register(self, model: LoadedModel) -> None:
+        """Serve a model opened elsewhere (a remote model): listed and leased like loaded ones, never
+        unloaded for idleness or to make room, and default only when nothing local is."""
+        self._roster.loaded[model.name] = model
+        self.catalog.remote[model.name] = ModelFile(model.name, Path(f"remote:{model.name}"), 0, "remote", model.loaded_at)
+
     # -- templates ---------------------------------------------------------------
     def template_by_name(self, name: str | None) -> ChatTemplate | None:
         return self.catalog.template_by_name(name)
@@ -334,9 +341,15 @@ class ModelManager:
                     f"Model '{name}' is not loaded; nothing to unload. Loaded: {self._roster.loaded_names()}.",
                     status=400,
                 )
+            if model.backend == "remote":
+                raise BadRequestError(
+                    f"'{model.name}' is a remote model: its servers are not loaded here, so there is nothing to "
+                    "unload. Remove it from remote_models (or its .remote.yml file) and restart to stop serving it.",
+                    param="model_name",
+                )
             names = [model.name]
         else:
-            names = list(self._roster.loaded)
+            names = [n for n, m in self._roster.loaded.items() if m.backend != "remote"]
         for n in names:
             self._roster.expired.pop(n, None)
             if n in self._roster.loaded:
@@ -348,6 +361,8 @@ class ModelManager:
         model = self._roster.loaded.get(name)
         if model is None:
             return True
+        if model.backend == "remote":
+            return False  # served elsewhere: nothing here to free
         model.keep_alive = 0.0
         if not model.busy():
             await self._close(model, remember=True)
@@ -374,7 +389,10 @@ class ModelManager:
 
     # -- keep_alive and shutdown ---------------------------------------------------
     async def set_keep_alive(self, model: LoadedModel, seconds: float | None) -> None:
-        """A new keep_alive for a loaded model (Ollama's per-request keep_alive); 0 unloads it once idle."""
+        """A new keep_alive for a loaded model (Ollama's per-request keep_alive); 0 unloads it once idle.
+        A remote model ignores it: its servers stay up whatever one client asks."""
+        if model.backend == "remote":
+            return
         model.keep_alive = seconds
         model.last_used = time.monotonic()
         if seconds == 0:

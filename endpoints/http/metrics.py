@@ -71,6 +71,7 @@ class EngineCollector(Collector):
             if stats.draft_tokens:
                 rate.add_metric([model_name], stats.accepted_draft_tokens / stats.draft_tokens)
         yield from families.values()
+        yield from _replica_metrics(loaded)
         yield drafted
         yield accepted
         yield rate
@@ -83,6 +84,35 @@ class EngineCollector(Collector):
             "parley_draining", "1 while the server finishes running requests before it exits.",
             value=1.0 if self._draining() else 0.0,
         )
+
+
+def _replica_metrics(engines: Mapping[str, Any]) -> Iterable[Metric]:
+    """Per upstream server of each remote model: in flight, requests, errors, ejections, up, latency."""
+    labels = ["model", "replica"]
+    in_flight = GaugeMetricFamily("parley_replica_in_flight", "Requests in flight to this upstream replica.", labels=labels)
+    up = GaugeMetricFamily("parley_replica_up", "1 while the replica passes health checks and is not ejected.",
+                           labels=labels)
+    requests = CounterMetricFamily("parley_replica_requests", "Requests sent to this replica (retries included).",
+                                   labels=labels)
+    errors = CounterMetricFamily("parley_replica_errors", "Connection errors and 5xx answers from this replica.",
+                                 labels=labels)
+    ejections = CounterMetricFamily("parley_replica_ejections", "Times this replica was left out after a failure.",
+                                    labels=labels)
+    latency = CounterMetricFamily("parley_replica_first_byte_seconds", "Time to the first byte of each answer "
+                                  "(a _total sum; divide by parley_replica_answers).", labels=labels)
+    answers = CounterMetricFamily("parley_replica_answers", "Answers this replica began.", labels=labels)
+    for model_name, engine in engines.items():
+        replica_stats = getattr(engine, "replica_stats", None)
+        for r in replica_stats() if replica_stats is not None else ():
+            key = [model_name, r.url]
+            in_flight.add_metric(key, float(r.in_flight))
+            up.add_metric(key, 1.0 if r.healthy else 0.0)
+            requests.add_metric(key, float(r.requests))
+            errors.add_metric(key, float(r.errors))
+            ejections.add_metric(key, float(r.ejections))
+            latency.add_metric(key, r.latency_seconds_sum)
+            answers.add_metric(key, float(r.latency_count))
+    return (in_flight, up, requests, errors, ejections, latency, answers)
 
 
 class Metrics:

@@ -14,6 +14,11 @@ A full bucket allows a burst of a minute's worth at once; after that the
 steady rate applies. Refusals carry the whole seconds until a retry can
 succeed (at least 1), for the `Retry-After` header.
 
+Where the buckets live is a `LimitStore`: `MemoryLimitStore` (this process;
+the default) or `RedisLimitStore` (ratelimit_redis.py: one Redis shared by
+several Parley instances behind a load balancer, `limits.store: redis://...`).
+`limit_store.build_limit_store` picks one from the config.
+
 Pure logic: the clock is injected, nothing here knows about HTTP.
 """
 
@@ -25,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 WINDOW_SECONDS = 60.0
 PRUNE_EVERY = 1024  # new callers between two sweeps of idle (full) buckets
@@ -192,3 +198,38 @@ class RateLimiter:
             if state.tokens is not None:
                 out[LimitKind.TOKENS] = state.tokens.level
             return out
+
+
+class LimitStore(Protocol):
+    """Where the buckets live. `admit` may await a shared store; `charge` returns at once."""
+
+    async def admit(self, subject: Subject) -> Refusal | None:
+        """Take one request from the caller's budget, or say why not (raises a 503 APIError when the
+        store cannot be reached and the store is not configured to fail open)."""
+        ...
+
+    def charge(self, subject: Subject, tokens: int) -> None:
+        """Count tokens a finished request generated (in the background for a shared store)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryLimitStore:
+    """The buckets in this process (`limits.store: memory`)."""
+
+    def __init__(self, limiter: RateLimiter | None = None) -> None:
+        self.limiter = limiter or RateLimiter()
+
+    async def admit(self, subject: Subject) -> Refusal | None:
+        return self.limiter.admit(subject)
+
+    def charge(self, subject: Subject, tokens: int) -> None:
+        self.limiter.charge(subject, tokens)
+
+    def remaining(self, subject: Subject) -> dict[LimitKind, float]:
+        return self.limiter.remaining(subject)
+
+    async def close(self) -> None:
+        return None
+

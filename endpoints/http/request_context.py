@@ -32,7 +32,7 @@ from common.generation.hooks import GenerationHooks
 from endpoints.http.deps import route_dialect
 from endpoints.http.lifecycle import Lifecycle
 from endpoints.http.metrics import Metrics
-from endpoints.http.ratelimit import Limits, RateLimiter, Subject
+from endpoints.http.ratelimit import LimitStore, Limits, Subject
 from backends.sampling import SamplingParams
 
 STATE_KEY = "request_context"  # where the middleware leaves the context in request.state
@@ -43,7 +43,7 @@ class Services:
     """The per-app objects behind limits, metrics and shutdown (on app.state.services)."""
 
     config: ParleyConfig
-    limiter: RateLimiter
+    limiter: LimitStore
     lifecycle: Lifecycle
     metrics: Metrics | None
 
@@ -145,7 +145,7 @@ class RequestContext(GenerationHooks):
             self.prompt_text = text if self.prompt_text is None else self.prompt_text + "\n" + text
         self.params = params
 
-    def admit(self, n: int) -> None:
+    async def admit(self, n: int) -> None:
         """Before a generation is queued: the n cap, draining, then the caller's rate limits."""
         max_n = self.services.config.limits.max_n
         if max_n is not None and n > max_n:
@@ -162,7 +162,7 @@ class RequestContext(GenerationHooks):
                 services.metrics.draining_refusals.inc()
             raise services.lifecycle.refusal()
         subject = services.subject(self.key, self.client)
-        refusal = services.limiter.admit(subject)
+        refusal = await services.limiter.admit(subject)
         if refusal is not None:
             if services.metrics is not None:
                 services.metrics.rate_limited.labels(subject.name, refusal.kind.value).inc()

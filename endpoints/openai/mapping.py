@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from backends.sampling import SamplingParams
@@ -136,7 +136,12 @@ def chat_plan(body: ChatCompletionRequest, model: LoadedModel, mc: ModelConfig, 
         end=mc.reasoning_end_marker,
         tool_format=mc.tool_format,
     )
-    spec = chat_constraint(body, options.tool_format)
+    if prompt.chat is not None:
+        # The upstream server parses its model's tool calls and enforces tool_choice itself.
+        prompt.chat = replace(prompt.chat, tool_choice=body.tool_choice if body.tools else None)
+        spec = chat_constraint(body, None)
+    else:
+        spec = chat_constraint(body, options.tool_format)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = to_sampling_params(body, max_tokens=max_tokens, logprobs=logprobs, preset=preset)

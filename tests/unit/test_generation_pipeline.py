@@ -55,7 +55,7 @@ class RecordingHooks(GenerationHooks):
     def record_prompt(self, model: str, n_prompt: int, text: str | None, params: SamplingParams) -> None:
         self.calls.append(("record_prompt", model, n_prompt, params.max_tokens))
 
-    def admit(self, n: int) -> None:
+    async def admit(self, n: int) -> None:
         self.calls.append(("admit", n))
         if self.refuse:
             raise RateLimitError("Too many requests; retry after the Retry-After seconds.")
