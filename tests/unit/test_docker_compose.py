@@ -14,17 +14,18 @@ from ruamel.yaml import YAML
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-def readme_rows() -> dict[str, dict[str, str]]:
+def readme_rows() -> dict[tuple[str, str], dict[str, str]]:
+    """Rows of the Deployment table, keyed by (compose file name, service)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     section = text[text.index("## Deployment"):]
     section = section[: section.index("\n## ", 5)]
-    rows: dict[str, dict[str, str]] = {}
+    rows: dict[tuple[str, str], dict[str, str]] = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 7 and cells[0].startswith("`"):
             name = re.match(r"`([^`]+)`", cells[0]).group(1)  # type: ignore[union-attr]
-            rows[name] = dict(zip(("service", "file", "dockerfile", "port", "volumes", "health", "gpu"), cells,
-                                  strict=True))
+            row = dict(zip(("service", "file", "dockerfile", "port", "volumes", "health", "gpu"), cells, strict=True))
+            rows[(row["file"].strip("`").removeprefix("docker/"), name)] = row
     return rows
 
 
@@ -41,22 +42,26 @@ def test_every_compose_service_is_in_the_readme() -> None:
     assert compose_files()
     for path in compose_files():
         for name in services(path):
-            assert name in rows, f"{path.name}: service {name!r} is missing from the README's Deployment table"
-            assert rows[name]["file"] == f"`docker/{path.name}`"
+            assert (path.name, name) in rows, f"{path.name}: service {name!r} is missing from the README's Deployment table"
 
 
 def test_each_service_matches_its_row() -> None:
     rows = readme_rows()
     for path in compose_files():
         for name, svc in services(path).items():
-            row = rows[name]
-            assert f"`{svc['build']['dockerfile']}`" == row["dockerfile"]
-            assert (ROOT / svc["build"]["dockerfile"]).is_file()
-            assert [str(p) for p in svc["ports"]] == [row["port"]]
-            assert [f"`{v}`" for v in svc["volumes"]] == [v.strip() for v in row["volumes"].split(",")]
+            row = rows[(path.name, name)]
+            if "build" in svc:  # Parley's own images
+                assert f"`{svc['build']['dockerfile']}`" == row["dockerfile"]
+                assert (ROOT / svc["build"]["dockerfile"]).is_file()
+            else:  # a peer's published image
+                assert row["dockerfile"] == f"image `{svc['image']}`"
+            assert [str(p) for p in svc.get("ports", [])] == ([] if row["port"] == "none" else [row["port"]])
+            want_volumes = [] if row["volumes"] == "none" else [v.strip() for v in row["volumes"].split(",")]
+            assert [f"`{v}`" for v in svc.get("volumes", [])] == want_volumes
             health = svc["healthcheck"]
-            assert "/health" in " ".join(health["test"]) and "/health" in row["health"]
-            assert f"every {health['interval']}" in row["health"]
+            probe = "/health" if "/health" in " ".join(health["test"]) else " ".join(health["test"][1:])
+            assert f"`{probe}` every {health['interval']}" == row["health"] or (
+                probe == "/health" and row["health"] == f"`/health` every {health['interval']}")
             devices = svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
             if row["gpu"] == "none":
                 assert not devices
