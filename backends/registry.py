@@ -8,7 +8,8 @@ from pathlib import Path
 from backends.base import Engine, LoadOptions
 from common.errors import BadRequestError
 
-BACKENDS = ("llamacpp",)
+BACKENDS = ("llamacpp", "llamacpp_embedding", "infinity")
+EMBEDDING_BACKENDS = ("llamacpp_embedding", "infinity")
 
 
 def detect_backend(path: Path, requested: str = "auto") -> str:
@@ -20,6 +21,8 @@ def detect_backend(path: Path, requested: str = "auto") -> str:
                 param="backend",
             )
         return requested
+    if is_embedding_folder(path):
+        return "infinity"
     if path.is_file() and path.suffix.lower() == ".gguf":
         return "llamacpp"
     if path.is_dir() and any(path.glob("*.gguf")):
@@ -29,6 +32,13 @@ def detect_backend(path: Path, requested: str = "auto") -> str:
         "installed backends. Convert the model to GGUF or install a GPU backend.",
         param="backend",
     )
+
+
+def is_embedding_folder(path: Path) -> bool:
+    """A sentence-transformers folder, or a Hugging Face sequence-classification model (a cross-encoder)."""
+    from backends.infinity.engine import is_infinity_folder
+
+    return is_infinity_folder(path)
 
 
 def gguf_file(path: Path) -> Path:
@@ -51,4 +61,12 @@ def load_engine(
         from backends.llamacpp.engine import LlamaCppEngine
 
         return LlamaCppEngine.load(gguf_file(path), name, options, progress)
+    if kind == "llamacpp_embedding":
+        from backends.llamacpp.embedding import LlamaCppEmbeddingEngine
+
+        return LlamaCppEmbeddingEngine.load(gguf_file(path), name, options, progress)
+    if kind == "infinity":
+        from backends.infinity.engine import InfinityEngine
+
+        return InfinityEngine.load(path, name, options, progress)
     raise BadRequestError(f"Unknown backend '{kind}'.", param="backend")
