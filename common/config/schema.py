@@ -269,9 +269,10 @@ class SamplingConfig(_Section):
 class EmbeddingsConfig(_Section):
     """Embedding and rerank models (/v1/embeddings, /api/embed, /v1/rerank, ...)."""
 
-    embedding_model_dir: str = Field(
-        "models",
-        description="Folder that holds embedding models (listed together with model.model_dir).",
+    embedding_model_dir: str | None = Field(
+        None,
+        description="A second folder of embedding models, listed together with model.model_dir. null: embedding "
+        "models live in model.model_dir.",
     )
     embedding_model_name: str | None = Field(
         None,

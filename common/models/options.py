@@ -85,7 +85,8 @@ class ManagerSettings:
             inline_admin_only=m.inline_model_loading_admin_only,
             keep_alive=m.keep_alive,
             load_wait_timeout=m.load_wait_timeout,
-            embedding_model_dir=Path(config.embeddings.embedding_model_dir),
+            embedding_model_dir=Path(config.embeddings.embedding_model_dir) if config.embeddings.embedding_model_dir
+            else None,
             max_loaded_embedding=config.embeddings.max_loaded_embedding_models,
         )
 

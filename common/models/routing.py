@@ -190,7 +190,7 @@ class Roster:
     def not_embedding(self, name: str) -> BadRequestError:
         names = ", ".join(m.name for m in self.loaded.values() if m.is_embedding) or "none loaded"
         return BadRequestError(
-            f"'{name}' is a text generation model; it gives no embeddings. Name an embedding model ({names}) or "
+            f"model '{name}' does not support embeddings: it generates text. Name an embedding model ({names}) or "
             "leave `model` out, and load one with POST /v1/model/embedding/load if needed.",
             param="model",
         )
