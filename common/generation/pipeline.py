@@ -152,7 +152,7 @@ async def start_generation(
     """
     if n < 1:
         raise BadRequestError(f"n is {n}; ask for at least one choice.", param="n")
-    if model.is_embedding:
+    if getattr(model.engine, "is_embedding", False):
         model.engine.submit(GenerationRequest(list(prompt.tokens), params))  # refuses with a 400 naming `model`
     fitted = _fit(model, prompt, params, default_max_tokens, hooks)
     hooks.admit(n)

@@ -44,7 +44,7 @@ class LoadedModel:
     @property
     def is_embedding(self) -> bool:
         """An embedding or rerank model (backends/embedding.py): it cannot generate text."""
-        return self.engine.is_embedding
+        return bool(getattr(self.engine, "is_embedding", False))
 
     def preset(self, server: Preset | None) -> Preset | None:
         """The sampler preset for a request: the server's, with this model's defaults on top."""
