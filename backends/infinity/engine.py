@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class InfinityEngine(EmbeddingEngine):
     def __init__(self, engine: Any, tokenizer: Any, path: Path, name: str, options: LoadOptions) -> None:
         self._engine = engine
         self._tokenizer = tokenizer
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer refuses concurrent use ("Already borrowed")
         self._start_lock: asyncio.Lock | None = None
         self._closed = False
         self._waiting = 0
@@ -112,10 +114,12 @@ class InfinityEngine(EmbeddingEngine):
 
     # -- tokens -----------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
-        return list(self._tokenizer(text, add_special_tokens=add_bos)["input_ids"])
+        with self._tokenizer_lock:
+            return list(self._tokenizer(text, add_special_tokens=add_bos)["input_ids"])
 
     def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
-        return str(self._tokenizer.decode(tokens, skip_special_tokens=not special))
+        with self._tokenizer_lock:
+            return str(self._tokenizer.decode(tokens, skip_special_tokens=not special))
 
     def _text(self, item: EmbedInput) -> str:
         return item.text if item.text is not None else self.detokenize(list(item.tokens))

@@ -15,6 +15,7 @@ similarity of their vectors to the query's.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from common.errors import BadRequestError, ContextLengthExceededError
 from common.models.loaded import LoadedModel
 
 MAX_INPUTS = 4096  # inputs (or documents) in one request
+INLINE_TOKENIZE_CHARS = 20_000  # more text than this is tokenized off the event loop
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,11 @@ async def embed(
     engine = engine_of(model)
     if dimensions is not None:
         check_dimensions(engine, dimensions)
-    inputs = tokenize_inputs(engine, parse_inputs(raw, field), field, truncate=truncate)
+    items = parse_inputs(raw, field)
+    if sum(len(i) for i in items) > INLINE_TOKENIZE_CHARS:
+        inputs = await asyncio.to_thread(tokenize_inputs, engine, items, field, truncate=truncate)
+    else:
+        inputs = tokenize_inputs(engine, items, field, truncate=truncate)
     result = await engine.embed(inputs)
     vectors = result.vectors
     if dimensions is not None and dimensions < vectors.shape[1]:
@@ -168,7 +174,10 @@ async def rerank(model: LoadedModel, query: Any, documents: Any, *, top_n: int |
     if top_n is not None and (isinstance(top_n, bool) or top_n < 1):
         raise BadRequestError(f"`top_n` is {top_n}; ask for at least 1 result, or leave it out.", param="top_n")
     q = tokenize_inputs(engine, [query], "query", truncate=True, single=True)[0]
-    docs = tokenize_inputs(engine, texts, "documents", truncate=True)
+    if sum(len(t) for t in texts) > INLINE_TOKENIZE_CHARS:
+        docs = await asyncio.to_thread(tokenize_inputs, engine, texts, "documents", truncate=True)
+    else:
+        docs = tokenize_inputs(engine, texts, "documents", truncate=True)
     if engine.task == "rerank":
         scored = await engine.rerank(q, docs)
         scores, tokens, by_cosine = np.asarray(scored.scores, dtype=np.float64), scored.prompt_tokens, False
