@@ -14,6 +14,11 @@ busy:
 - an explicit unload (admin) ends that model's pending requests with an
   `unload` reason before its memory is freed.
 
+Embedding and rerank models (backends/embedding.py) are models like the others,
+under the same rules, but count against their own `max_loaded_embedding` and
+have their own default (the first loaded); embedding routes reach them
+through `acquire_embedding`.
+
 Which model a name means is routing.py's (README, "Several models"); the model
 directory, templates and opening an engine are catalog.py's; idle eviction is
 idle.py's. Settings (options.py) and hooks are given at construction.
@@ -263,7 +268,7 @@ class ModelManager:
             if options is None:
                 options = defaults.options(self.settings.default_options, overrides)
             template = self.template_by_name(options.prompt_template)  # fail fast on a bad name
-            embedding = self.catalog.task_of(entry) != "generate"
+            embedding = await asyncio.to_thread(self.catalog.task_of, entry) != "generate"
             async with self._lock:
                 await self._make_room(entry.name, embedding)
                 model = await self._open(entry, options, template, progress, backend)

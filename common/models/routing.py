@@ -169,9 +169,10 @@ class Roster:
                 )
         target = self.default_embedding_model(task)
         if target is None:
-            raise ModelNotLoadedError(
-                "No embedding model is loaded. Load one with POST /v1/model/embedding/load (admin key) or set "
-                "embeddings.embedding_model_name in config.yml, then retry.", retry_after=2,
+            raise BadRequestError(
+                "No embedding model is loaded. Name one from GET /v1/model/embedding/list in `model`, load one with "
+                "POST /v1/model/embedding/load (admin key), or set embeddings.embedding_model_name in config.yml.",
+                param="model", code="no_embedding_model",
             )
         return target
 

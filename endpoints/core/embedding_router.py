@@ -12,7 +12,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import AliasChoices, ConfigDict, Field
 
-from common.errors import BadRequestError, Dialect, ModelNotLoadedError
+from common.errors import BadRequestError, Dialect, NotFoundError
 from common.models.manager import LoadedModel, ModelManager
 from endpoints.http.auth import require_admin, require_api
 from endpoints.http.deps import get_models, log_unknown_fields
@@ -76,7 +76,8 @@ async def current_embedding_model(models: ModelManager = Depends(get_models)) ->
     name = models.default_embedding_name
     model = models.loaded.get(name) if name else None
     if model is None:
-        raise ModelNotLoadedError("No embedding model is loaded. Load one with POST /v1/model/embedding/load.")
+        raise NotFoundError("No embedding model is loaded. Load one with POST /v1/model/embedding/load.",
+                            code="no_embedding_model")
     return _card(model) | {"default": True}
 
 

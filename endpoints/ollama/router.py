@@ -19,7 +19,7 @@ from endpoints.http.auth import require_admin, require_api
 from common.config.loader import ParleyConfig
 from common.formats.constraints import ConstraintSpec
 from common.downloads.jobs import DownloadManager
-from common.errors import APIError, BadRequestError, Dialect
+from common.errors import APIError, BadRequestError, Dialect, ModelNotFoundError
 from common.generation.hooks import GenerationHooks
 from common.generation import embeddings
 from common.generation.pipeline import start_generation
@@ -213,7 +213,13 @@ async def _use_embedding_model(models: ModelManager, body: EmbedRequest, timing:
     seconds = keep_alive_seconds(body.keep_alive)
     started = time.perf_counter()
     before = set(models.loaded)
-    lease = await models.acquire_embedding(body.model or None, always_load=True)
+    name = body.model or None
+    if name:
+        try:
+            name = find_model_file(models, name).name  # `name:latest` and pulled repos, as on the other routes
+        except ModelNotFoundError:
+            pass  # a name this server does not have (`nomic-embed-text`) means the default embedding model
+    lease = await models.acquire_embedding(name, always_load=True)
     if lease.model.name not in before:
         timing.load_ns = int((time.perf_counter() - started) * 1e9)
     if body.keep_alive is not None:
