@@ -7,6 +7,7 @@ so their vectors must agree; the rerankers are a test-made cross-encoder whose s
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import time
@@ -279,3 +280,27 @@ def test_least_recently_used_embedding_model_makes_room(tmp_path: Path) -> None:
         assert list(c.app.state.models.loaded) == [EMBED]
         r = c.post("/v1/embeddings", json={"input": CAT})  # the default (first) embedding model comes back
         assert r.status_code == 200 and r.json()["model"] == EMBED
+
+
+async def test_decoder_model_embeds_with_its_cache_cleared(model_path: Path) -> None:
+    """A decoder (SmolLM2 with last-token pooling) runs through llama_decode: sequences stay apart in one
+    pass, and the KV cache is cleared between passes, so a text's vector does not depend on its company."""
+    from backends.base import LoadOptions
+    from backends.embedding import EmbedInput
+    from backends.llamacpp.embedding import LlamaCppEmbeddingEngine
+
+    engine = await asyncio.to_thread(LlamaCppEmbeddingEngine.load, model_path, "smol", LoadOptions(pooling="last"))
+    try:
+        assert engine.pooling == "last" and engine.native.mem and engine.dimensions == 576
+
+        def inputs(texts: list[str]) -> list[EmbedInput]:
+            return [EmbedInput(tuple(engine.tokenize(t, add_bos=True, special=True)), t) for t in texts]
+
+        together = (await engine.embed(inputs(TEXTS))).vectors
+        again = (await engine.embed(inputs(TEXTS))).vectors
+        for i, text in enumerate(TEXTS):
+            alone = (await engine.embed(inputs([text]))).vectors[0]
+            assert cosine(together[i], alone) > 0.999 and cosine(again[i], alone) > 0.999
+        assert cosine(together[0], together[2]) < 0.999  # different texts, different vectors
+    finally:
+        await engine.close()
