@@ -69,7 +69,15 @@ class EmbeddingNative:
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = options.n_gpu_layers if options.n_gpu_layers >= 0 else 999
         if progress is not None:
-            self._progress_cb = lc.llama_progress_callback(lambda value, _u: bool(progress(float(value))) or True)
+
+            def report(value: float, _user: ctypes.c_void_p) -> bool:
+                try:
+                    progress(float(value))
+                except Exception:  # a progress sink must never abort the load
+                    pass
+                return True
+
+            self._progress_cb = lc.llama_progress_callback(report)
             mparams.progress_callback = self._progress_cb
         self.model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
@@ -198,6 +206,10 @@ class _Worker:
                 break
             chosen.append((work, i))
             tokens += n
+        if not chosen:  # cannot happen (inputs are cut to max_input <= n_batch); never spin on it
+            work = pending[0][0]
+            self._resolve(work, RuntimeError(f"an input of {len(work.inputs[pending[0][1]])} tokens exceeds the batch"))
+            return [(w, i) for w, i in pending if w is not work]
         self.active = len(chosen)
         try:
             rows = self.native.forward([w.inputs[i] for w, i in chosen])
