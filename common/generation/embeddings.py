@@ -195,4 +195,4 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str
     """OpenAI's `encoding_format`: floats, or base64 of little-endian float32 bytes."""
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return [float(x) for x in vector]
+    return np.asarray(vector, dtype=np.float32).tolist()

@@ -86,12 +86,12 @@ async def server_version(request: Request) -> dict[str, Any]:
 
 
 @router.post("/api/extra/embeddings")
-async def embeddings_route(body: KoboldEmbeddingRequest, request: Request) -> dict[str, Any]:
+async def embeddings_route(body: KoboldEmbeddingRequest, request: Request) -> JSONResponse:
     """KoboldCpp's embeddings (SillyTavern's vector storage): OpenAI's answer shape; long inputs are cut."""
     log_unknown_fields(body, "/api/extra/embeddings")
     with await lease_embedding_model(request, body.model) as lease:
         result = await embeddings.embed(lease.model, body.input, truncate=body.truncate)
-        return embeddings_body(result, lease.model.name)
+        return JSONResponse(embeddings_body(result, lease.model.name))
 
 
 @router.get("/api/v1/config/max_context_length")

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import AliasChoices, ConfigDict, Field
+from starlette.responses import JSONResponse
 
 from common.errors import BadRequestError, Dialect
 from common.generation import embeddings
@@ -39,7 +40,7 @@ class EmbeddingContentRequest(WireModel):
 
 @router.post("/embedding")
 @router.post("/embeddings")
-async def embedding(body: EmbeddingContentRequest, request: Request) -> list[dict[str, Any]]:
+async def embedding(body: EmbeddingContentRequest, request: Request) -> JSONResponse:
     log_unknown_fields(body, request.url.path)
     if body.embd_normalize != 2:
         raise BadRequestError(
@@ -48,7 +49,7 @@ async def embedding(body: EmbeddingContentRequest, request: Request) -> list[dic
         )
     with await lease_embedding_model(request, body.model) as lease:
         result = await embeddings.embed(lease.model, body.content, field="content", truncate=body.truncate)
-    return [{"index": i, "embedding": [[float(x) for x in v]]} for i, v in enumerate(result.vectors)]
+    return JSONResponse([{"index": i, "embedding": [v]} for i, v in enumerate(result.vectors.tolist())])
 
 
 @router.post("/rerank")

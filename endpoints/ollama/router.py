@@ -205,7 +205,7 @@ async def embeddings_legacy(body: EmbedRequest, models: ModelManager = Depends(g
         if not isinstance(body.prompt, str):
             raise BadRequestError("`prompt` must be a string; send a list of texts to /api/embed.", param="prompt")
         result = await embeddings.embed(lease.model, body.prompt, field="prompt", truncate=body.truncate)
-        return JSONResponse({"embedding": [float(x) for x in result.vectors[0]]})
+        return JSONResponse({"embedding": result.vectors[0].tolist()})
 
 
 async def _use_embedding_model(models: ModelManager, body: EmbedRequest, timing: serving.Timing) -> ModelLease:

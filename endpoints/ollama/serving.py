@@ -51,7 +51,7 @@ def embed_body(model_name: str, result: Embeddings | None, timing: Timing) -> di
     """/api/embed's answer; no result (a request without input) only reports the load."""
     return {
         "model": model_name,
-        "embeddings": [] if result is None else [[float(x) for x in v] for v in result.vectors],
+        "embeddings": [] if result is None else result.vectors.tolist(),
         "total_duration": _ns(time.perf_counter() - timing.started),
         "load_duration": timing.load_ns,
         "prompt_eval_count": 0 if result is None else result.prompt_tokens,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, Depends, Request
+from starlette.responses import JSONResponse
 
 from common.errors import Dialect
 from common.generation import embeddings
@@ -24,11 +25,11 @@ router = APIRouter(
 
 
 @router.post("/v1/embeddings")
-async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict:
+async def create_embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
     log_unknown_fields(body, "/v1/embeddings")
     with await lease_embedding_model(request, body.model) as lease:
         result = await embeddings.embed(lease.model, body.input, truncate=body.truncate, dimensions=body.dimensions)
-        return embeddings_body(result, lease.model.name, body.encoding_format)
+        return JSONResponse(embeddings_body(result, lease.model.name, body.encoding_format))
 
 
 @router.post("/v1/rerank")
