@@ -4,7 +4,8 @@ One context is created with `embeddings = true` and the pooling the GGUF
 declares (`<arch>.pooling_type`: mean, cls, last, rank), or the load option
 `pooling` in its place. Requests hand their inputs to one worker thread
 (`_Work`, through a queue); each pass the thread takes every waiting input,
-packs as many as fit (`n_batch` tokens, `n_seq_max` sequences) into one
+packs as many as fit (`n_seq_max` sequences, and for encoders about 1,024
+tokens, since their attention spans the whole pass) into one
 `llama_batch` with one sequence id each, runs one forward pass, and reads one
 pooled vector (or, with rank pooling, one score) per sequence with
 `llama_get_embeddings_seq`. Encoder models (BERT) have no KV cache and run
@@ -35,8 +36,11 @@ from common.errors import BadRequestError, ModelNotLoadedError
 
 _POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
 _POOLING_NAME = {v: k for k, v in _POOLING.items()}
-MAX_SEQUENCES = 64  # sequences per forward pass unless max_batch_size asks for more
+MAX_SEQUENCES = 32  # sequences per forward pass unless max_batch_size asks for more
 MIN_BATCH_TOKENS = 2048
+# An encoder attends over the whole packed batch (masked per sequence), so its cost grows with the square of
+# the tokens in a pass: passes of about this many tokens keep that waste small while still batching.
+ENCODER_PASS_TOKENS = 1024
 
 
 @dataclass(eq=False)
@@ -113,6 +117,7 @@ class EmbeddingNative:
             raise LoadError(f"'{path.name}' declares no pooling, so it gives one vector per token. Load it with "
                             "the option pooling: mean, cls or last (its model card says which).")
         self.n_out = max(1, lc.llama_model_n_cls_out(self.model)) if self.pooling == "rank" else self.n_embd
+        self.pass_tokens = self.n_batch if self.mem else max(ENCODER_PASS_TOKENS, self.max_input)
         self.batch = NativeBatch(self.n_batch)
 
     def tokenize(self, text: str, *, add_special: bool, special: bool = True) -> list[int]:
@@ -202,7 +207,7 @@ class _Worker:
         tokens = 0
         for work, i in pending:
             n = len(work.inputs[i])
-            if len(chosen) >= self.native.n_seq or tokens + n > self.native.n_batch:
+            if len(chosen) >= self.native.n_seq or tokens + n > self.native.pass_tokens:
                 break
             chosen.append((work, i))
             tokens += n
