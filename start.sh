@@ -21,15 +21,15 @@ VPY="$VENV/bin/python"
 
 # Install only when the dependency set changed since the last install.
 EXTRAS="llamacpp,store"
-# Tests run the transformers engine on the real model, so they install its extra too.
-[[ "$MODE" == "test" ]] && EXTRAS="llamacpp,store,transformers,dev"
+# Tests run the transformers engine and the embedding engines on the real models, so they install both extras.
+[[ "$MODE" == "test" ]] && EXTRAS="llamacpp,store,transformers,embeddings,dev"
 STAMP="$VENV/.parley-installed-$EXTRAS"
 WANT=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   echo "==> Installing Parley dependencies [$EXTRAS] (the first time builds llama.cpp: about 8 minutes on 2 cores)"
   "$VPY" -m pip install --quiet --upgrade pip
   # torch first, pinned, so no dependency resolves a CUDA build of it.
-  [[ "$EXTRAS" == *transformers* ]] && "$VPY" -m pip install --quiet "torch==2.13.0"
+  if [[ "$EXTRAS" == *transformers* || "$EXTRAS" == *embeddings* ]]; then "$VPY" -m pip install --quiet "torch==2.13.0"; fi
   CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
     "$VPY" -m pip install --quiet ".[$EXTRAS]"
   echo "$WANT" > "$STAMP"

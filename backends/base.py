@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from backends.sampling import SamplingParams
 from common.errors import BadRequestError
@@ -214,6 +214,7 @@ class Engine(abc.ABC):
     """One loaded model, able to serve many requests at once."""
 
     info: ModelInfo
+    is_embedding: ClassVar[bool] = False  # an EmbeddingEngine (backends/embedding.py): it cannot generate
     # Engines in front of another server (backends/remote) turn these off: that server applies the
     # model's chat template to `GenerationRequest.chat`, enforces `constraint_spec` itself, and its
     # vocabulary is unknown here (token ids are the prompt's UTF-8 bytes; token-id fields are refused).
@@ -287,6 +288,8 @@ class LoadOptions:
     draft_mode: str = "none"  # none | ngram | model
     draft_model_path: str | None = None
     draft_max_tokens: int = 8
+    pooling: str | None = None  # embedding models: mean | cls | last | rank; None: what the model declares
+    device: str | None = None  # torch engines (infinity): cpu | cuda | auto; None: the embeddings config's
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -10,7 +10,8 @@ from pathlib import Path
 from backends.base import Engine, LoadOptions
 from common.errors import BadRequestError
 
-BACKENDS = ("llamacpp", "transformers", "exllamav2", "exllamav3")
+BACKENDS = ("llamacpp", "transformers", "exllamav2", "exllamav3", "llamacpp_embedding", "infinity")
+EMBEDDING_BACKENDS = ("llamacpp_embedding", "infinity")
 
 # backend -> (modules it imports, the pyproject extra that installs them)
 _NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -18,6 +19,8 @@ _NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
     "transformers": (("torch", "transformers"), "transformers"),
     "exllamav2": (("torch", "exllamav2"), "exllamav2"),
     "exllamav3": (("torch", "exllamav3"), "exllamav3"),
+    "llamacpp_embedding": (("llama_cpp",), "llamacpp"),
+    "infinity": (("infinity_emb",), "embeddings"),
 }
 
 
@@ -70,6 +73,9 @@ def detect_backend(path: Path, requested: str = "auto") -> str:
             )
         require_library(requested)
         return requested
+    if is_embedding_folder(path):  # sentence-transformers folders and cross-encoders, before transformers
+        require_library("infinity")
+        return "infinity"
     kind = sniff_backend(path)
     if kind is None:
         raise BadRequestError(
@@ -80,6 +86,13 @@ def detect_backend(path: Path, requested: str = "auto") -> str:
         )
     require_library(kind)
     return kind
+
+
+def is_embedding_folder(path: Path) -> bool:
+    """A sentence-transformers folder, or a Hugging Face sequence-classification model (a cross-encoder)."""
+    from backends.infinity.engine import is_infinity_folder
+
+    return is_infinity_folder(path)
 
 
 def gguf_file(path: Path) -> Path:
@@ -105,6 +118,14 @@ def load_engine(
         from backends.llamacpp.engine import LlamaCppEngine
 
         return LlamaCppEngine.load(gguf_file(path), name, options, progress)
+    if kind == "llamacpp_embedding":
+        from backends.llamacpp.embedding import LlamaCppEmbeddingEngine
+
+        return LlamaCppEmbeddingEngine.load(gguf_file(path), name, options, progress)
+    if kind == "infinity":
+        from backends.infinity.engine import InfinityEngine
+
+        return InfinityEngine.load(path, name, options, progress)
     if kind == "transformers":
         from backends.transformers.engine import TransformersEngine
 

@@ -52,8 +52,16 @@ async def load_startup_model(app: FastAPI) -> None:
     config: ParleyConfig = app.state.config
     models: ModelManager = app.state.models
     name = config.model.model_name
+    embedding_name = config.embeddings.embedding_model_name
+    if embedding_name:
+        try:
+            await models.load(embedding_name)
+        except APIError as exc:
+            logger.error("Could not load the embedding model '{}': {}", embedding_name, exc.message)
+        except Exception:
+            logger.exception("Could not load the embedding model '{}'", embedding_name)
     if not name:
-        found = models.available()
+        found = [m for m in models.available() if models.task_of(m) == "generate"]
         if not found:
             logger.warning(
                 "No model in '{}'. Put a GGUF there, run `python main.py download REPO`, or POST /v1/model/load.",
@@ -218,6 +226,7 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
     install_services(app, config, metrics)
 
     from endpoints.core.download_router import router as download_router
+    from endpoints.core.embedding_router import router as embedding_admin_router
     from endpoints.core.lora_router import router as lora_router
     from endpoints.core.router import router as core_router
     from endpoints.kobold.router import router as kobold_router
@@ -228,6 +237,7 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
     app.include_router(core_router)
     app.include_router(download_router)
     app.include_router(lora_router)
+    app.include_router(embedding_admin_router)
     if config.network.enable_metrics:
         from endpoints.core.metrics_router import router as metrics_router
 
@@ -239,13 +249,17 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
         from endpoints.assistants.runs import router as runs_router
         from endpoints.responses.conversations import router as conversations_router
         from endpoints.responses.router import router as responses_router
+        from endpoints.llamacpp.embedding_router import router as llamacpp_embedding_router
+        from endpoints.openai.embedding_router import router as openai_embedding_router
 
         app.include_router(openai_router)
+        app.include_router(openai_embedding_router)
         app.include_router(llamacpp_router)
         app.include_router(responses_router)
         app.include_router(conversations_router)
         app.include_router(runs_router)  # before assistants_router: POST /v1/threads/runs is not a thread id
         app.include_router(assistants_router)
+        app.include_router(llamacpp_embedding_router)
     if "ollama" in servers:
         app.include_router(ollama_router)
     if "kobold" in servers:

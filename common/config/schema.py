@@ -340,16 +340,27 @@ class SamplingConfig(_Section):
 
 
 class EmbeddingsConfig(_Section):
-    """The model behind /v1/embeddings."""
+    """Embedding and rerank models (/v1/embeddings, /api/embed, /v1/rerank, ...)."""
 
-    embedding_model_dir: str = Field("models", description="Folder that holds embedding models.")
+    embedding_model_dir: str | None = Field(
+        None,
+        description="A second folder of embedding models, listed together with model.model_dir. null: embedding "
+        "models live in model.model_dir.",
+    )
     embedding_model_name: str | None = Field(
         None,
-        description="Embedding model to load at startup. null disables embeddings until one is loaded.",
+        description="Embedding model to load at startup: a GGUF (llama.cpp) or a sentence-transformers / "
+        "cross-encoder folder (infinity-emb). null: none until one is loaded.",
     )
     embeddings_device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu",
-        description="Device for the embedding model.",
+        description="Device for infinity-emb models (GGUF embedding models follow model.n_gpu_layers).",
+    )
+    max_loaded_embedding_models: int = Field(
+        2,
+        ge=1,
+        description="Embedding and rerank models loaded at once, counted apart from model.max_loaded_models; "
+        "the least recently used idle one makes room.",
     )
 
 

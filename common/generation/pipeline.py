@@ -163,6 +163,8 @@ async def start_generation(
     """
     if n < 1:
         raise BadRequestError(f"n is {n}; ask for at least one choice.", param="n")
+    if getattr(model.engine, "is_embedding", False):
+        model.engine.submit(GenerationRequest(list(prompt.tokens), params))  # refuses with a 400 naming `model`
     fitted = _fit(model, prompt, params, default_max_tokens, hooks)
     await hooks.admit(n)
     engine = model.engine

@@ -15,25 +15,53 @@ from loguru import logger
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from backends.base import LoadOptions
-from backends.registry import detect_backend, load_engine
+from backends.registry import detect_backend, is_embedding_folder, load_engine
 from common.errors import BadRequestError, ModelNotFoundError
 from common.formats.templating import ChatTemplate, TemplateError, list_templates, resolve_template
 from common.models.files import ModelFile, confine_name, scan_models, strip_gguf
+from common.models.gguf_info import read_gguf_info
 from common.models.loaded import LoadedModel
 
 FALLBACK_TEMPLATE = "chatml"
+# GGUF architectures that are encoders: they embed (or rank), never generate.
+ENCODER_ARCHITECTURES = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "jina-bert-v3",
+                                   "modern-bert", "neo-bert", "eurobert", "t5encoder"})
 
 
 class ModelCatalog:
-    def __init__(self, model_dir: Path, template_dir: Path, backend: str = "auto") -> None:
+    def __init__(
+        self, model_dir: Path, template_dir: Path, backend: str = "auto", extra_dirs: tuple[Path, ...] = ()
+    ) -> None:
         self.model_dir = model_dir
         self.template_dir = template_dir
         self.backend = backend  # used when a load names none
         self.remote: dict[str, ModelFile] = {}  # models served by other servers (registered, never loaded here)
+        self.extra_dirs = tuple(d for d in extra_dirs if d != model_dir)  # e.g. embeddings.embedding_model_dir
 
     # -- models on disk ----------------------------------------------------------
     def available(self) -> list[ModelFile]:
-        return scan_models(self.model_dir) + list(self.remote.values())
+        found = scan_models(self.model_dir) + list(self.remote.values())
+        names = {m.name for m in found}
+        for folder in self.extra_dirs:
+            found += [m for m in scan_models(folder) if m.name not in names and not names.add(m.name)]
+        return found
+
+    def task_of(self, entry: ModelFile) -> str:
+        """What a model on disk does, without loading it: `generate`, `embed` or `rerank` (a cross-encoder)."""
+        if entry.format == "remote":  # remote models are chat/completion servers
+            return "generate"
+        if entry.format == "folder" and is_embedding_folder(entry.path):
+            config = entry.path / "config.json"
+            text = config.read_text(encoding="utf-8", errors="replace") if config.is_file() else ""
+            return "rerank" if "ForSequenceClassification" in text else "embed"
+        gguf = entry.path if entry.format == "gguf" else next(iter(sorted(entry.path.glob("*.gguf"))), None)
+        if gguf is None:
+            return "generate"
+        info = read_gguf_info(gguf)
+        pooling = info.metadata.get(f"{info.architecture}.pooling_type")
+        if pooling is None and info.architecture not in ENCODER_ARCHITECTURES:
+            return "generate"
+        return "rerank" if str(pooling) == "4" else "embed"
 
     def find(self, name: str) -> ModelFile:
         """The model called `name` (with or without .gguf); 404 listing the directory when absent."""
@@ -92,6 +120,8 @@ class ModelCatalog:
 
         `backend` None means the catalog's default; the LoadedModel remembers the one asked for."""
         kind = detect_backend(entry.path, backend or self.backend)
+        if kind == "llamacpp" and self.task_of(entry) != "generate":
+            kind = "llamacpp_embedding"
         started = time.perf_counter()
         logger.info("Loading model {} ({}, backend {})", entry.name, entry.path, kind)
         with Progress(

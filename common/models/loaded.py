@@ -41,6 +41,11 @@ class LoadedModel:
     def info(self) -> ModelInfo:
         return self.engine.info
 
+    @property
+    def is_embedding(self) -> bool:
+        """An embedding or rerank model (backends/embedding.py): it cannot generate text."""
+        return bool(getattr(self.engine, "is_embedding", False))
+
     def preset(self, server: Preset | None) -> Preset | None:
         """The sampler preset for a request: the server's, with this model's defaults on top."""
         return combine_presets(server, self.defaults.sampling)

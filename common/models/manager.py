@@ -14,6 +14,11 @@ busy:
 - an explicit unload (admin) ends that model's pending requests with an
   `unload` reason before its memory is freed.
 
+Embedding and rerank models (backends/embedding.py) are models like the others,
+under the same rules, but count against their own `max_loaded_embedding` and
+have their own default (the first loaded); embedding routes reach them
+through `acquire_embedding`.
+
 Which model a name means is routing.py's (README, "Several models"); the model
 directory, templates and opening an engine are catalog.py's; idle eviction is
 idle.py's. Settings (options.py) and hooks are given at construction.
@@ -56,7 +61,8 @@ class ModelManager:
         loaded model before requests can use it (e.g. configured LoRA adapters); a failing one is
         logged and the model serves without it."""
         self.settings = settings  # read at each use (a test may replace it); the catalog keeps its paths
-        self.catalog = ModelCatalog(settings.model_dir, settings.template_dir, settings.backend)
+        extra = (settings.embedding_model_dir,) if settings.embedding_model_dir else ()
+        self.catalog = ModelCatalog(settings.model_dir, settings.template_dir, settings.backend, extra)
         self._on_loaded = on_loaded
         self._prepare = prepare
         self._roster = Roster()
@@ -93,6 +99,14 @@ class ModelManager:
     def find(self, name: str) -> ModelFile:
         return self.catalog.find(name)
 
+    def task_of(self, entry: ModelFile) -> str:
+        """`generate`, `embed` or `rerank`, from the files alone."""
+        return self.catalog.task_of(entry)
+
+    @property
+    def default_embedding_name(self) -> str | None:
+        return self._roster.default_embedding
+
     @property
     def loaded(self) -> dict[str, LoadedModel]:
         return dict(self._roster.loaded)
@@ -126,6 +140,18 @@ class ModelManager:
     async def acquire(self, name: str | None = None, *, admin: bool = False, always_load: bool = False) -> ModelLease:
         """A lease on the model a request names, loading it first when the rules allow."""
         target = self._roster.plan(name, self.settings, self.catalog, admin=admin, always_load=always_load)
+        return await self._lease(target)
+
+    async def acquire_embedding(
+        self, name: str | None = None, *, admin: bool = False, always_load: bool = False, task: str = "embed"
+    ) -> ModelLease:
+        """A lease on the embedding model an embeddings (`task` embed) or rerank route names (routing.py)."""
+        target = self._roster.plan_embedding(
+            name, self.settings, self.catalog, admin=admin, always_load=always_load, task=task
+        )
+        return await self._lease(target)
+
+    async def _lease(self, target: LoadedModel | str) -> ModelLease:
         if isinstance(target, LoadedModel):
             target.active += 1
             target.last_used = time.monotonic()
@@ -242,15 +268,19 @@ class ModelManager:
             if options is None:
                 options = defaults.options(self.settings.default_options, overrides)
             template = self.template_by_name(options.prompt_template)  # fail fast on a bad name
+            embedding = await asyncio.to_thread(self.catalog.task_of, entry) != "generate"
             async with self._lock:
-                await self._make_room(entry.name)
+                await self._make_room(entry.name, embedding)
                 model = await self._open(entry, options, template, progress, backend)
                 model.defaults = defaults
                 model.keep_alive = defaults.keep_alive if defaults.keep_alive_set else self.settings.keep_alive
                 model.active += self._roster.pending[entry.name].waiters
                 self._roster.loaded[entry.name] = model
                 self._roster.expired.pop(entry.name, None)
-                if (self.default_name is None or self.default_name not in self._roster.loaded
+                if embedding:
+                    if self._roster.default_embedding not in self._roster.loaded:
+                        self._roster.default_embedding = entry.name
+                elif (self.default_name is None or self.default_name not in self._roster.loaded
                         or self._roster.loaded[self.default_name].backend == "remote"):
                     self._roster.default_name = entry.name
             self._reaper.watch()
@@ -258,11 +288,18 @@ class ModelManager:
         finally:
             self._roster.pending.pop(entry.name, None)
 
-    async def _make_room(self, incoming: str) -> None:
-        """Unload least recently used idle models until one more fits; wait for one to go idle if none is."""
+    async def _make_room(self, incoming: str, embedding: bool = False) -> None:
+        """Unload least recently used idle models until one more fits; wait for one to go idle if none is.
+
+        Embedding models count against `max_loaded_embedding`, chat models against `max_loaded`."""
         deadline = time.monotonic() + self.settings.load_wait_timeout
-        while sum(m.backend != "remote" for m in self._roster.loaded.values()) + self._closing >= self.settings.max_loaded:
-            idle = [m for m in self._roster.loaded.values() if not m.busy() and m.backend != "remote"]
+        limit = self.settings.max_loaded_embedding if embedding else self.settings.max_loaded
+
+        def peers() -> list[LoadedModel]:
+            return [m for m in self._roster.loaded.values() if m.is_embedding == embedding and m.backend != "remote"]
+
+        while len(peers()) + self._closing >= limit:
+            idle = [m for m in peers() if not m.busy()]
             if idle:
                 victim = min(idle, key=lambda m: m.last_used)
                 logger.info("Unloading idle model {} to make room for {}", victim.name, incoming)
@@ -270,11 +307,11 @@ class ModelManager:
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                busy = ", ".join(f"{m.name} ({m.active} running)" for m in self._roster.loaded.values())
+                busy = ", ".join(f"{m.name} ({m.active} running)" for m in peers())
                 raise ServiceUnavailableError(
-                    f"Cannot load '{incoming}' now: {self.settings.max_loaded} model(s) are loaded and all are serving "
+                    f"Cannot load '{incoming}' now: {limit} model(s) are loaded and all are serving "
                     f"requests ({busy}). Retry in a few seconds, unload one with POST /v1/model/unload, or raise "
-                    "max_loaded_models.",
+                    + ("embeddings.max_loaded_embedding_models." if embedding else "max_loaded_models."),
                     retry_after=_RETRY_SECONDS,
                     code="models_busy",
                 )
@@ -378,7 +415,10 @@ class ModelManager:
         if remember and model.options is not None:
             self._roster.expired[model.name] = (model.options, model.backend)
         if self.default_name == model.name and not remember:
-            self._roster.default_name = next(iter(self._roster.loaded), None)
+            self._roster.default_name = next((m.name for m in self._roster.chat_models()), None)
+        if self._roster.default_embedding == model.name and not remember:
+            others = [m.name for m in self._roster.loaded.values() if m.is_embedding]
+            self._roster.default_embedding = others[0] if others else None
         self._closing += 1
         try:
             logger.info("Unloading model {}", model.name)

@@ -39,6 +39,7 @@ def load_options_from(config: ParleyConfig) -> LoadOptions:
         prompt_template=m.prompt_template,
         draft_mode=d.draft_mode,
         draft_max_tokens=d.draft_max_tokens,
+        device=None if config.embeddings.embeddings_device == "cpu" else config.embeddings.embeddings_device,
     )
     if d.draft_mode == "model" or d.draft_model_name:
         try:
@@ -64,6 +65,8 @@ class ManagerSettings:
     inline_admin_only: bool = True  # ...only with the admin key
     keep_alive: float | None = None  # idle seconds before a model unloads; None: never
     load_wait_timeout: float = 30.0  # how long a load waits for a loaded model to go idle
+    embedding_model_dir: Path | None = None  # a second folder of (embedding) models, listed with model_dir's
+    max_loaded_embedding: int = 2  # embedding models loaded at once, apart from max_loaded
 
     @classmethod
     def from_config(cls, config: ParleyConfig, project_root: Path) -> ManagerSettings:
@@ -82,6 +85,9 @@ class ManagerSettings:
             inline_admin_only=m.inline_model_loading_admin_only,
             keep_alive=m.keep_alive,
             load_wait_timeout=m.load_wait_timeout,
+            embedding_model_dir=Path(config.embeddings.embedding_model_dir) if config.embeddings.embedding_model_dir
+            else None,
+            max_loaded_embedding=config.embeddings.max_loaded_embedding_models,
         )
 
 

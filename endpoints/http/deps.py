@@ -41,6 +41,19 @@ async def lease_model(request: Request, name: str | None, *, always_load: bool =
     return await models.acquire(name, admin=admin, always_load=always_load)
 
 
+async def lease_embedding_model(
+    request: Request, name: str | None, *, always_load: bool = False, task: str = "embed"
+) -> ModelLease:
+    """A lease on the embedding model an embeddings (`task` embed) or rerank route names (see
+    ModelManager.acquire_embedding); use it as `lease_model`'s."""
+    models: ModelManager = request.app.state.models
+    admin = (
+        not models.inline_loading or not models.inline_admin_only
+        or await permission_of(request) is Permission.ADMIN
+    )
+    return await models.acquire_embedding(name, admin=admin, always_load=always_load, task=task)
+
+
 def get_presets(request: Request) -> PresetState:
     return request.app.state.presets
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import AliasChoices, ConfigDict, Field
 
+from endpoints.http.names import ModelName
 from endpoints.http.wire import WireModel
 
 # KoboldCpp's sampler order (rep pen, top_k, top_a, tfs, typical, top_p, temperature).
@@ -97,3 +98,13 @@ class TokenizeRequest(KoboldModel):
 
 class DetokenizeRequest(KoboldModel):
     ids: list[int] = Field(default_factory=list)
+
+
+class KoboldEmbeddingRequest(WireModel):
+    """KoboldCpp's /api/extra/embeddings: `input` a string or a list of strings."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: ModelName | None = None
+    input: Any = None
+    truncate: bool = True

@@ -22,14 +22,29 @@ from common.generation.prompts import text_prompt
 from common.models.manager import LoadedModel
 from common.models.presets import PresetState
 from endpoints.http.streaming import sse_response, until_disconnect
-from endpoints.http.deps import RouteDialect, get_config, get_presets, lease_model, log_unknown_fields
+from common.generation import embeddings
+from endpoints.http.deps import (
+    RouteDialect,
+    get_config,
+    get_presets,
+    lease_embedding_model,
+    lease_model,
+    log_unknown_fields,
+)
+from endpoints.openai.embedding_serving import embeddings_body
 from endpoints.http.error_docs import error_responses
 from endpoints.http.json_body import StrictJSONRoute
 from endpoints.http.request_context import request_hooks
 from endpoints.kobold import serving
 from endpoints.kobold.genkeys import AbortOutcome, GenEntry, GenRegistry, get_registry, owner_of
 from endpoints.kobold.mapping import default_max_length, generate_plan, note_unapplied
-from endpoints.kobold.protocol import DetokenizeRequest, GenerateRequest, GenkeyRequest, TokenizeRequest
+from endpoints.kobold.protocol import (
+    DetokenizeRequest,
+    GenerateRequest,
+    GenkeyRequest,
+    KoboldEmbeddingRequest,
+    TokenizeRequest,
+)
 
 # Unknown paths under KoboldAI's prefixes answer in its shape too.
 KOBOLD = RouteDialect(Dialect.KOBOLD, max_tokens="max_length", claims=("/api/v1/", "/api/extra/", "/api/latest"))
@@ -65,8 +80,18 @@ async def server_version(request: Request) -> dict[str, Any]:
     return {
         "result": "KoboldCpp", "version": KOBOLDCPP_VERSION, "protected": protected,
         "txt2img": False, "vision": False, "transcribe": False, "multiplayer": False,
-        "websearch": False, "tts": False, "embeddings": False,
+        "websearch": False, "tts": False,
+        "embeddings": any(m.is_embedding for m in request.app.state.models.loaded.values()),
     }
+
+
+@router.post("/api/extra/embeddings")
+async def embeddings_route(body: KoboldEmbeddingRequest, request: Request) -> JSONResponse:
+    """KoboldCpp's embeddings (SillyTavern's vector storage): OpenAI's answer shape; long inputs are cut."""
+    log_unknown_fields(body, "/api/extra/embeddings")
+    with await lease_embedding_model(request, body.model) as lease:
+        result = await embeddings.embed(lease.model, body.input, truncate=body.truncate)
+        return JSONResponse(embeddings_body(result, lease.model.name))
 
 
 @router.get("/api/v1/config/max_context_length")

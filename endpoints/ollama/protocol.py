@@ -108,8 +108,9 @@ class ShowRequest(_Request):
 
 
 class EmbedRequest(_Request):
-    input: str | list[str] | None = None
-    prompt: str | None = None  # /api/embeddings (the older route)
+    input: Any = None  # a string or a list of strings; checked in common/generation/embeddings.py
+    prompt: Any = None  # /api/embeddings (the older route)
+    truncate: bool = True
     options: Options | None = None
     keep_alive: KeepAlive = None
 

@@ -19,8 +19,9 @@ from endpoints.http.auth import require_admin, require_api
 from common.config.loader import ParleyConfig
 from common.formats.constraints import ConstraintSpec
 from common.downloads.jobs import DownloadManager
-from common.errors import APIError, BadRequestError, Dialect
+from common.errors import APIError, BadRequestError, Dialect, ModelNotFoundError
 from common.generation.hooks import GenerationHooks
+from common.generation import embeddings
 from common.generation.pipeline import start_generation
 from common.models.manager import ModelFile, ModelLease, ModelManager
 from common.models.presets import PresetState
@@ -183,14 +184,47 @@ async def version() -> JSONResponse:
 
 
 @api.post("/embed")
+async def embed(body: EmbedRequest, request: Request, models: ModelManager = Depends(get_models)) -> JSONResponse:
+    """Vectors for `input` (a string or a list); a request without input only loads the model."""
+    log_unknown_fields(body, "/api/embed")
+    timing = serving.Timing()
+    with await _use_embedding_model(models, body, timing) as lease:
+        if body.input is None:
+            return JSONResponse(serving.embed_body(lease.model.name, None, timing))
+        result = await embeddings.embed(lease.model, body.input, truncate=body.truncate)
+        return JSONResponse(serving.embed_body(lease.model.name, result, timing))
+
+
 @api.post("/embeddings")
-async def embed(body: EmbedRequest, models: ModelManager = Depends(get_models)) -> Response:
-    entry = find_model_file(models, body.model)
-    raise BadRequestError(
-        f"model '{body.model}' does not support embeddings; load an embedding model to get embeddings "
-        f"('{entry.name}' generates text, and this server has no embedding backend yet).",
-        param="model",
-    )
+async def embeddings_legacy(body: EmbedRequest, models: ModelManager = Depends(get_models)) -> JSONResponse:
+    """The older route: one `prompt`, one `embedding`; an empty prompt only loads the model."""
+    log_unknown_fields(body, "/api/embeddings")
+    with await _use_embedding_model(models, body, serving.Timing()) as lease:
+        if body.prompt is None or body.prompt == "":
+            return JSONResponse({"embedding": []})
+        if not isinstance(body.prompt, str):
+            raise BadRequestError("`prompt` must be a string; send a list of texts to /api/embed.", param="prompt")
+        result = await embeddings.embed(lease.model, body.prompt, field="prompt", truncate=body.truncate)
+        return JSONResponse({"embedding": result.vectors[0].tolist()})
+
+
+async def _use_embedding_model(models: ModelManager, body: EmbedRequest, timing: serving.Timing) -> ModelLease:
+    """A lease on the named embedding model, loaded on demand as Ollama does; keep_alive applies to it."""
+    seconds = keep_alive_seconds(body.keep_alive)
+    started = time.perf_counter()
+    before = set(models.loaded)
+    name = body.model or None
+    if name:
+        try:
+            name = find_model_file(models, name).name  # `name:latest` and pulled repos, as on the other routes
+        except ModelNotFoundError:
+            pass  # a name this server does not have (`nomic-embed-text`) means the default embedding model
+    lease = await models.acquire_embedding(name, always_load=True)
+    if lease.model.name not in before:
+        timing.load_ns = int((time.perf_counter() - started) * 1e9)
+    if body.keep_alive is not None:
+        await models.set_keep_alive(lease.model, seconds)
+    return lease
 
 
 @api.post("/pull", dependencies=[Depends(require_admin)])

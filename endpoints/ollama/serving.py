@@ -26,6 +26,7 @@ from common.formats.output import ChatDeltas, ChatOutput, OutputOptions, parse_w
 from common.downloads.jobs import DownloadJob, DownloadManager
 from common.downloads.transfer import DownloadPlan, DownloadRequest
 from common.errors import APIError
+from common.generation.embeddings import Embeddings
 from common.generation.pipeline import Generation
 from common.models.gguf_info import GGUFInfo, parameter_size, read_gguf_info_async
 from common.models.manager import LoadedModel, ModelFile, ModelManager
@@ -44,6 +45,17 @@ class Timing:
 
     started: float = field(default_factory=time.perf_counter)
     load_ns: int = 0
+
+
+def embed_body(model_name: str, result: Embeddings | None, timing: Timing) -> dict[str, Any]:
+    """/api/embed's answer; no result (a request without input) only reports the load."""
+    return {
+        "model": model_name,
+        "embeddings": [] if result is None else result.vectors.tolist(),
+        "total_duration": _ns(time.perf_counter() - timing.started),
+        "load_duration": timing.load_ns,
+        "prompt_eval_count": 0 if result is None else result.prompt_tokens,
+    }
 
 
 def now_rfc3339() -> str:

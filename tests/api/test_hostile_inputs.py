@@ -477,7 +477,7 @@ def test_missing_wrong_and_insufficient_keys(app_env: tuple[TestClient, Keys], m
 
 def test_unknown_routes_answer_in_shape(app_env: tuple[TestClient, Keys]) -> None:
     client, keys = app_env
-    for path, dialect in (("/v1/embeddings", OPENAI), ("/v1/nothing", OPENAI), ("/v1/lora", OPENAI),
+    for path, dialect in (("/v1/embeddingz", OPENAI), ("/v1/nothing", OPENAI), ("/v1/lora", OPENAI),
                           ("/api/extra/nothing", KOBOLD), ("/api/nothing", OLLAMA),
                           ("/v1/messages/batches", ANTHROPIC)):
         r = client.post(path, json={}, headers=headers(keys, admin=True))

@@ -1,0 +1,42 @@
+"""Embedding routes in OpenAI's error shape: /v1/embeddings, and rerank at /v1/rerank and /v2/rerank."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import JSONResponse
+
+from common.errors import Dialect
+from common.generation import embeddings
+from endpoints.http.auth import require_api
+from endpoints.http.deps import RouteDialect, lease_embedding_model, log_unknown_fields
+from endpoints.http.error_docs import error_responses
+from endpoints.http.json_body import StrictJSONRoute
+from endpoints.openai.embedding_protocol import EmbeddingRequest, RerankRequest
+from endpoints.openai.embedding_serving import embeddings_body, rerank_body
+
+router = APIRouter(
+    tags=["Embeddings"],
+    dependencies=[Depends(RouteDialect(Dialect.OPENAI)), Depends(require_api)],
+    route_class=StrictJSONRoute,
+    responses=error_responses(Dialect.OPENAI),
+)
+
+
+@router.post("/v1/embeddings")
+async def create_embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
+    log_unknown_fields(body, "/v1/embeddings")
+    with await lease_embedding_model(request, body.model) as lease:
+        result = await embeddings.embed(lease.model, body.input, truncate=body.truncate, dimensions=body.dimensions)
+        return JSONResponse(embeddings_body(result, lease.model.name, body.encoding_format))
+
+
+@router.post("/v1/rerank")
+@router.post("/v2/rerank")
+async def rerank(body: RerankRequest, request: Request) -> dict:
+    log_unknown_fields(body, request.url.path)
+    with await lease_embedding_model(request, body.model, task="rerank") as lease:
+        ranking = await embeddings.rerank(lease.model, body.query, body.documents, top_n=body.top_n)
+        return rerank_body(ranking, lease.model.name, body.documents, return_documents=body.return_documents,
+                           request_id=f"rerank-{uuid.uuid4().hex[:16]}")
