@@ -1,6 +1,6 @@
 """A local stand-in for the Hugging Face Hub's file protocol, served from the test process.
 
-It answers what huggingface_hub 2.4.0 and Parley's downloader ask for:
+It answers what huggingface_hub (0.36 to 2.x) and Parley's downloader ask for:
 
     GET  /api/{models,datasets}/<owner>/<name>[/revision/<rev>][?blobs=true]
          repo info: `sha` (the commit), `gated`, `siblings` with size, blobId and lfs {sha256, size}

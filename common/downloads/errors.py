@@ -6,10 +6,9 @@ unreachable hub, a full disk and a stopped download each get their own status, c
 
 from __future__ import annotations
 
-import importlib
-
 from loguru import logger
 
+from common.downloads.hubcompat import entry_not_found_error, response_status, transport_errors
 from common.downloads.request import DownloadRequest
 from common.errors import (
     APIError,
@@ -37,23 +36,12 @@ def gated_error(req: DownloadRequest, endpoint: str, *, has_token: bool) -> APIE
     )
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    found: list[type[BaseException]] = []
-    for name in ("httpx2", "httpx"):  # huggingface_hub 1.x used httpx, 2.x its fork httpx2
-        try:
-            found.append(importlib.import_module(name).TransportError)
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
-
-
 def hub_error(exc: BaseException, req: DownloadRequest, endpoint: str) -> APIError:
     """A failure while talking to the hub or writing files, as an APIError that says what to do."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
         OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -78,11 +66,11 @@ def hub_error(exc: BaseException, req: DownloadRequest, endpoint: str) -> APIErr
             f"'{repo}' ({req.repo_type}) was not found on {endpoint}. Check the owner/name spelling and repo_type; "
             "a private repo also needs a token with access.", param="repo_id", code="repo_not_found",
         )
-    if isinstance(exc, RemoteEntryNotFoundError):
+    if isinstance(exc, entry_not_found_error()):
         return APIError(f"A file of '{repo}' disappeared from the hub during the download. Send the request again.",
                         status=502, code="hub_error")
     if isinstance(exc, HfHubHTTPError):
-        status = exc.response.status_code if exc.response is not None else 0
+        status = response_status(exc)
         if status == 401:
             return APIError("The hub rejected the token (401). Check it at https://huggingface.co/settings/tokens "
                             "or leave 'token' out for public repos.", status=401, code="hub_unauthorized", param="token")
@@ -101,7 +89,7 @@ def hub_error(exc: BaseException, req: DownloadRequest, endpoint: str) -> APIErr
             "huggingface_hub is in offline mode (HF_HUB_OFFLINE is set). Unset it and restart to download.",
             code="hub_offline",
         )
-    if isinstance(exc, _transport_errors()):
+    if isinstance(exc, transport_errors()):
         return ServiceUnavailableError(
             f"Cannot reach the Hugging Face Hub at {endpoint} for '{repo}' ({type(exc).__name__}: {str(exc)[:200]}). "
             "Check the network and proxy settings, or point model.hf_endpoint / HF_ENDPOINT at a reachable mirror, "

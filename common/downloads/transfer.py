@@ -14,7 +14,8 @@ per folder at a time: a lock file holds against other requests and other process
 huggingface_hub's own downloaders are not used for the transfer: 2.4.0 writes each file to a
 uniquely named temporary file and deletes it when the transfer fails, so an interrupted download
 starts over, and `snapshot_download` answers an unreachable hub with whatever local folder
-exists. Its `http_get` (Range, retries within one attempt), `repo_info` and error types are used.
+exists. Its `http_get` (Range, retries within one attempt), `repo_info` and error types are used, through
+hubcompat.py where releases differ (0.36 on requests up to 2.x on httpx2).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from urllib.parse import quote
 
 from loguru import logger
 
+from common.downloads import hubcompat
 from common.downloads.errors import DownloadCancelled, gated_error, hub_error
 from common.downloads.request import DownloadRequest, check_repo_id, check_request, target_folder
 from common.errors import APIError, ConflictError, NotFoundError
@@ -47,6 +49,7 @@ INCOMPLETE_MARKER = ".incomplete"
 STATE_DIR = ".parley-download"  # lock, manifest and partial files, inside the model folder
 HUB_TIMEOUT = 30.0
 LIBRARY = "parley"
+MAX_RESUMES = 3  # a file whose connection breaks is resumed this often, each time only if bytes arrived
 
 
 @dataclass(frozen=True)
@@ -391,7 +394,6 @@ def _fetch(plan: DownloadPlan, f: RemoteFile, progress: DownloadProgress, report
            cancel: threading.Event | None) -> None:
     """One file: resume its partial file, check it, move it in place."""
     from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
     req = plan.request
@@ -399,7 +401,9 @@ def _fetch(plan: DownloadPlan, f: RemoteFile, progress: DownloadProgress, report
     url = file_url(plan, f.path)
     headers = build_hf_headers(token=req.token or None, library_name=LIBRARY)
     base = progress.bytes_done
-    for attempt in range(2):
+    broken = hubcompat.transport_errors()
+    restarted, resumes = False, 0
+    while True:
         resume = partial.stat().st_size if partial.is_file() else 0
         if f.size is not None and resume > f.size:
             partial.unlink()
@@ -408,13 +412,21 @@ def _fetch(plan: DownloadPlan, f: RemoteFile, progress: DownloadProgress, report
             logger.info("Resuming {} at byte {}", f.path, resume)
         try:
             with partial.open("ab") as out:
-                http_get(url, out, resume_size=resume, headers=headers, expected_size=f.size,
-                         displayed_filename=f.path, tqdm_class=_progress_hook(progress, base, report, cancel))
+                hubcompat.http_get(url, out, resume_size=resume, headers=headers, expected_size=f.size,
+                                   displayed_filename=f.path, tqdm_class=_progress_hook(progress, base, report, cancel))
             break
         except HfHubHTTPError as exc:  # 416: the partial file does not fit the remote one; start it over
-            if exc.response is None or exc.response.status_code != 416 or attempt:
+            if hubcompat.response_status(exc) != 416 or restarted:
                 raise
+            restarted = True
             partial.unlink(missing_ok=True)
+        except broken:
+            # The connection broke off mid-body. huggingface_hub >=1.0 resumes that itself, 0.x does not
+            # (requests' ChunkedEncodingError): resume here while bytes keep arriving.
+            grew = partial.is_file() and partial.stat().st_size > resume
+            if not grew or resumes >= MAX_RESUMES:
+                raise
+            resumes += 1
     progress.status = "verifying"
     report(replace(progress))
     problem = f.mismatch(partial)

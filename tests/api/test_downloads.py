@@ -1,8 +1,8 @@
 """POST /v1/download, GET /v1/downloads and `main.py download` against a local fake hub.
 
 The fake hub (tests/fake_hub.py) speaks the part of the Hugging Face Hub protocol that
-huggingface_hub 2.4.0 uses; it serves a copy of the real SmolLM2 GGUF so a downloaded model is
-loaded for real.
+huggingface_hub uses (0.36 on requests up to 2.x on httpx2); it serves a copy of the real SmolLM2
+GGUF so a downloaded model is loaded for real.
 """
 
 from __future__ import annotations
@@ -175,9 +175,11 @@ def test_interrupted_transfer_resumes_with_a_range_request(
     client: TestClient, hub: FakeHub, model_dir: Path, model_path: Path
 ) -> None:
     before = len(hub.gets(MODEL_FILE))
-    # The connection drops after 45 MB; huggingface_hub retries at once with a Range request, which
-    # the hub answers 503: the attempt fails, and what arrived stays as the partial file.
-    hub.fail(MODEL_FILE, ("drop", 45_000_000), ("status", 503))
+    # The connection drops after 45 MB; the download resumes at once with a Range request (inside
+    # huggingface_hub >=1.0, in Parley for 0.x), which the hub answers 501: the attempt fails, and what
+    # arrived stays as the partial file. (501: huggingface_hub 0.x itself retries 500/502/503/504 with
+    # backoff, later releases only 408/429; no release retries 501.)
+    hub.fail(MODEL_FILE, ("drop", 45_000_000), ("status", 501))
     body = {"repo_id": GGUF_REPO, "include": ["*.gguf"], "folder_name": "resumed", "stream": False}
     r = client.post("/v1/download", json=body)
     assert r.status_code == 502 and r.json()["error"]["code"] == "hub_error"
@@ -383,7 +385,7 @@ def test_cli_downloads_refuses_and_resumes(hub: FakeHub, model_path: Path, tmp_p
     assert bad.returncode == 2 and "Download failed" in bad.stderr and "owner/name" in bad.stderr
 
     before = len(hub.gets(MODEL_FILE))
-    hub.fail(MODEL_FILE, ("drop", 25_000_000), ("status", 503))
+    hub.fail(MODEL_FILE, ("drop", 25_000_000), ("status", 501))  # 501: see the test above
     failed = cli(tmp_path, GGUF_REPO, "--include", "*.gguf", *where)
     assert failed.returncode == 1 and "resumes" in failed.stderr
     resumed = cli(tmp_path, GGUF_REPO, "--include", "*.gguf", *where)

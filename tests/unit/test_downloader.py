@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.downloads.errors import DownloadCancelled, hub_error
+from common.downloads.hubcompat import entry_not_found_error, transport_errors, transport_name
 from common.downloads.request import DownloadRequest, check_repo_id, check_request
 from common.downloads.transfer import (
     STATE_DIR,
@@ -131,11 +132,47 @@ def test_disk_space_is_checked_before_downloading(tmp_path: Path, monkeypatch: p
     assert info.value.status == 507 and "5.00 GB" in info.value.message and "include" in info.value.message
 
 
-def test_transport_and_local_failures_map_to_advice() -> None:
-    import httpx2
+# -- failures built with the HTTP client the installed huggingface_hub uses (requests before 1.0, then httpx,
+# then httpx2), so the mapping is checked against the classes it really raises.
+URL = "http://hub/owner/name/resolve/main/x"
 
+
+def connect_failure() -> BaseException:
+    import importlib
+
+    transport = importlib.import_module(transport_name())
+    if transport_name() == "requests":
+        return transport.ConnectionError("refused")
+    return transport.ConnectError("refused")
+
+
+def hub_failure(status: int, cls: type | None = None) -> BaseException:
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    transport = importlib.import_module(transport_name())
+    if transport_name() == "requests":
+        response = transport.Response()
+        response.status_code, response.url = status, URL
+        response.request = transport.Request("GET", URL).prepare()
+    else:
+        response = transport.Response(status, request=transport.Request("GET", URL))
+    return (cls or HfHubHTTPError)(f"{status} error", response=response)
+
+
+def test_the_transport_in_use_is_known() -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    assert transport_name() in ("requests", "httpx", "httpx2")
+    assert isinstance(connect_failure(), transport_errors())
+    assert not issubclass(HfHubHTTPError, transport_errors())  # an answer of the hub is no connection failure
+    assert issubclass(entry_not_found_error(), HfHubHTTPError)
+
+
+def test_transport_and_local_failures_map_to_advice() -> None:
     req = DownloadRequest("owner/name")
-    err = hub_error(httpx2.ConnectError("refused"), req, "http://mirror")
+    err = hub_error(connect_failure(), req, "http://mirror")
     assert err.status == 503 and err.code == "hub_unreachable" and "http://mirror" in err.message
     assert err.headers["Retry-After"]
     err = hub_error(OSError(28, "No space left on device"), req, "http://mirror")
@@ -147,16 +184,12 @@ def test_transport_and_local_failures_map_to_advice() -> None:
 
 
 def test_hub_http_statuses_map_to_advice() -> None:
-    import httpx2
-    from huggingface_hub.errors import HfHubHTTPError
-
-    def failure(status: int) -> HfHubHTTPError:
-        response = httpx2.Response(status, request=httpx2.Request("GET", "http://hub/owner/name/resolve/main/x"))
-        return HfHubHTTPError(f"{status} error", response=response)
-
+    failure = hub_failure
     req = DownloadRequest("owner/name")
     assert (hub_error(failure(401), req, "h").status, hub_error(failure(401), req, "h").param) == (401, "token")
     assert hub_error(failure(403), req, "h").status == 403
     limited = hub_error(failure(429), req, "h")
     assert limited.status == 429 and limited.headers["Retry-After"] == "60"
     assert (hub_error(failure(500), req, "h").status, hub_error(failure(500), req, "h").code) == (502, "hub_error")
+    gone = hub_error(hub_failure(404, entry_not_found_error()), req, "h")
+    assert (gone.status, gone.code) == (502, "hub_error") and "disappeared" in gone.message
