@@ -30,7 +30,7 @@ from backends.sampling import SamplingParams
 from common.errors import APIError, BadRequestError, ContextLengthExceededError, EngineError, ModelNotLoadedError
 from common.formats.constraints import Constraint, ConstraintSpec
 from common.generation.hooks import GenerationHooks
-from common.generation.prompts import Prompt
+from common.generation.prompts import Prompt, tokenize_images
 from common.models.manager import LoadedModel
 
 
@@ -152,6 +152,7 @@ async def start_generation(
     """
     if n < 1:
         raise BadRequestError(f"n is {n}; ask for at least one choice.", param="n")
+    prompt = await tokenize_images(model, prompt)
     fitted = _fit(model, prompt, params, default_max_tokens, hooks)
     hooks.admit(n)
     compiled = await _compile(model, constraint)
@@ -160,7 +161,7 @@ async def start_generation(
         for i in range(n):
             p = fitted if (n == 1 or fitted.seed is None) else fitted.with_updates(seed=fitted.seed + i)
             handles.append(model.engine.submit(GenerationRequest(list(prompt.tokens), p, constraint=compiled,
-                                                                 loras=loras)))
+                                                                 loras=loras, media=prompt.media)))
             handles[-1] = hooks.observe(handles[-1], model.name, counts_prompt=i == 0)
     except BaseException:
         for h in handles:

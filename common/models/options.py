@@ -39,6 +39,7 @@ def load_options_from(config: ParleyConfig) -> LoadOptions:
         prompt_template=m.prompt_template,
         draft_mode=d.draft_mode,
         draft_max_tokens=d.draft_max_tokens,
+        mmproj=m.mmproj,
     )
     if d.draft_mode == "model" or d.draft_model_name:
         try:

@@ -116,6 +116,13 @@ async def load_model(
     }
     if body.prompt_template:
         models.template_by_name(body.prompt_template)  # fail fast on a bad name
+    if body.mmproj is not None and body.mmproj.lower() != "none":
+        name = body.mmproj
+        if not name or "/" in name or "\\" in name or ".." in name or name.startswith(".") or "\x00" in name:
+            raise BadRequestError(
+                f"mmproj '{name[:100]}' must be a plain file name in the model's folder (no paths), or none.",
+                param="mmproj",
+            )
     if body.draft_model is not None:
         d = body.draft_model
         overrides.update(
