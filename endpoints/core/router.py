@@ -234,6 +234,7 @@ async def props(models: ModelManager = Depends(get_models)) -> dict[str, Any]:
         "chat_template": model.template.source if model.template else "",
         "model_path": model.info.path,
         "default_generation_settings": {"n_ctx": model.info.n_ctx, "model": model.name},
+        "modalities": {"vision": "vision" in model.info.modalities, "audio": False},
         "build_info": "parley",
     }
 
