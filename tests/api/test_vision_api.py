@@ -74,6 +74,7 @@ def test_models_props_and_cards_show_vision(vc: TestClient) -> None:
     assert listed[VISION_MODEL]["modalities"] == ["text", "vision"]
     assert listed[MODEL_NAME]["modalities"] == ["text"]
     assert vc.get("/props").json()["modalities"] == {"vision": True, "audio": False}
+    assert "vision" in vc.post("/api/show", json={"model": VISION_MODEL}).json()["capabilities"]
     card = vc.get("/v1/model").json()
     assert card["modalities"] == ["text", "vision"] and card["parameters"]["mmproj"].endswith(".gguf")
 
