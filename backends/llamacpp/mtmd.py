@@ -88,7 +88,9 @@ class Projector:
                 "Use a projector with plain positions, or load the model without it (mmproj: none)."
             )
         self.marker = (mt.mtmd_get_marker(ctx) or mt.mtmd_default_marker()).decode()
-        self._lock = threading.Lock()  # one encode at a time; tokenizing waits only for other tokenizing
+        # libmtmd makes no promise that tokenizing (which preprocesses images) and encoding may overlap on one
+        # context: one call at a time. Both run off the event loop (a worker thread, the encoder thread).
+        self._lock = threading.Lock()
 
     def tokenize(self, text: str, images: list[ImageInput], *, add_bos: bool) -> MediaPrompt:
         """Blocking. ValueError when the markers and the images do not pair up."""
@@ -110,7 +112,8 @@ class Projector:
             data = text.encode("utf-8")
             inp = mt.mtmd_input_text(data, len(data), add_bos, True)
             arr = (mt.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
-            rc = mt.mtmd_tokenize(self.ctx, chunks, ctypes.byref(inp), arr, len(bitmaps))
+            with self._lock:
+                rc = mt.mtmd_tokenize(self.ctx, chunks, ctypes.byref(inp), arr, len(bitmaps))
             owned = _Chunks(chunks, {})
             if rc != 0:
                 raise ValueError(f"libmtmd could not tokenize the prompt (code {rc})")

@@ -35,7 +35,6 @@ from backends.text_stream import Release, Rewind, StopHit
 _MAX_REWINDS = 64
 
 
-
 class Scheduler:
     """Everything here runs on the scheduler thread, except `stats` (a snapshot read from any thread)."""
 
