@@ -125,6 +125,41 @@ class ChatInput:
     template_vars: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """One decoded, checked image: packed RGB bytes (width * height * 3) and the hash of what the client sent."""
+
+    rgb: bytes
+    width: int
+    height: int
+    digest: str  # sha256 hex of the original bytes: equal images share KV and encodings
+    field: str = "image"  # the request field it came from, for error messages
+
+
+@dataclass(frozen=True)
+class MediaSpan:
+    """Positions [start, end) of a prompt that an image fills (placeholder ids in `prompt_tokens`)."""
+
+    start: int
+    end: int
+    key: str  # identifies the encoded embeddings: the image's digest and which of its chunks
+    non_causal: bool = False  # the model attends over the whole image at once: feed it in one batch
+
+
+@dataclass
+class MediaPrompt:
+    """A prompt with images, tokenized by the engine that will run it (Engine.tokenize_with_images).
+
+    `tokens` holds real token ids for text and negative placeholder ids, derived from each image's
+    digest, where images go: equal prompts (same images included) have equal tokens, so prefix reuse
+    needs no special case. `native` is the engine's own handle on the tokenized chunks.
+    """
+
+    tokens: list[int]
+    spans: tuple[MediaSpan, ...]
+    native: Any = None
+
+
 @dataclass
 class GenerationRequest:
     prompt_tokens: list[int]
@@ -136,6 +171,7 @@ class GenerationRequest:
     chat: ChatInput | None = None  # the messages, for engines that render chat themselves
     constraint_spec: ConstraintSpecLike | None = None  # uncompiled, for engines that do not compile
     affinity_key: str | None = None  # the prompt's leading part, for routing to where it is cached
+    media: MediaPrompt | None = None  # images in the prompt (prompt_tokens is media.tokens)
 
 
 @dataclass(frozen=True)
@@ -167,6 +203,7 @@ class ModelInfo:
     parameter_count: int = 0
     quantization: str = ""
     architecture: str = ""
+    modalities: tuple[str, ...] = ("text",)  # "vision" when a projector is loaded
 
 
 @dataclass(frozen=True)
@@ -248,6 +285,21 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...
 
+    # -- images (backends without a projector keep these defaults) -------------
+    @property
+    def image_marker(self) -> str | None:
+        """The text that stands for an image in a prompt given to tokenize_with_images; None: no vision."""
+        return None
+
+    def tokenize_with_images(self, text: str, images: list[ImageInput], *, add_bos: bool) -> MediaPrompt:
+        """Blocking (call off the event loop): text holding one image_marker per image, and the images."""
+        raise BadRequestError(
+            f"Model '{self.info.name}' cannot read images: it has no vision projector. Send text only, or load "
+            "a vision model with its mmproj file.",
+            param="messages",
+            code="model_not_multimodal",
+        )
+
     # -- LoRA adapters (backends without them keep these defaults) -------------
     supports_lora = False
 
@@ -290,6 +342,7 @@ class LoadOptions:
     draft_max_tokens: int = 8
     pooling: str | None = None  # embedding models: mean | cls | last | rank; None: what the model declares
     device: str | None = None  # torch engines (infinity): cpu | cuda | auto; None: the embeddings config's
+    mmproj: str | None = None  # vision projector GGUF; None: look for mmproj*.gguf beside the model; "none": off
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

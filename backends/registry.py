@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from backends.base import Engine, LoadOptions
@@ -95,12 +96,43 @@ def is_embedding_folder(path: Path) -> bool:
     return is_infinity_folder(path)
 
 
+PROJECTOR_PREFIX = "mmproj"
+
+
+def is_projector(path: Path) -> bool:
+    """Vision projectors (mmproj*.gguf) sit beside models; they are never models themselves."""
+    return path.name.lower().startswith(PROJECTOR_PREFIX)
+
+
 def gguf_file(path: Path) -> Path:
     if path.is_file():
         return path
-    files = sorted(path.glob("*.gguf"))
+    files = sorted(f for f in path.glob("*.gguf") if not is_projector(f)) or sorted(path.glob("*.gguf"))
     # Split GGUFs (-00001-of-0000N) load from their first part.
     return files[0]
+
+
+def find_projector(path: Path, requested: str | None) -> Path | None:
+    """The vision projector for a model: `requested` (a path, or a file name in the model's folder; "none": no
+    projector), else the first mmproj*.gguf in a model folder, else mmproj-NAME*.gguf beside a GGUF file NAME.gguf."""
+    folder = path if path.is_dir() else path.parent
+    if requested is not None:
+        if requested.strip().lower() in ("", "none", "off"):
+            return None
+        candidate = Path(requested)
+        candidate = candidate if candidate.is_absolute() else folder / candidate
+        if not candidate.is_file():
+            raise BadRequestError(
+                f"Projector '{requested}' not found (looked for {candidate}). Put the mmproj GGUF in the model's "
+                "folder and name it, or set mmproj to none.",
+                param="mmproj",
+            )
+        return candidate
+    if path.is_dir():
+        found = sorted(f for f in path.glob("*.gguf") if is_projector(f))
+    else:
+        found = sorted(path.parent.glob(f"{PROJECTOR_PREFIX}-{path.stem}*.gguf"))
+    return found[0] if found else None
 
 
 def load_engine(
@@ -117,6 +149,8 @@ def load_engine(
     if kind == "llamacpp":
         from backends.llamacpp.engine import LlamaCppEngine
 
+        projector = find_projector(path, options.mmproj)
+        options = replace(options, mmproj=str(projector) if projector is not None else None)
         return LlamaCppEngine.load(gguf_file(path), name, options, progress)
     if kind == "llamacpp_embedding":
         from backends.llamacpp.embedding import LlamaCppEmbeddingEngine

@@ -26,6 +26,7 @@ already decoded. Whatever lies between is fed next.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -37,14 +38,17 @@ from backends.base import (
     EngineStats,
     GenerationHandle,
     GenerationRequest,
+    ImageInput,
     LoadOptions,
     LoraState,
+    MediaPrompt,
 )
 from backends.llamacpp.handle import RequestHandle
 from backends.llamacpp.job import Job
 from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraError, LoraKey, lora_key
 from backends.llamacpp.messages import Cancel, Command, Inbox, InboxClosed, InboxFull, Message, Submit
-from backends.llamacpp.native import NativeModel
+from backends.llamacpp.mtmd import ImageEncoder, Projector, ProjectorError, n_embd_of, route_logs
+from backends.llamacpp.native import LOG_CALLBACK, NativeModel
 from backends.llamacpp.sampler import UNSUPPORTED
 from backends.llamacpp.scheduler import Scheduler
 from backends.llamacpp.speculative import Drafter, make_drafter
@@ -60,8 +64,13 @@ class LlamaCppEngine(Engine):
         self._adapters = AdapterStore(native.model, native.ctx)
         self._default_loras: LoraKey = NO_LORA
         self._drafter: Drafter | None = make_drafter(options, native)
+        self._encoder = _load_projector(native, options)
+        if self._encoder is not None:
+            self.info.modalities = ("text", "vision")
         self._inbox = Inbox(capacity=native.n_slots + options.max_queue)
-        self._scheduler = Scheduler(native, self._inbox, self._adapters, self._drafter, options.draft_max_tokens)
+        self._scheduler = Scheduler(
+            native, self._inbox, self._adapters, self._drafter, options.draft_max_tokens, encoder=self._encoder
+        )
         self._thread = threading.Thread(target=self._scheduler.run, name=f"llamacpp-{name}", daemon=True)
         self._thread.start()
 
@@ -77,6 +86,9 @@ class LlamaCppEngine(Engine):
         native = NativeModel(path, options, progress)
         try:
             return cls(native, name, options)
+        except ProjectorError as exc:
+            native.free()
+            raise BadRequestError(str(exc), param="mmproj", code="projector_load_failed") from exc
         except BaseException:  # e.g. a draft model that does not load or match: free the model too
             native.free()
             raise
@@ -114,10 +126,34 @@ class LlamaCppEngine(Engine):
     def stats(self) -> EngineStats:
         return self._scheduler.stats()
 
+    # -- images ------------------------------------------------------------------
+    @property
+    def image_marker(self) -> str | None:
+        return self._encoder.projector.marker if self._encoder is not None else None
+
+    @property
+    def encoder(self) -> ImageEncoder | None:
+        """The image encoder (None without a projector); tests reach its fault hook through it."""
+        return self._encoder
+
+    def tokenize_with_images(self, text: str, images: list[ImageInput], *, add_bos: bool) -> MediaPrompt:
+        if self._encoder is None:
+            return super().tokenize_with_images(text, images, add_bos=add_bos)
+        try:
+            return self._encoder.projector.tokenize(text, images, add_bos=add_bos)
+        except ValueError as exc:
+            raise BadRequestError(
+                f"The prompt and its images do not fit together: {exc}. Send one image part per image, and do not "
+                f"write the image marker {self.image_marker!r} in text.",
+                param=images[0].field if images else "messages",
+            ) from None
+
     async def close(self) -> None:
         if not self._inbox.close():
             return
         await asyncio.to_thread(self._thread.join)
+        if self._encoder is not None:
+            await asyncio.to_thread(self._encoder.close)
         self._adapters.free_all()
         if self._drafter is not None:
             self._drafter.free()
@@ -203,6 +239,16 @@ class LlamaCppEngine(Engine):
 
         self._post(Command(run, abandon))
         return await done
+
+
+def _load_projector(native: NativeModel, options: LoadOptions) -> ImageEncoder | None:
+    if not options.mmproj:
+        return None
+    threads = options.n_threads or os.cpu_count() or 1
+    route_logs(LOG_CALLBACK)
+    projector = Projector(Path(options.mmproj), native.model, threads, use_gpu=options.n_gpu_layers != 0)
+    logger.info("vision projector {} loaded ({} per image marker)", Path(options.mmproj).name, projector.marker)
+    return ImageEncoder(projector, n_embd_of(native.model))
 
 
 def _settle(fut: asyncio.Future[object], result: object, exc: BaseException | None) -> None:

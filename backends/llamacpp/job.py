@@ -47,6 +47,7 @@ class Job:
         "constraint",
         "context",
         "draft_len",
+        "embd",
         "first_logits",
         "handle",
         "lora_key",
@@ -63,6 +64,7 @@ class Job:
         "request",
         "rewinds",
         "slot",
+        "spans",
         "state",
         "stop_ids",
         "stream",
@@ -104,6 +106,8 @@ class Job:
         self.n_accepted = 0  # ... and kept
         self.draft_len = 0  # guesses to ask for next step (0: the engine's maximum)
         self.first_logits: np.ndarray | None = None  # the whole prompt was cached: sample from these
+        self.spans = request.media.spans if request.media is not None else ()  # image positions in the prompt
+        self.embd: dict[str, np.ndarray] = {}  # encoded images this job holds until they are in its KV
 
     @property
     def remaining(self) -> int:

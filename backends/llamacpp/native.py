@@ -34,12 +34,12 @@ def _forward_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
             (logger.error if level == 4 else logger.debug)("llama.cpp: {}", message)
 
 
-_LOG_CALLBACK = lc.llama_log_callback(_forward_log)  # kept alive for the C side; never reassigned
+LOG_CALLBACK = lc.llama_log_callback(_forward_log)  # kept alive for the C side; never reassigned
 
 
 def _init_backend_once() -> None:
     # Both calls are idempotent; llama.cpp's own chatter is routed to loguru (warnings at debug level).
-    lc.llama_log_set(_LOG_CALLBACK, None)
+    lc.llama_log_set(LOG_CALLBACK, None)
     lc.llama_backend_init()
 
 

@@ -11,28 +11,28 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 
 import llama_cpp as lc
 import numpy as np
 from loguru import logger
 
 from backends.base import EngineStats, Event, Finished, FinishReason, TextDelta, TokenLogprob, Usage
+from backends.llamacpp.admission import choose_slot, should_wait_for_sharer
 from backends.llamacpp.handle import RequestHandle, deliver
 from backends.llamacpp.job import Job, Slot, SlotState
 from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraKey
-from backends.llamacpp.messages import Cancel, Command, Inbox, Message, Submit
+from backends.llamacpp.media import MediaFeeder, text_end
+from backends.llamacpp.mtmd import ImageEncoder
+from backends.llamacpp.messages import Cancel, Command, Inbox, InboxClosed, Message, Submit
 from backends.llamacpp.native import NativeBatch, NativeModel
 from backends.llamacpp.sampler import build_chain
-from backends.llamacpp.speculative import Drafter, common_prefix
+from backends.llamacpp.speculative import Drafter
 from backends.logprobs import log_softmax, token_logprob
 from backends.text_stream import Release, Rewind, StopHit
 
 # Rewinds for banned strings one request may make before it is ended.
 _MAX_REWINDS = 64
-
-# A waiting job holds back for a prefilling job whose prompt it shares when
-# that saves at least this many tokens of prefill.
-_SHARE_MIN_TOKENS = 32
 
 
 class Scheduler:
@@ -45,8 +45,12 @@ class Scheduler:
         adapters: AdapterStore,
         drafter: Drafter | None,
         draft_max: int,
+        encoder: ImageEncoder | None = None,
     ) -> None:
         self.native = native
+        self._media = (  # images: None when the model has no projector
+            MediaFeeder(encoder, native.n_batch, self._run_between_steps, self._fail_image) if encoder else None
+        )
         self.slots = [Slot(i) for i in range(native.n_slots)]
         self._inbox = inbox
         self._adapters = adapters
@@ -67,7 +71,7 @@ class Scheduler:
         """The thread's body: until the inbox closes (or a step fails)."""
         try:
             while True:
-                messages = self._inbox.take(wait=not (self._waiting or self._has_active()))
+                messages = self._inbox.take(wait=not self._has_work())
                 if messages is None:
                     break
                 unread = self._unread
@@ -174,6 +178,14 @@ class Scheduler:
     def _has_active(self) -> bool:
         return any(s.state is not SlotState.IDLE for s in self.slots)
 
+    def _has_work(self) -> bool:
+        """Something to admit or to compute now (a job waiting only for its image encode is not)."""
+        if self._media is None:
+            return bool(self._waiting) or self._has_active()
+        if self._waiting and any(s.state is SlotState.IDLE for s in self.slots):
+            return True
+        return any(s.job is not None and not self._media.blocked(s.job) for s in self.slots)
+
     def _kv_used(self) -> int:
         # Upper bound: cells shared between sequences are counted once per sequence.
         return sum(len(s.tokens) for s in self.slots)
@@ -185,12 +197,12 @@ class Scheduler:
             if not free:
                 break
             job = self._waiting.popleft()
-            if self._should_wait_for_sharer(job):
+            if should_wait_for_sharer(job, self.slots):
                 job.state = SlotState.WAITING_FOR_SHARER
                 deferred.append(job)
                 continue
             job.state = SlotState.QUEUED
-            slot, own, source, shared = self._choose_slot(job, free)
+            slot, own, source, shared = choose_slot(job, free, self.slots)
             need = len(job.context) - max(own, shared)
             if job.preempted and self._has_active():
                 # It ran the cache full once: come back only when everyone can finish.
@@ -200,41 +212,6 @@ class Scheduler:
                 break
             self._place(job, slot, own, source, shared)
         self._waiting.extendleft(reversed(deferred))
-
-    def _should_wait_for_sharer(self, job: Job) -> bool:
-        """True when a job still prefilling shares a long prefix with this one: wait, then copy its KV."""
-        key = job.lora_key
-        cached = max((common_prefix(s.tokens, job.context) for s in self.slots if s.lora_key == key), default=0)
-        for s in self.slots:
-            other = s.job
-            if other is None or other.state is not SlotState.PREFILLING or other.lora_key != key:
-                continue
-            shared = common_prefix(other.context[: other.n_prompt], job.context)
-            if shared - cached >= _SHARE_MIN_TOKENS:
-                return True
-        return False
-
-    def _choose_slot(self, job: Job, free: list[Slot]) -> tuple[Slot, int, Slot | None, int]:
-        """Pick a free slot and the best KV to reuse: (slot, own prefix, source slot, shared prefix).
-
-        Only KV computed under the job's own adapter set counts.
-        """
-        context, key = job.context, job.lora_key
-        best_free, best_own = None, -1
-        for s in free:
-            own = s.reusable(context) if s.lora_key == key else 0
-            better = own > best_own or (own == best_own and best_free is not None and s.last_used < best_free.last_used)
-            if better:
-                best_free, best_own = s, own
-        assert best_free is not None
-        source, shared = None, best_own
-        for s in self.slots:
-            if s is best_free or s.lora_key != key:
-                continue
-            n = s.reusable(context)
-            if n > shared:
-                source, shared = s, n
-        return best_free, best_own, source, shared
 
     def _make_room(self, need: int, target: Slot) -> bool:
         """Evict idle cached prefixes (least recently used first) until `need` cells fit."""
@@ -281,6 +258,8 @@ class Scheduler:
             job = slot.job
             if job is not None and job.first_logits is not None:  # whole prompt cached: nothing to decode
                 self._sample(job, -1)
+        if self._media is not None:
+            self._step_images()
         # A full KV cache makes llama_decode refuse the batch (and leave the cache as it was);
         # freeing room then retrying keeps every step productive.
         while True:
@@ -312,13 +291,15 @@ class Scheduler:
         sample_at: list[tuple[Job, int, list[int]]] = []
         fed: list[tuple[Job, int, list[int]]] = []
         active = [s.job for s in self.slots if s.job is not None and len(s.job.context) > s.job.n_cached]
+        if self._media is not None:  # a job at an image is fed by _step_images
+            active = [j for j in active if not j.spans or text_end(j) > j.n_cached]
         key = self._step_lora_key(active)
         active = [j for j in active if j.lora_key == key]
         # Decoding sequences first (one token each, plus guesses), then prefill in admission order.
         active.sort(key=lambda j: (len(j.context) - j.n_cached > 1, j.t_admit))
         drafts = self._draft(active, budget)
         for job in active:
-            pending = len(job.context) - job.n_cached
+            pending = (text_end(job) if job.spans else len(job.context)) - job.n_cached
             if budget <= 0:
                 break
             take = min(pending, budget)
@@ -332,6 +313,52 @@ class Scheduler:
             if last:
                 sample_at.append((job, idx, guess))
         return fed, sample_at, key
+
+    def _step_images(self) -> None:
+        """Feed ready image embeddings into their jobs' own sequences (one llama_decode, before the tokens')."""
+        media = self._media
+        assert media is not None
+        jobs = [s.job for s in self.slots if s.job is not None and s.job.spans and s.job.state is SlotState.PREFILLING]
+        jobs = [j for j in jobs if not media.blocked(j)]
+        if not jobs:
+            return
+        key = jobs[0].lora_key
+        jobs = [j for j in jobs if j.lora_key == key]
+        while True:
+            fed = media.fill(jobs)
+            if not fed:
+                return
+            self._adapters.apply(key)
+            whole = media.needs_non_causal(fed)
+            if whole:
+                lc.llama_set_causal_attn(self.native.ctx, False)
+            rc = lc.llama_decode(self.native.ctx, media.batch.finalize())
+            if whole:
+                lc.llama_set_causal_attn(self.native.ctx, True)
+            if rc == 0:
+                break
+            if not self._on_decode_failure(rc, [(j, n) for j, n, _ in fed]):
+                return
+            jobs = [j for j in jobs if j.state is SlotState.PREFILLING]
+        for job, n, idx in fed:
+            job.slot.tokens.extend(job.context[job.n_cached : job.n_cached + n])
+            job.n_cached += n
+            if job.n_cached >= job.n_prompt:  # the prompt ended with this image
+                job.state = SlotState.GENERATING
+                self._sample(job, idx)
+
+    def _run_between_steps(self, fn: Callable[[], None]) -> bool:
+        """From any thread: run `fn` on this thread between steps; False when the engine is closing."""
+        try:
+            self._inbox.post(Command(fn, lambda: None))
+        except InboxClosed:
+            return False
+        return True
+
+    def _fail_image(self, job: Job, error: str) -> None:
+        if job in self._waiting:
+            self._waiting.remove(job)
+        self._finish(job, FinishReason.ERROR, error=error)
 
     def _step_lora_key(self, active: list[Job]) -> LoraKey:
         """The adapter set this step runs; several sets in use take turns, one step each."""
@@ -348,7 +375,7 @@ class Scheduler:
         wants = [
             (j, min(j.draft_len or self._draft_max, self._draft_max, j.remaining - 1))
             for j in active
-            if len(j.context) - j.n_cached == 1 and j.n_generated > 0 and j.remaining > 1
+            if len(j.context) - j.n_cached == 1 and j.n_generated > 0 and j.remaining > 1 and not j.spans
         ]
         room = budget - len(wants)
         if not wants or room <= 0:
@@ -530,6 +557,9 @@ class Scheduler:
         if job.chain is not None:
             job.chain.free()
             job.chain = None
+        if self._media is not None and job.spans:
+            self._media.forget(job)
+            job.embd.clear()
         end = time.perf_counter()
         admitted = job.t_admit or end
         first = job.t_first or end

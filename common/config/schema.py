@@ -104,6 +104,16 @@ class LimitsConfig(_Section):
         description="Longest prompt in tokens (after the chat template); longer is a 400 naming messages or "
         "prompt. null: up to the context length.",
     )
+    max_images_per_request: int = Field(
+        8, ge=0,
+        description="Most images one request may carry (image parts, Ollama and Kobold images); more is a 400 "
+        "naming the field. 0 refuses images.",
+    )
+    max_image_pixels: int = Field(
+        33_554_432, ge=1,
+        description="Largest image in pixels (width x height), checked from its header before it is decoded; "
+        "larger is a 400 naming the field.",
+    )
     default_requests_per_minute: int | None = Field(
         None, ge=1,
         description="Generation requests per minute for API keys without their own requests_per_minute in the "
@@ -218,6 +228,11 @@ class ModelConfig(_Section):
         None, pattern=r"^https?://[^\s]+$",
         description="Hugging Face Hub address for downloads (POST /v1/download, /api/pull, main.py download), "
         "e.g. a mirror. null uses the HF_ENDPOINT environment variable, else https://huggingface.co.",
+    )
+    mmproj: str | None = Field(
+        None,
+        description="Vision projector GGUF for the model (a file name in the model's folder, or a path). null "
+        "uses the first mmproj*.gguf in a model folder (mmproj-NAME*.gguf beside NAME.gguf); none disables vision.",
     )
     tool_format: Literal["auto", "hermes", "llama3", "mistral"] = Field(
         "auto",
@@ -378,6 +393,29 @@ class StoreConfig(_Section):
     )
 
 
+class VisionConfig(_Section):
+    """Images in requests: fetching image URLs a client sends (the server's only client-chosen fetch)."""
+
+    allow_remote_images: bool = Field(
+        True,
+        description="Fetch http(s) image URLs. Each fetch resolves the host first and refuses loopback, private, "
+        "link-local, multicast and other non-public addresses (cloud metadata included), re-checking every "
+        "redirect. false accepts only data: URIs and base64 images.",
+    )
+    remote_image_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts fetched even when they resolve to non-public addresses: host names, IP addresses or "
+        "networks (10.0.0.0/8), e.g. an internal image store.",
+    )
+    remote_image_max_bytes: int = Field(
+        20_000_000, ge=1, description="Largest image a URL may return, in bytes; the transfer stops beyond it.",
+    )
+    remote_image_timeout: float = Field(
+        10.0, gt=0, description="Seconds one image URL may take in all (connecting, redirects, transfer).",
+    )
+    remote_image_max_redirects: int = Field(3, ge=0, le=10, description="Redirects followed per image URL.")
+
+
 class DeveloperConfig(_Section):
     """Switches for development and debugging."""
 
@@ -406,6 +444,7 @@ class ParleyConfig(_Section):
     sampling: SamplingConfig = _section(SamplingConfig)
     embeddings: EmbeddingsConfig = _section(EmbeddingsConfig)
     store: StoreConfig = _section(StoreConfig)
+    vision: VisionConfig = _section(VisionConfig)
     developer: DeveloperConfig = _section(DeveloperConfig)
     remote: RemoteConfig = _section(RemoteConfig)
 

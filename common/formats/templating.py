@@ -230,6 +230,7 @@ class ChatTemplate:
         self.source = source
         self.metadata = metadata
         self._template = template
+        self._image_placeholder: tuple[str | None] | None = None  # probed once
 
     def __repr__(self) -> str:
         return f"ChatTemplate(name={self.name!r}, metadata={self.metadata!r})"
@@ -307,6 +308,45 @@ class ChatTemplate:
         if final_text is None:
             return rendered
         return self._cut_after_final(rendered, final_text)
+
+    def image_placeholder(self) -> str | None:
+        """What this template writes for an image part, seen as HF processors show images to templates
+        (`{"type": "image"}` among `{"type": "text", ...}` parts); None when it does not render content parts.
+
+        Found once by rendering a probe with and without an image part: the text that appears is the
+        model's own image marker (`<image>`, `<|image|>`, `<start_of_image>`, ...).
+        """
+        if self._image_placeholder is None:
+            self._image_placeholder = (self._probe_image_placeholder(),)
+        return self._image_placeholder[0]
+
+    def _probe_image_placeholder(self) -> str | None:
+        a, b = "PARLEYPROBEA", "PARLEYPROBEB"
+        text_a, text_b = {"type": "text", "text": a}, {"type": "text", "text": b}
+
+        def render(parts: list[dict[str, Any]]) -> str | None:
+            try:
+                return self._template.render(
+                    messages=[{"role": "user", "content": parts}], add_generation_prompt=False, bos_token="",
+                    eos_token="", tools=None, documents=None,
+                )
+            except Exception:  # noqa: BLE001 - a template that cannot take parts has no placeholder
+                return None
+
+        without = render([text_a, text_b])
+        with_image = render([text_a, {"type": "image"}, text_b])
+        if without is None or with_image is None or a not in without or b not in without or "'type'" in without:
+            return None
+        head = 0
+        while head < len(without) and without[head] == with_image[head]:
+            head += 1
+        tail = 0
+        while tail < len(without) - head and without[-1 - tail] == with_image[-1 - tail]:
+            tail += 1
+        inserted = with_image[head : len(with_image) - tail]
+        if not inserted.strip() or a in inserted or b in inserted or "{" in inserted:
+            return None
+        return inserted.strip()
 
     def _render(self, context: dict[str, Any]) -> str:
         try:

@@ -37,7 +37,7 @@ from common.errors import (
 )
 from common.formats.constraints import Constraint, ConstraintSpec
 from common.generation.hooks import GenerationHooks
-from common.generation.prompts import Prompt
+from common.generation.prompts import Prompt, tokenize_images
 from common.models.manager import LoadedModel
 
 
@@ -165,6 +165,7 @@ async def start_generation(
         raise BadRequestError(f"n is {n}; ask for at least one choice.", param="n")
     if getattr(model.engine, "is_embedding", False):
         model.engine.submit(GenerationRequest(list(prompt.tokens), params))  # refuses with a 400 naming `model`
+    prompt = await tokenize_images(model, prompt)
     fitted = _fit(model, prompt, params, default_max_tokens, hooks)
     await hooks.admit(n)
     engine = model.engine
@@ -176,7 +177,7 @@ async def start_generation(
             p = fitted if (n == 1 or fitted.seed is None) else fitted.with_updates(seed=fitted.seed + i)
             handles.append(engine.submit(GenerationRequest(
                 list(prompt.tokens), p, constraint=compiled, loras=loras, prompt_text=prompt.text,
-                chat=prompt.chat, constraint_spec=spec, affinity_key=prompt.affinity_key,
+                chat=prompt.chat, constraint_spec=spec, affinity_key=prompt.affinity_key, media=prompt.media,
             )))
             handles[-1] = hooks.observe(handles[-1], model.name, counts_prompt=i == 0)
     except BaseException:

@@ -47,6 +47,7 @@ from pydantic import (
 from ruamel.yaml import YAML, YAMLError
 
 from backends.base import LoadOptions
+from backends.registry import is_projector
 from common.errors import BadRequestError
 from common.models.gguf_info import parameter_size, read_gguf_info_async
 from common.models.presets import Preset, PresetError, load_preset
@@ -111,7 +112,8 @@ def scan_models(model_dir: Path) -> list[ModelFile]:
             stat = entry.stat()
         except OSError:
             continue
-        if entry.is_file() and entry.suffix.lower() == ".gguf" and not entry.name.endswith(".part"):
+        if entry.is_file() and entry.suffix.lower() == ".gguf" and not entry.name.endswith(".part") \
+                and not is_projector(entry):
             found.append(ModelFile(entry.stem, entry, stat.st_size, "gguf", stat.st_mtime, defaults_file_of(entry)))
         elif entry.is_dir() and not (entry / ".incomplete").exists():
             ggufs = sorted(entry.glob("*.gguf"))

@@ -40,6 +40,7 @@ def load_options_from(config: ParleyConfig) -> LoadOptions:
         draft_mode=d.draft_mode,
         draft_max_tokens=d.draft_max_tokens,
         device=None if config.embeddings.embeddings_device == "cpu" else config.embeddings.embeddings_device,
+        mmproj=m.mmproj,
     )
     if d.draft_mode == "model" or d.draft_model_name:
         try:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from backends.registry import find_projector
+from common.errors import APIError
 from common.models.files import ModelFile, describe_file
 from common.models.manager import LoadedModel, ModelManager
 
@@ -60,6 +62,7 @@ async def card(models: ModelManager, name: str, entry: ModelFile | None = None) 
     }
     if entry is not None:
         out.update(await describe_file(entry))
+    out["modalities"] = list(model.info.modalities) if model is not None else _file_modalities(entry)
     if model is not None:
         info = model.info
         out.setdefault("size_bytes", info.size_bytes)
@@ -71,6 +74,16 @@ async def card(models: ModelManager, name: str, entry: ModelFile | None = None) 
         out["idle_seconds"] = round(model.idle_seconds(), 1)
         out["parameters"] = load_parameters(model)
     return out
+
+
+def _file_modalities(entry: ModelFile | None) -> list[str]:
+    """What a model not loaded would read: vision when a projector sits beside it (mmproj*.gguf)."""
+    if entry is None:
+        return ["text"]
+    try:
+        return ["text", "vision"] if find_projector(entry.path, None) is not None else ["text"]
+    except (OSError, APIError):
+        return ["text"]
 
 
 def dummy_card(name: str, default: str | None) -> dict[str, Any]:

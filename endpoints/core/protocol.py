@@ -38,6 +38,10 @@ class ModelLoadRequest(WireModel):
     n_gpu_layers: int | None = Field(None, ge=-1, le=100_000)
     flash_attention: Literal["auto", "on", "off"] | None = None
     draft_model: DraftModelLoad | None = None
+    mmproj: str | None = Field(
+        None, max_length=255,
+        description="Vision projector: a file name in the model's folder, or 'none' for no vision.",
+    )
 
 
 class ModelUnloadRequest(BaseModel):

@@ -116,6 +116,13 @@ async def load_model(
     }
     if body.prompt_template:
         models.template_by_name(body.prompt_template)  # fail fast on a bad name
+    if body.mmproj is not None and body.mmproj.lower() != "none":
+        name = body.mmproj
+        if not name or "/" in name or "\\" in name or ".." in name or name.startswith(".") or "\x00" in name:
+            raise BadRequestError(
+                f"mmproj '{name[:100]}' must be a plain file name in the model's folder (no paths), or none.",
+                param="mmproj",
+            )
     if body.draft_model is not None:
         d = body.draft_model
         overrides.update(
@@ -227,6 +234,7 @@ async def props(models: ModelManager = Depends(get_models)) -> dict[str, Any]:
         "chat_template": model.template.source if model.template else "",
         "model_path": model.info.path,
         "default_generation_settings": {"n_ctx": model.info.n_ctx, "model": model.name},
+        "modalities": {"vision": "vision" in model.info.modalities, "audio": False},
         "build_info": "parley",
     }
 

@@ -20,7 +20,8 @@ from typing import Any
 from loguru import logger
 
 from common.formats.constraints import ConstraintSpec, gbnf_field
-from common.errors import BadRequestError
+from common.errors import BadRequestError, ContextLengthExceededError
+from common.generation.images import ImageSource
 from common.generation.prompts import Prompt, text_prompt
 from common.models.manager import LoadedModel
 from common.models.presets import Preset, build_params
@@ -104,8 +105,6 @@ def note_unapplied(body: GenerateRequest, route: str) -> None:
         notes.append("sampler_order (llama.cpp applies its own order)")
     if body.grammar_retain_state:
         notes.append("grammar_retain_state (each generation starts the grammar afresh)")
-    if body.images:
-        notes.append(f"{len(body.images)} image(s) (the model cannot read images)")
     if notes:
         logger.info("{}: accepted but not applied: {}", route, "; ".join(notes))
 
@@ -184,6 +183,12 @@ def fit_context(
     tokens = prompt.tokens
     if len(tokens) <= room:
         return prompt, max_length
+    if prompt.media is not None:
+        raise ContextLengthExceededError(
+            f"The prompt with its images is {len(tokens)} tokens; max_context_length {budget} leaves room for "
+            f"{room}. Shorten the prompt, send fewer images or lower max_length.",
+            param="prompt",
+        )
     keep_bos = info.add_bos_token and bool(tokens) and tokens[0] == info.bos_token_id
     head = tokens[:1] if keep_bos else []
     tail = tokens[len(tokens) - (room - len(head)):] if room > len(head) else []
@@ -205,10 +210,25 @@ class KoboldPlan:
     constraint: ConstraintSpec | None
 
 
-def generate_plan(body: GenerateRequest, model: LoadedModel, *, default_length: int, preset: Preset | None) -> KoboldPlan:
+def image_sources(body: GenerateRequest) -> list[ImageSource]:
+    """KoboldCpp's `images`: base64 strings (a data: URI is accepted too)."""
+    sources = []
+    for j, img in enumerate(body.images or []):
+        if not isinstance(img, str):
+            raise BadRequestError(f"images[{j}] must be a base64 string.", param=f"images[{j}]")
+        sources.append(ImageSource(img, f"images[{j}]"))
+    return sources
+
+
+def generate_plan(
+    body: GenerateRequest, model: LoadedModel, *, default_length: int, preset: Preset | None,
+    prompt: Prompt | None = None,
+) -> KoboldPlan:
+    """`prompt`: the prompt already built with its images (image_prompt), else the text prompt is built here."""
     spec = grammar_constraint(body)
     params = to_sampling_params(body, n_vocab=model.info.n_vocab, default_length=default_length, preset=preset)
-    prompt = text_prompt(model, body.prompt, truncatable=True)
+    if prompt is None:
+        prompt = text_prompt(model, body.prompt, truncatable=True)
     prompt, length = fit_context(
         model, prompt, max_length=params.max_tokens or default_length, max_context_length=body.max_context_length
     )

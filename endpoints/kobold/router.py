@@ -17,8 +17,9 @@ from endpoints.http.auth import AuthManager, require_api
 from common.config.loader import ParleyConfig
 from common.errors import BadRequestError, Dialect
 from common.generation.hooks import GenerationHooks
+from common.generation.images import ImagePolicy, resolve
 from common.generation.pipeline import Generation, start_generation
-from common.generation.prompts import text_prompt
+from common.generation.prompts import text_prompt, tokenize_images
 from common.models.manager import LoadedModel
 from common.models.presets import PresetState
 from endpoints.http.streaming import sse_response, until_disconnect
@@ -37,7 +38,7 @@ from endpoints.http.json_body import StrictJSONRoute
 from endpoints.http.request_context import request_hooks
 from endpoints.kobold import serving
 from endpoints.kobold.genkeys import AbortOutcome, GenEntry, GenRegistry, get_registry, owner_of
-from endpoints.kobold.mapping import default_max_length, generate_plan, note_unapplied
+from endpoints.kobold.mapping import default_max_length, generate_plan, image_sources, note_unapplied
 from endpoints.kobold.protocol import (
     DetokenizeRequest,
     GenerateRequest,
@@ -121,7 +122,16 @@ async def _start(
     log_unknown_fields(body, route)
     note_unapplied(body, route)
     default_length = default_max_length(config.model.default_max_tokens, config.limits.max_output_tokens)
-    plan = generate_plan(body, model, default_length=default_length, preset=model.preset(presets.active))
+    prompt = None
+    sources = image_sources(body)
+    if sources:
+        images = await resolve(
+            sources, ImagePolicy.from_config(config), vision="vision" in model.info.modalities, model_name=model.name
+        )
+        prompt = await tokenize_images(model, text_prompt(model, body.prompt, truncatable=True, images=images))
+    plan = generate_plan(
+        body, model, default_length=default_length, preset=model.preset(presets.active), prompt=prompt
+    )
     generation = await start_generation(model, plan.prompt, plan.params, hooks=hooks, n=body.n,
                                         constraint=plan.constraint)
     entry = registry.start(owner_of(request), body.genkey, generation.handles)

@@ -8,6 +8,7 @@ preset fields.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +19,12 @@ from common.config.loader import ModelConfig
 from common.formats.constraints import ConstraintSpec
 from common.downloads.transfer import DownloadRequest, check_repo_id
 from common.errors import BadRequestError, ModelNotFoundError
+from common.generation.images import RESOLVED, ImageSource
 from common.generation.prompts import Prompt, chat_prompt, text_prompt
 from common.models.files import parse_keep_alive
 from common.models.manager import LoadedModel, ModelFile, ModelManager
 from common.models.presets import Preset, build_params
+from backends.base import ImageInput
 from backends.sampling import SamplingParams
 from endpoints.ollama.protocol import LOAD_TIME_OPTIONS, ChatMessage, ChatRequest, GenerateRequest, KeepAlive, Options
 
@@ -180,21 +183,28 @@ def output_options(
 
 
 # -- messages ------------------------------------------------------------------
-def no_images(images: list[str] | None, model_name: str, where: str) -> None:
-    if images:
-        raise BadRequestError(
-            f"{where}: model '{model_name}' cannot read images (it has no vision support). "
-            "Send text only, or use a vision model.",
-            param=where,
-        )
+def image_sources(images: list[str] | None, where: str) -> list[ImageSource]:
+    """Ollama's `images`: base64 strings (a data: URI is accepted too)."""
+    return [ImageSource(img, f"{where}[{j}]") for j, img in enumerate(images or [])]
 
 
-def chat_messages(messages: list[ChatMessage], model_name: str) -> list[dict[str, Any]]:
-    """Ollama messages -> the dicts chat templates read (tool results carry `name`)."""
+def with_images(text: str, first: int, count: int) -> str | list[dict[str, Any]]:
+    """A message's content with its images before its text (as Ollama places them); parts refer to images
+    by their index in the request."""
+    if not count:
+        return text
+    return [{"type": RESOLVED, "image": first + k} for k in range(count)] + [{"type": "text", "text": text}]
+
+
+def chat_messages(messages: list[ChatMessage], model_name: str) -> tuple[list[dict[str, Any]], list[ImageSource]]:
+    """Ollama messages -> the dicts chat templates read (tool results carry `name`), and their images."""
     out: list[dict[str, Any]] = []
+    sources: list[ImageSource] = []
     for i, msg in enumerate(messages):
-        no_images(msg.images, model_name, f"messages[{i}].images")
-        m: dict[str, Any] = {**(msg.model_extra or {}), "role": msg.role, "content": msg.content or ""}
+        found = image_sources(msg.images, f"messages[{i}].images")
+        content = with_images(msg.content or "", len(sources), len(found))
+        sources.extend(found)
+        m: dict[str, Any] = {**(msg.model_extra or {}), "role": msg.role, "content": content}
         if msg.tool_calls:
             m["tool_calls"] = msg.tool_calls
         if msg.tool_name:
@@ -203,13 +213,13 @@ def chat_messages(messages: list[ChatMessage], model_name: str) -> list[dict[str
         if msg.thinking:
             m["reasoning_content"] = msg.thinking
         out.append(m)
-    return out
+    return out, sources
 
 
-def generate_messages(prompt: str, system: str | None) -> list[dict[str, Any]]:
+def generate_messages(prompt: str, system: str | None, n_images: int = 0) -> list[dict[str, Any]]:
     """A non-raw /api/generate prompt is one user turn (after the system prompt) in the chat template."""
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": prompt})
+    messages.append({"role": "user", "content": with_images(prompt, 0, n_images)})
     return messages
 
 
@@ -286,28 +296,32 @@ def _plan(prompt: Prompt, params: SamplingParams, options: OutputOptions) -> Oll
     return OllamaPlan(prompt, params, options)
 
 
-def generate_plan(body: GenerateRequest, model: LoadedModel, mc: ModelConfig, preset: Preset | None) -> OllamaPlan:
+def generate_plan(
+    body: GenerateRequest, model: LoadedModel, mc: ModelConfig, preset: Preset | None,
+    images: Sequence[ImageInput] = (),
+) -> OllamaPlan:
     route = "/api/generate"
     if body.raw:
         if body.system:
             logger.info("{}: raw=true, so 'system' is not applied", route)
-        prompt = text_prompt(model, body.prompt)
+        prompt = text_prompt(model, body.prompt, images=images)
     else:
-        messages = generate_messages(body.prompt, body.system)
-        prompt = chat_prompt(model, messages, template_vars=thinking_vars(body.think))
+        messages = generate_messages(body.prompt, body.system, len(images))
+        prompt = chat_prompt(model, messages, template_vars=thinking_vars(body.think), images=images)
     params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route=route, preset=preset)
     return _plan(prompt, params, output_options(model, prompt, mc, think=body.think))
 
 
 def chat_plan(
-    body: ChatRequest, messages: list[dict[str, Any]], model: LoadedModel, mc: ModelConfig, preset: Preset | None
+    body: ChatRequest, messages: list[dict[str, Any]], model: LoadedModel, mc: ModelConfig, preset: Preset | None,
+    images: Sequence[ImageInput] = (),
 ) -> OllamaPlan:
     # Like Ollama, a final assistant message is a prefix the model continues.
     last = messages[-1]
     continue_final = last["role"] == "assistant" and bool(last.get("content")) and not last.get("tool_calls")
     prompt = chat_prompt(
         model, messages, continue_final_message=continue_final, tools=body.tools,
-        template_vars=thinking_vars(body.think),
+        template_vars=thinking_vars(body.think), images=images,
     )
     params = to_sampling_params(body.options, n_ctx=model.info.n_ctx, route="/api/chat", preset=preset)
     return _plan(prompt, params, output_options(model, prompt, mc, think=body.think, tools=body.tools))

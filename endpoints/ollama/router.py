@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from loguru import logger
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from backends.base import ImageInput
 from endpoints.http.auth import require_admin, require_api
 from common.config.loader import ParleyConfig
 from common.formats.constraints import ConstraintSpec
@@ -23,7 +24,8 @@ from common.errors import APIError, BadRequestError, Dialect, ModelNotFoundError
 from common.generation.hooks import GenerationHooks
 from common.generation import embeddings
 from common.generation.pipeline import start_generation
-from common.models.manager import ModelFile, ModelLease, ModelManager
+from common.generation.images import ImagePolicy, ImageSource, resolve
+from common.models.manager import LoadedModel, ModelFile, ModelLease, ModelManager
 from common.models.presets import PresetState
 from endpoints.http.streaming import ndjson_response, until_disconnect
 from endpoints.http.deps import (
@@ -47,7 +49,7 @@ from endpoints.ollama.mapping import (
     generate_plan,
     is_unload,
     keep_alive_seconds,
-    no_images,
+    image_sources,
     parse_pull_name,
 )
 from endpoints.ollama.protocol import ChatRequest, EmbedRequest, GenerateRequest, KeepAlive, PullRequest, ShowRequest
@@ -86,6 +88,12 @@ async def _use_model(
     return lease
 
 
+async def _images(sources: list[ImageSource], model: LoadedModel, config: ParleyConfig) -> list[ImageInput]:
+    return await resolve(
+        sources, ImagePolicy.from_config(config), vision="vision" in model.info.modalities, model_name=model.name
+    )
+
+
 async def _run(
     request: Request, lease: ModelLease, plan: OllamaPlan, spec: ConstraintSpec | None, config: ParleyConfig,
     hooks: GenerationHooks, timing: serving.Timing, *, stream: bool, chat: bool,
@@ -122,7 +130,6 @@ async def generate(
         raise BadRequestError(
             "suffix is not supported for this model: send the whole prompt without 'suffix'.", param="suffix"
         )
-    no_images(body.images, entry.name, "images")
     spec = format_constraint(body.format)
     if body.template:
         logger.info("{}: ignoring 'template'; the model's chat template applies (use raw=true for your own)", route)
@@ -131,7 +138,8 @@ async def generate(
     with await _use_model(models, entry, timing, body.keep_alive) as lease:
         if not body.prompt:
             return JSONResponse(serving.status_body(entry.name, "load", chat=False))
-        plan = generate_plan(body, lease.model, config.model, lease.model.preset(presets.active))
+        images = await _images(image_sources(body.images, "images"), lease.model, config)
+        plan = generate_plan(body, lease.model, config.model, lease.model.preset(presets.active), images)
         return await _run(request, lease, plan, spec, config, hooks, timing, stream=body.stream, chat=False)
 
 
@@ -151,12 +159,13 @@ async def chat(
     if not body.messages and is_unload(body.keep_alive):
         await models.unload_when_idle(entry.name)
         return JSONResponse(serving.status_body(entry.name, "unload", chat=True))
-    messages = chat_messages(body.messages, entry.name)
+    messages, sources = chat_messages(body.messages, entry.name)
     spec = format_constraint(body.format)
     with await _use_model(models, entry, timing, body.keep_alive) as lease:
         if not messages:
             return JSONResponse(serving.status_body(entry.name, "load", chat=True))
-        plan = chat_plan(body, messages, lease.model, config.model, lease.model.preset(presets.active))
+        images = await _images(sources, lease.model, config)
+        plan = chat_plan(body, messages, lease.model, config.model, lease.model.preset(presets.active), images)
         return await _run(request, lease, plan, spec, config, hooks, timing, stream=body.stream, chat=True)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from loguru import logger
 
 from backends.base import Finished, FinishReason, TextDelta
-from backends.registry import gguf_file
+from backends.registry import find_projector, gguf_file
 from common.formats.output import ChatDeltas, ChatOutput, OutputOptions, parse_whole
 from common.downloads.jobs import DownloadJob, DownloadManager
 from common.downloads.transfer import DownloadPlan, DownloadRequest
@@ -293,6 +293,13 @@ def _parameters(stops: list[str], n_ctx: int | None) -> str:
     return "\n".join(lines)
 
 
+def _has_projector(entry: ModelFile) -> bool:
+    try:
+        return find_projector(entry.path, None) is not None
+    except (OSError, APIError):
+        return False
+
+
 async def show_body(models: ModelManager, entry: ModelFile) -> dict[str, Any]:
     info = await file_info(entry)
     loaded = models.loaded.get(entry.name)
@@ -308,6 +315,9 @@ async def show_body(models: ModelManager, entry: ModelFile) -> dict[str, Any]:
         + "".join(f"PARAMETER {line}\n" for line in parameters.splitlines())
     )
     capabilities = ["completion"] + (["tools"] if "tools" in template else [])
+    vision = "vision" in loaded.info.modalities if loaded is not None else _has_projector(entry)
+    if vision:
+        capabilities.append("vision")
     return {
         "license": info.license if info else "",
         "modelfile": modelfile,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from backends.base import ImageInput
 from backends.sampling import SamplingParams
 from common.config.schema import ModelConfig
 from common.errors import BadRequestError
@@ -113,18 +115,23 @@ class ChatPlan:
     want_logprobs: bool
 
 
-def chat_plan(body: ChatCompletionRequest, model: LoadedModel, mc: ModelConfig, preset: Preset | None) -> ChatPlan:
+def chat_plan(
+    body: ChatCompletionRequest, model: LoadedModel, mc: ModelConfig, preset: Preset | None,
+    *, messages: list[dict[str, Any]] | None = None, images: Sequence[ImageInput] = (),
+) -> ChatPlan:
+    """`messages` and `images`: the request's messages with their images resolved (resolve_message_images)."""
     template_vars = {**(body.chat_template_kwargs or {}), **(body.template_vars or {})}
     if body.reasoning_effort:
         template_vars.setdefault("reasoning_effort", body.reasoning_effort)
     prompt = chat_prompt(
         model,
-        body.messages,
+        body.messages if messages is None else messages,
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
         tools=body.tools if body.tool_choice != "none" else None,
         template_vars=template_vars or None,
         response_prefix=body.response_prefix,
+        images=images,
     )
     options = OutputOptions.for_request(
         prompt_text=prompt.text,

@@ -8,6 +8,7 @@ from starlette.responses import JSONResponse, Response
 from common.config.loader import ParleyConfig
 from common.errors import Dialect
 from common.generation.hooks import GenerationHooks
+from common.generation.images import ImagePolicy, resolve_message_images
 from common.generation.pipeline import Generation, start_generation
 from common.models.manager import ModelLease
 from common.models.presets import PresetState
@@ -50,7 +51,10 @@ async def _chat(
     hooks: GenerationHooks,
 ) -> Response:
     model = lease.model
-    plan = chat_plan(body, model, config.model, model.preset(presets.active))
+    messages, images = await resolve_message_images(
+        body.messages, ImagePolicy.from_config(config), vision="vision" in model.info.modalities, model_name=model.name
+    )
+    plan = chat_plan(body, model, config.model, model.preset(presets.active), messages=messages, images=images)
     generation = await start_generation(
         model, plan.prompt, plan.params, hooks=hooks, n=body.n, constraint=plan.constraint,
         loras=lora_pairs(body.loras), default_max_tokens=config.model.default_max_tokens,
