@@ -18,7 +18,7 @@ from common.config.loader import (
 from common.config.cli import is_bool
 
 EXPECTED_SECTIONS = [
-    "network", "logging", "limits", "model", "draft_model", "lora", "sampling", "embeddings", "store", "developer", "remote",
+    "network", "logging", "limits", "model", "draft_model", "lora", "sampling", "embeddings", "store", "vision", "developer", "remote",
 ]
 
 
