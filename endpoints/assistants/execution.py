@@ -58,8 +58,8 @@ class DetachedHooks(GenerationHooks):
     def record_prompt(self, model: str, n_prompt: int, text: str | None, params: SamplingParams) -> None:
         self._ctx.record_prompt(model, n_prompt, text, params)
 
-    def admit(self, n: int) -> None:
-        self._ctx.admit(n)
+    async def admit(self, n: int) -> None:
+        await self._ctx.admit(n)
 
     def observe(self, handle: GenerationHandle, model: str, *, counts_prompt: bool) -> GenerationHandle:
         return ObservedHandle(handle, self._ctx, model, counts_prompt=counts_prompt)
