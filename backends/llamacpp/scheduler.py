@@ -53,6 +53,7 @@ class Scheduler:
         self._drafter = drafter
         self._draft_max = draft_max
         self._batch = NativeBatch(native.n_batch)
+        self._eog = frozenset(native.eog_tokens)  # the same set llama_vocab_is_eog answers, without a call per token
         self._unread: deque[Message] = deque()  # taken from the inbox, not yet handled
         self._waiting: deque[Job] = deque()  # submitted, not in a slot, in admission order
         self._outbox: dict[Job, list[Event]] = {}  # events of this pass, delivered at its end
@@ -428,14 +429,16 @@ class Scheduler:
         params = job.params
         logprobs = None
         saved = job.first_logits
+        logits = None  # read from the context only when something needs them (not on a plain token)
         if saved is not None:
             job.first_logits = None
             logits = saved.copy()
-        else:
-            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.native.ctx, idx), shape=(self.native.n_vocab,))
-            if job.n_generated == 0 and not job.rewinds:  # the prompt's last token: keep its logits for exact reuse
-                job.slot.saved = (len(job.context) - 1, logits.copy())
+        elif job.n_generated == 0 and not job.rewinds:  # the prompt's last token: keep its logits for exact reuse
+            logits = self._row(idx)
+            job.slot.saved = (len(job.context) - 1, logits.copy())
         if job.needs_logits():
+            if logits is None:
+                logits = self._row(idx)
             if params.logprobs is not None:
                 logprobs = log_softmax(logits)  # the model's own distribution, before any mask
             if job.constraint is not None:
@@ -453,7 +456,7 @@ class Scheduler:
             job.t_first = time.perf_counter()
         job.n_generated += 1
         self.generated_count += 1
-        if (lc.llama_vocab_is_eog(self.native.vocab, token) and not params.ignore_eos) or token in job.stop_ids:
+        if (token in self._eog and not params.ignore_eos) or token in job.stop_ids:
             self._finish(job, FinishReason.STOP)
             return
         if job.constraint is not None:
@@ -472,6 +475,10 @@ class Scheduler:
         self._emit(job, got)
         if job.n_generated >= job.max_new:
             self._finish(job, FinishReason.LENGTH)
+
+    def _row(self, idx: int) -> np.ndarray:
+        """Row `idx` of the last batch's logits, as a view (copy it to keep it past the next decode)."""
+        return np.ctypeslib.as_array(lc.llama_get_logits_ith(self.native.ctx, idx), shape=(self.native.n_vocab,))
 
     def _piece(self, token: int) -> bytes:
         return self.native.piece(token, special=True)
