@@ -17,6 +17,7 @@ import numpy as np
 from loguru import logger
 
 from backends.base import EngineStats, Event, Finished, FinishReason, TextDelta, TokenLogprob, Usage
+from backends.llamacpp.draft_policy import DraftPolicy
 from backends.llamacpp.handle import RequestHandle, deliver
 from backends.llamacpp.job import Job, Slot, SlotState
 from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraKey
@@ -52,6 +53,8 @@ class Scheduler:
         self._adapters = adapters
         self._drafter = drafter
         self._draft_max = draft_max
+        self._policy = DraftPolicy(draft_max) if drafter is not None else None
+        self._draft_seconds = 0.0  # drafting time of the current step
         self._batch = NativeBatch(native.n_batch)
         self._eog = frozenset(native.eog_tokens)  # the same set llama_vocab_is_eog answers, without a call per token
         self._unread: deque[Message] = deque()  # taken from the inbox, not yet handled
@@ -284,6 +287,8 @@ class Scheduler:
                 self._sample(job, -1)
         # A full KV cache makes llama_decode refuse the batch (and leave the cache as it was);
         # freeing room then retrying keeps every step productive.
+        t0 = time.perf_counter()
+        drafted, accepted = self.drafted_count, self.accepted_count
         while True:
             fed, sample_at, key = self._fill_batch()
             if not fed:
@@ -305,6 +310,11 @@ class Scheduler:
                 self._verify(job, idx - len(drafts), drafts)
             else:
                 self._sample(job, idx)
+        if self._policy is not None and all(take == 1 for _, take, _ in fed):  # decode-only steps teach the policy
+            self._policy.observe(
+                self._batch.n, len(fed), time.perf_counter() - t0, self.drafted_count - drafted,
+                self.accepted_count - accepted, self._draft_seconds,
+            )
 
     def _fill_batch(self) -> tuple[list[tuple[Job, int, list[int]]], list[tuple[Job, int, list[int]]], LoraKey]:
         batch = self._batch
@@ -344,17 +354,18 @@ class Scheduler:
 
     def _draft(self, active: list[Job], budget: int) -> dict[Job, list[int]]:
         """Speculative guesses for sequences that are decoding (not prefilling)."""
-        if self._drafter is None:
+        self._draft_seconds = 0.0
+        if self._drafter is None or self._policy is None:
             return {}
-        wants = [
-            (j, min(j.draft_len or self._draft_max, self._draft_max, j.remaining - 1))
-            for j in active
-            if len(j.context) - j.n_cached == 1 and j.n_generated > 0 and j.remaining > 1
-        ]
+        decoding = [j for j in active if len(j.context) - j.n_cached == 1 and j.n_generated > 0 and j.remaining > 1]
+        cap = self._policy.limit() if decoding else 0  # what guessing has been worth lately
+        wants = [(j, min(j.draft_len or cap, cap, j.remaining - 1)) for j in decoding]
         room = budget - len(wants)
-        if not wants or room <= 0:
+        if not cap or room <= 0:
             return {}
+        t0 = time.perf_counter()
         got = self._drafter.propose([(j.slot.seq, j.context, k, j.ngram) for j, k in wants])
+        self._draft_seconds = time.perf_counter() - t0
         out: dict[Job, list[int]] = {}
         for job, _ in wants:
             guess = got.get(job.slot.seq, [])[: max(0, room)]
