@@ -70,7 +70,8 @@ async def drive(args: argparse.Namespace) -> None:
                                    add_bos=False, special=True) for i in range(args.streams)]
 
         async def one(i: int) -> int:
-            params = SamplingParams(temperature=0.8, max_tokens=args.tokens, ignore_eos=True, seed=1000 + i)
+            params = SamplingParams(temperature=0.8, max_tokens=args.tokens, ignore_eos=True, seed=1000 + i,
+                                    top_k=args.top_k)
             n = 0
             async for ev in engine.generate(GenerationRequest(list(prompts[i]), params)):
                 n = getattr(getattr(ev, "usage", None), "completion_tokens", n)
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--draft", default="none")
+    ap.add_argument("--top-k", type=int, default=0, help="40 is llama-server's default (0: the whole vocabulary)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--no-profile", action="store_true", help="run the workload only (for perf stat/record)")
     ap.add_argument("--dump", default="", help="write the scheduler thread's pstats here")
