@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Release:
+class Release(NamedTuple):  # a tuple: made once per token, so it is kept cheap to build
     text: str
     tokens: tuple[int, ...]  # tokens whose text this is (in order)
 

@@ -77,6 +77,13 @@ class NativeBatch:
         """
         k = len(tokens)
         a, b = self.n, self.n + k
+        if k == 1 and logits_from < 0:  # a decoding sequence: scalar writes beat slice writes
+            self.tokens[a] = tokens[0]
+            self.pos[a] = start_pos
+            self.seq_flat[a] = seq
+            self.logits[a] = want_last_logits
+            self.n = b
+            return a
         self.tokens[a:b] = tokens
         self.pos[a:b] = np.arange(start_pos, start_pos + k, dtype=np.int32)
         self.seq_flat[a:b] = seq

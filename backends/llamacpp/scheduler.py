@@ -19,6 +19,7 @@ from loguru import logger
 
 from backends.base import EngineStats, Event, Finished, FinishReason, TextDelta, TokenLogprob, Usage
 from backends.llamacpp.admission import choose_slot, should_wait_for_sharer
+from backends.llamacpp.draft_policy import DraftPolicy
 from backends.llamacpp.handle import RequestHandle, deliver
 from backends.llamacpp.job import Job, Slot, SlotState
 from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraKey
@@ -56,7 +57,10 @@ class Scheduler:
         self._adapters = adapters
         self._drafter = drafter
         self._draft_max = draft_max
+        self._policy = DraftPolicy(draft_max) if drafter is not None else None
+        self._draft_seconds = 0.0  # drafting time of the current step
         self._batch = NativeBatch(native.n_batch)
+        self._eog = frozenset(native.eog_tokens)  # the same set llama_vocab_is_eog answers, without a call per token
         self._unread: deque[Message] = deque()  # taken from the inbox, not yet handled
         self._waiting: deque[Job] = deque()  # submitted, not in a slot, in admission order
         self._outbox: dict[Job, list[Event]] = {}  # events of this pass, delivered at its end
@@ -262,6 +266,8 @@ class Scheduler:
             self._step_images()
         # A full KV cache makes llama_decode refuse the batch (and leave the cache as it was);
         # freeing room then retrying keeps every step productive.
+        t0 = time.perf_counter()
+        drafted, accepted = self.drafted_count, self.accepted_count
         while True:
             fed, sample_at, key = self._fill_batch()
             if not fed:
@@ -283,6 +289,11 @@ class Scheduler:
                 self._verify(job, idx - len(drafts), drafts)
             else:
                 self._sample(job, idx)
+        if self._policy is not None and all(take == 1 for _, take, _ in fed):  # decode-only steps teach the policy
+            self._policy.observe(
+                self._batch.n, len(fed), time.perf_counter() - t0, self.drafted_count - drafted,
+                self.accepted_count - accepted, self._draft_seconds,
+            )
 
     def _fill_batch(self) -> tuple[list[tuple[Job, int, list[int]]], list[tuple[Job, int, list[int]]], LoraKey]:
         batch = self._batch
@@ -370,17 +381,19 @@ class Scheduler:
 
     def _draft(self, active: list[Job], budget: int) -> dict[Job, list[int]]:
         """Speculative guesses for sequences that are decoding (not prefilling)."""
-        if self._drafter is None:
+        self._draft_seconds = 0.0
+        if self._drafter is None or self._policy is None:
             return {}
-        wants = [
-            (j, min(j.draft_len or self._draft_max, self._draft_max, j.remaining - 1))
-            for j in active
-            if len(j.context) - j.n_cached == 1 and j.n_generated > 0 and j.remaining > 1 and not j.spans
-        ]
+        decoding = [j for j in active if len(j.context) - j.n_cached == 1 and j.n_generated > 0 and j.remaining > 1
+                    and not j.spans]
+        cap = self._policy.limit() if decoding else 0  # what guessing has been worth lately
+        wants = [(j, min(j.draft_len or cap, cap, j.remaining - 1)) for j in decoding]
         room = budget - len(wants)
-        if not wants or room <= 0:
+        if not cap or room <= 0:
             return {}
+        t0 = time.perf_counter()
         got = self._drafter.propose([(j.slot.seq, j.context, k, j.ngram) for j, k in wants])
+        self._draft_seconds = time.perf_counter() - t0
         out: dict[Job, list[int]] = {}
         for job, _ in wants:
             guess = got.get(job.slot.seq, [])[: max(0, room)]
@@ -455,14 +468,16 @@ class Scheduler:
         params = job.params
         logprobs = None
         saved = job.first_logits
+        logits = None  # read from the context only when something needs them (not on a plain token)
         if saved is not None:
             job.first_logits = None
             logits = saved.copy()
-        else:
-            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.native.ctx, idx), shape=(self.native.n_vocab,))
-            if job.n_generated == 0 and not job.rewinds:  # the prompt's last token: keep its logits for exact reuse
-                job.slot.saved = (len(job.context) - 1, logits.copy())
+        elif job.n_generated == 0 and not job.rewinds:  # the prompt's last token: keep its logits for exact reuse
+            logits = self._row(idx)
+            job.slot.saved = (len(job.context) - 1, logits.copy())
         if job.needs_logits():
+            if logits is None:
+                logits = self._row(idx)
             if params.logprobs is not None:
                 logprobs = log_softmax(logits)  # the model's own distribution, before any mask
             if job.constraint is not None:
@@ -480,7 +495,7 @@ class Scheduler:
             job.t_first = time.perf_counter()
         job.n_generated += 1
         self.generated_count += 1
-        if (lc.llama_vocab_is_eog(self.native.vocab, token) and not params.ignore_eos) or token in job.stop_ids:
+        if (token in self._eog and not params.ignore_eos) or token in job.stop_ids:
             self._finish(job, FinishReason.STOP)
             return
         if job.constraint is not None:
@@ -499,6 +514,10 @@ class Scheduler:
         self._emit(job, got)
         if job.n_generated >= job.max_new:
             self._finish(job, FinishReason.LENGTH)
+
+    def _row(self, idx: int) -> np.ndarray:
+        """Row `idx` of the last batch's logits, as a view (copy it to keep it past the next decode)."""
+        return np.ctypeslib.as_array(lc.llama_get_logits_ith(self.native.ctx, idx), shape=(self.native.n_vocab,))
 
     def _piece(self, token: int) -> bytes:
         return self.native.piece(token, special=True)

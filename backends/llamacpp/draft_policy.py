@@ -1,0 +1,122 @@
+"""How many speculative guesses a step may carry, from what guessing has cost and gained on this engine.
+
+A guessed position is scored in the same batch as the real tokens, so it costs
+about what one more batch token costs, plus the drafter's own time. It pays
+only when it is accepted often enough: acceptance x (seconds per token of a
+step without guesses) > (seconds per extra batch token) + (drafting seconds per
+guess). On CPUs at high concurrency a batch token costs nearly a whole token,
+so guesses must almost always land; at one stream they are cheaper.
+
+`DraftPolicy` keeps exponential moving averages of:
+- step time against batch size, over decode-only steps (a running linear fit:
+  intercept = the step's fixed cost, slope = the cost of one more token);
+- the acceptance rate of guessed positions;
+- the drafter's seconds per guessed position.
+
+After each step that carried guesses it moves the guess-length cap one up when
+guessing paid and one down when it did not. At 0 nothing is guessed, except a
+one-token probe every `probe_every` decode steps, which doubles (up to a limit)
+each time a probe does not pay, so a drafter that never pays costs almost
+nothing, and one whose text starts copying the input is found again.
+"""
+
+from __future__ import annotations
+
+_ALPHA = 0.1  # weight of the newest step in every average
+_MIN_FIT_STEPS = 8  # steps before the cost fit is trusted (until then: every other step guesses at the cap)
+_MIN_VARIANCE = 0.25  # batch sizes must vary this much (tokens^2) to refit the slope
+_PROBE_FIRST = 16
+_PROBE_LONGEST = 512
+
+
+class DraftPolicy:
+    """One per engine; used only on the scheduler thread."""
+
+    __slots__ = (
+        "cap", "probe_every", "_max", "_steps", "_mx", "_my", "_mxx", "_mxy", "_slope", "_intercept",
+        "_accept", "_draft_cost", "_idle", "_probing",
+    )
+
+    def __init__(self, draft_max: int) -> None:
+        self._max = max(0, draft_max)
+        self.cap = self._max  # guesses per sequence this step may carry
+        self.probe_every = _PROBE_FIRST
+        self._steps = 0
+        self._mx = self._my = self._mxx = self._mxy = 0.0
+        self._slope: float | None = None  # seconds per extra batch token
+        self._intercept = 0.0  # seconds a decode step costs regardless of its size
+        self._accept: float | None = None  # accepted / guessed positions
+        self._draft_cost = 0.0  # drafter seconds per guessed position
+        self._idle = 0  # decode steps since the cap fell to 0 or the last probe
+        self._probing = False
+
+    def limit(self) -> int:
+        """The most guesses one sequence may carry this step (0: draft nothing)."""
+        if self._slope is None:  # the cost of a batch token is not known yet: alternate sizes to learn it
+            self._idle ^= 1
+            return self.cap if self._idle else 0
+        if self.cap > 0:
+            return self.cap
+        self._idle += 1
+        if self._idle >= self.probe_every:
+            self._idle = 0
+            self._probing = True
+            return 1
+        return 0
+
+    def observe(self, n_tokens: int, n_seqs: int, seconds: float, drafted: int, accepted: int,
+                draft_seconds: float) -> None:
+        """One decode-only step: its batch size, its decoding sequences, its time (decode and sampling),
+        and the guesses it carried, how many were kept and how long drafting them took."""
+        if n_seqs <= 0 or seconds <= 0.0:
+            return
+        self._fit(float(n_tokens), seconds)
+        if not drafted:
+            return
+        a = _ALPHA
+        rate = accepted / drafted
+        per_guess = draft_seconds / drafted
+        probing, self._probing = self._probing, False
+        first = self._accept is None
+        # A probe's result replaces the acceptance measured before drafting stopped (the text has moved on).
+        self._accept = rate if first or probing else (1 - a) * self._accept + a * rate
+        self._draft_cost = per_guess if first else (1 - a) * self._draft_cost + a * per_guess
+        if self._slope is None:
+            return  # not enough steps to know the cost yet
+        plain = self._intercept + self._slope * n_seqs  # this step without guesses
+        pays = self._accept * plain / n_seqs > self._slope + self._draft_cost
+        if pays:
+            self.cap = min(self._max, self.cap + 1)
+            self.probe_every = _PROBE_FIRST
+        else:
+            self.cap = max(0, self.cap - 1)
+            if probing:
+                self.probe_every = min(2 * self.probe_every, _PROBE_LONGEST)
+
+    def _fit(self, x: float, y: float) -> None:
+        a = _ALPHA if self._steps else 1.0
+        self._steps += 1
+        self._mx += a * (x - self._mx)
+        self._my += a * (y - self._my)
+        self._mxx += a * (x * x - self._mxx)
+        self._mxy += a * (x * y - self._mxy)
+        var = self._mxx - self._mx * self._mx
+        if self._steps < _MIN_FIT_STEPS:
+            return
+        if var >= _MIN_VARIANCE:
+            slope = (self._mxy - self._mx * self._my) / var
+            self._slope = min(max(slope, 0.0), self._my / self._mx)  # between free and the whole average token
+        elif self._slope is None:  # sizes have not varied yet: no slope to trust
+            return
+        self._intercept = max(0.0, self._my - self._slope * self._mx)
+
+    def snapshot(self) -> dict[str, float | int | None]:
+        """The current estimates (for logs and tests)."""
+        return {
+            "cap": self.cap,
+            "probe_every": self.probe_every,
+            "slope_s": self._slope,
+            "intercept_s": self._intercept,
+            "acceptance": self._accept,
+            "draft_s_per_guess": self._draft_cost,
+        }
