@@ -75,9 +75,19 @@ async def bench_server(srv: Server, args: argparse.Namespace, seed: int) -> dict
                   f"TTFT p50 {by_c[c]['ttft_p50'] * 1e3:.0f} ms, ITL p50 {by_c[c]['itl_p50'] * 1e3:.1f} ms", flush=True)
         out[wl.name] = by_c
     out["rss_loaded"] = srv.rss_mib()
-    out["cold"] = {tokens: await cold_ttft(srv.base, words, args.cold_prompts, seed + 50_000 + tokens)
-                   for tokens, words in COLD_WORDS.items()}
-    out["prefix"] = await prefix_phase(srv.base, seed)
+    nan = float("nan")
+    out["cold"] = {}
+    for tokens, words in COLD_WORDS.items():
+        try:
+            out["cold"][tokens] = await cold_ttft(srv.base, words, args.cold_prompts, seed + 50_000 + tokens)
+        except httpx.HTTPError as exc:  # a peer that fails here is reported, not fatal to the run
+            print(f"  {srv.name} cold TTFT ({tokens} tokens) failed: {exc!r}", flush=True)
+            out["cold"][tokens] = nan
+    try:
+        out["prefix"] = await prefix_phase(srv.base, seed)
+    except httpx.HTTPError as exc:
+        print(f"  {srv.name} shared-prefix phase failed: {exc!r}", flush=True)
+        out["prefix"] = {"ttft_first": nan, "ttft_second": nan, "ratio": nan}
     print(f"  {srv.name} cold TTFT " + ", ".join(f"{t}: {v * 1e3:.0f} ms" for t, v in out["cold"].items())
           + f"; RSS idle {out['rss_idle']:.0f} MiB, after load {out['rss_loaded']:.0f} MiB", flush=True)
     return out
