@@ -19,7 +19,6 @@ from loguru import logger
 
 from backends.base import EngineStats, Event, Finished, FinishReason, TextDelta, TokenLogprob, Usage
 from backends.llamacpp.admission import choose_slot, should_wait_for_sharer
-from backends.llamacpp.draft_policy import DraftPolicy
 from backends.llamacpp.handle import RequestHandle, deliver
 from backends.llamacpp.job import Job, Slot, SlotState
 from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraKey
@@ -28,6 +27,7 @@ from backends.llamacpp.mtmd import ImageEncoder
 from backends.llamacpp.messages import Cancel, Command, Inbox, InboxClosed, Message, Submit
 from backends.llamacpp.native import NativeBatch, NativeModel
 from backends.llamacpp.sampler import build_chain
+from backends.llamacpp.speculation import Speculation
 from backends.llamacpp.speculative import Drafter
 from backends.logprobs import log_softmax, token_logprob
 from backends.text_stream import Release, Rewind, StopHit
@@ -55,10 +55,7 @@ class Scheduler:
         self.slots = [Slot(i) for i in range(native.n_slots)]
         self._inbox = inbox
         self._adapters = adapters
-        self._drafter = drafter
-        self._draft_max = draft_max
-        self._policy = DraftPolicy(draft_max) if drafter is not None else None
-        self._draft_seconds = 0.0  # drafting time of the current step
+        self._spec = Speculation(drafter, draft_max, native.mem) if drafter is not None else None
         self._batch = NativeBatch(native.n_batch)
         self._eog = frozenset(native.eog_tokens)  # the same set llama_vocab_is_eog answers, without a call per token
         self._unread: deque[Message] = deque()  # taken from the inbox, not yet handled
@@ -67,8 +64,6 @@ class Scheduler:
         self._lora_turn = 0
         self.finished_count = 0
         self.generated_count = 0
-        self.drafted_count = 0
-        self.accepted_count = 0
 
     # -- the thread's loop ----------------------------------------------------
     def run(self) -> None:
@@ -174,8 +169,8 @@ class Scheduler:
             cached_prefix_tokens=sum(n for state, n in states if state is SlotState.IDLE),
             requests_finished=self.finished_count,
             tokens_generated=self.generated_count,
-            draft_tokens=self.drafted_count,
-            accepted_draft_tokens=self.accepted_count,
+            draft_tokens=self._spec.drafted_count if self._spec else 0,
+            accepted_draft_tokens=self._spec.accepted_count if self._spec else 0,
         )
 
     # -- admission -------------------------------------------------------------
@@ -267,7 +262,8 @@ class Scheduler:
         # A full KV cache makes llama_decode refuse the batch (and leave the cache as it was);
         # freeing room then retrying keeps every step productive.
         t0 = time.perf_counter()
-        drafted, accepted = self.drafted_count, self.accepted_count
+        spec = self._spec
+        drafted, accepted = (spec.drafted_count, spec.accepted_count) if spec else (0, 0)
         while True:
             fed, sample_at, key = self._fill_batch()
             if not fed:
@@ -286,14 +282,13 @@ class Scheduler:
                 job.state = SlotState.GENERATING
         for job, idx, drafts in sample_at:
             if drafts:
-                self._verify(job, idx - len(drafts), drafts)
+                assert spec is not None
+                spec.verify(job, idx - len(drafts), drafts, self._sample)
             else:
                 self._sample(job, idx)
-        if self._policy is not None and all(take == 1 for _, take, _ in fed):  # decode-only steps teach the policy
-            self._policy.observe(
-                self._batch.n, len(fed), time.perf_counter() - t0, self.drafted_count - drafted,
-                self.accepted_count - accepted, self._draft_seconds,
-            )
+        if spec is not None and all(take == 1 for _, take, _ in fed):  # decode-only steps teach the policy
+            spec.observe(self._batch.n, len(fed), time.perf_counter() - t0, spec.drafted_count - drafted,
+                         spec.accepted_count - accepted)
 
     def _fill_batch(self) -> tuple[list[tuple[Job, int, list[int]]], list[tuple[Job, int, list[int]]], LoraKey]:
         batch = self._batch
@@ -308,7 +303,7 @@ class Scheduler:
         active = [j for j in active if j.lora_key == key]
         # Decoding sequences first (one token each, plus guesses), then prefill in admission order.
         active.sort(key=lambda j: (len(j.context) - j.n_cached > 1, j.t_admit))
-        drafts = self._draft(active, budget)
+        drafts = self._spec.draft(active, budget) if self._spec is not None else {}
         for job in active:
             pending = (text_end(job) if job.spans else len(job.context)) - job.n_cached
             if budget <= 0:
@@ -378,58 +373,6 @@ class Scheduler:
             return keys[0] if keys else self._adapters.applied
         self._lora_turn = (self._lora_turn + 1) % len(keys)
         return keys[self._lora_turn]
-
-    def _draft(self, active: list[Job], budget: int) -> dict[Job, list[int]]:
-        """Speculative guesses for sequences that are decoding (not prefilling)."""
-        self._draft_seconds = 0.0
-        if self._drafter is None or self._policy is None:
-            return {}
-        decoding = [j for j in active if len(j.context) - j.n_cached == 1 and j.n_generated > 0 and j.remaining > 1
-                    and not j.spans]
-        cap = self._policy.limit() if decoding else 0  # what guessing has been worth lately
-        wants = [(j, min(j.draft_len or cap, cap, j.remaining - 1)) for j in decoding]
-        room = budget - len(wants)
-        if not cap or room <= 0:
-            return {}
-        t0 = time.perf_counter()
-        got = self._drafter.propose([(j.slot.seq, j.context, k, j.ngram) for j, k in wants])
-        self._draft_seconds = time.perf_counter() - t0
-        out: dict[Job, list[int]] = {}
-        for job, _ in wants:
-            guess = got.get(job.slot.seq, [])[: max(0, room)]
-            if guess:
-                out[job] = guess
-                room -= len(guess)
-        return out
-
-    def _verify(self, job: Job, idx: int, drafts: list[int]) -> None:
-        """Sample at each guessed position in turn; keep guesses while the sample equals them."""
-        slot = job.slot
-        assert slot is not None
-        base = job.n_cached  # the last context token and the guesses after it are in KV
-        rewinds = job.rewinds
-        accepted = 0
-        for i in range(len(drafts) + 1):
-            self._sample(job, idx + i)
-            if job.state is SlotState.DONE or job.rewinds != rewinds:
-                break
-            if i < len(drafts) and job.context[-1] == drafts[i]:
-                accepted += 1
-                continue
-            break
-        job.n_drafted += len(drafts)
-        job.n_accepted += accepted
-        # Guess as far as guesses have been landing: double after a full hit, else one past the hits.
-        # Each guessed position costs nearly a token's compute on CPUs, so misses are not free.
-        job.draft_len = min(2 * len(drafts), self._draft_max) if accepted == len(drafts) else accepted + 1
-        self.drafted_count += len(drafts)
-        self.accepted_count += accepted
-        if job.rewinds != rewinds:
-            return  # a banned string rewound the sequence: its KV is already cut back past the guesses
-        keep = base + accepted
-        slot.cut(self.native.mem, keep)
-        if job.state is not SlotState.DONE:
-            job.n_cached = keep
 
     def _on_decode_failure(self, rc: int, fed: list[tuple[Job, int]]) -> bool:
         """Make room after a refused batch; True when the step should be retried."""
