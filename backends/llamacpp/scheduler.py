@@ -433,7 +433,10 @@ class Scheduler:
             banned = job.bans.get(job.n_generated)
             if banned:
                 logits[list(banned)] = -np.inf
-        token = job.chain.sample_from(logits) if saved is not None else job.chain.sample(self.native.ctx, idx)
+        if saved is not None or job.chain.direct is not None:
+            token = job.chain.sample_from(logits if logits is not None else self._row(idx))
+        else:
+            token = job.chain.sample(self.native.ctx, idx)
         if job.n_generated == 0:
             job.t_first = time.perf_counter()
         job.n_generated += 1
