@@ -32,6 +32,15 @@ class APIError(Exception):
     type: str = "server_error"
     code: str = "internal_error"
 
+    def __init_subclass__(
+        cls, *, status: int | None = None, type: str | None = None, code: str | None = None, **kw: Any
+    ) -> None:
+        """A subclass sets its defaults in its header: `class X(APIError, status=..., type=..., code=...)`."""
+        super().__init_subclass__(**kw)
+        for name, value in (("status", status), ("type", type), ("code", code)):
+            if value is not None:
+                setattr(cls, name, value)
+
     def __init__(
         self,
         message: str,
@@ -115,70 +124,48 @@ def _anthropic_fallback(status: int) -> str:
     return "invalid_request_error" if 400 <= status < 500 else "api_error"
 
 
-class BadRequestError(APIError):
-    status = 400
-    type = "invalid_request_error"
-    code = "invalid_request"
+class BadRequestError(APIError, status=400, type="invalid_request_error", code="invalid_request"):
+    """The request itself is wrong; `param` names the field."""
 
 
-class ContextLengthExceededError(BadRequestError):
-    code = "context_length_exceeded"
+class ContextLengthExceededError(BadRequestError, code="context_length_exceeded"):
+    """The prompt (with the output asked for) does not fit the model's context."""
 
 
-class AuthenticationError(APIError):
-    status = 401
-    type = "authentication_error"
-    code = "invalid_api_key"
+class AuthenticationError(APIError, status=401, type="authentication_error", code="invalid_api_key"):
+    """No key, or one the server does not know."""
 
 
-class PermissionDeniedError(APIError):
-    status = 403
-    type = "permission_error"
-    code = "insufficient_permissions"
+class PermissionDeniedError(APIError, status=403, type="permission_error", code="insufficient_permissions"):
+    """A known key without the permission the route needs."""
 
 
-class NotFoundError(APIError):
-    status = 404
-    type = "invalid_request_error"
-    code = "not_found"
+class NotFoundError(APIError, status=404, type="invalid_request_error", code="not_found"):
+    """What the request names does not exist."""
 
 
-class ModelNotFoundError(NotFoundError):
-    code = "model_not_found"
+class ModelNotFoundError(NotFoundError, code="model_not_found"):
+    """No model of that name."""
 
 
-class ConflictError(APIError):
-    status = 409
-    type = "invalid_request_error"
-    code = "conflict"
+class ConflictError(APIError, status=409, type="invalid_request_error", code="conflict"):
+    """The request clashes with the current state."""
 
 
-class PayloadTooLargeError(APIError):
-    status = 413
-    type = "invalid_request_error"
-    code = "payload_too_large"
+class PayloadTooLargeError(APIError, status=413, type="invalid_request_error", code="payload_too_large"):
+    """The body is larger than the server takes."""
 
 
-class ClientClosedError(APIError):
+class ClientClosedError(APIError, status=499, type="invalid_request_error", code="client_closed_request"):
     """The client went away before the answer was ready (nginx's 499)."""
 
-    status = 499
-    type = "invalid_request_error"
-    code = "client_closed_request"
+
+class RateLimitError(APIError, status=429, type="rate_limit_error", code="rate_limit_exceeded"):
+    """Too many requests: over the caller's budget, or an upstream's limit."""
 
 
-class RateLimitError(APIError):
-    status = 429
-    type = "rate_limit_error"
-    code = "rate_limit_exceeded"
-
-
-class ServiceUnavailableError(APIError):
+class ServiceUnavailableError(APIError, status=503, type="server_error", code="service_unavailable"):
     """Busy, loading, draining or no model: the client may retry."""
-
-    status = 503
-    type = "server_error"
-    code = "service_unavailable"
 
     def __init__(self, message: str, *, retry_after: float | None = None, **kw: Any) -> None:
         super().__init__(message, **kw)
@@ -186,14 +173,10 @@ class ServiceUnavailableError(APIError):
             self.headers.setdefault("Retry-After", str(max(1, int(round(retry_after)))))
 
 
-class ModelNotLoadedError(ServiceUnavailableError):
-    code = "model_not_loaded"
+class ModelNotLoadedError(ServiceUnavailableError, code="model_not_loaded"):
+    """The model the request needs is not loaded (not yet, or not any more)."""
 
 
-class EngineError(APIError):
+class EngineError(APIError, status=500, type="server_error", code="engine_error"):
     """The engine failed while serving a request (not the client's fault)."""
-
-    status = 500
-    type = "server_error"
-    code = "engine_error"
 

@@ -54,12 +54,7 @@ async def load_startup_model(app: FastAPI) -> None:
     name = config.model.model_name
     embedding_name = config.embeddings.embedding_model_name
     if embedding_name:
-        try:
-            await models.load(embedding_name)
-        except APIError as exc:
-            logger.error("Could not load the embedding model '{}': {}", embedding_name, exc.message)
-        except Exception:
-            logger.exception("Could not load the embedding model '{}'", embedding_name)
+        await _load_or_log(models, embedding_name, "the embedding model ")
     if not name:
         found = [m for m in models.available() if models.task_of(m) == "generate"]
         if not found:
@@ -69,12 +64,17 @@ async def load_startup_model(app: FastAPI) -> None:
             )
             return
         name = found[0].name
+    await _load_or_log(models, name)
+
+
+async def _load_or_log(models: ModelManager, name: str, what: str = "") -> None:
+    """Load a model at start-up; a failure is logged and the server starts without it."""
     try:
         await models.load(name)
     except APIError as exc:
-        logger.error("Could not load '{}': {}", name, exc.message)
+        logger.error("Could not load {}'{}': {}", what, name, exc.message)
     except Exception:
-        logger.exception("Could not load '{}'", name)
+        logger.exception("Could not load {}'{}'", what, name)
 
 
 def remote_models_of(config: ParleyConfig, *, check: bool) -> list[RemoteSpec]:

@@ -8,56 +8,37 @@ paths, take Anthropic's `{"type": "error", "error": {...}}` shape.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 from starlette.responses import JSONResponse, Response
 
-from common.config.loader import ParleyConfig
 from common.errors import Dialect
-from common.generation.hooks import GenerationHooks
 from common.generation.pipeline import start_generation
-from common.models.presets import PresetState
 from endpoints.anthropic import serving
 from endpoints.anthropic.mapping import build_prompt, message_plan
 from endpoints.anthropic.protocol import CountTokensRequest, MessagesRequest
-from endpoints.http.auth import require_api
-from endpoints.http.deps import RouteDialect, get_config, get_presets, lease_model, log_unknown_fields
-from endpoints.http.error_docs import error_responses
-from endpoints.http.json_body import StrictJSONRoute
-from endpoints.http.request_context import request_hooks
-from endpoints.http.streaming import sse_response, until_disconnect
+from endpoints.http.deps import RouteDialect, lease_model, log_unknown_fields
+from endpoints.http.route import GenerateDeps, answer, api_router, generate_deps
 
 ANTHROPIC = RouteDialect(Dialect.ANTHROPIC, claims=("/v1/messages",))
 
-router = APIRouter(
-    tags=["Anthropic"],
-    dependencies=[Depends(ANTHROPIC), Depends(require_api)],
-    route_class=StrictJSONRoute,
-    responses=error_responses(Dialect.ANTHROPIC),
-)
+router = api_router(ANTHROPIC, tags=["Anthropic"])
 
 
 @router.post("/v1/messages")
-async def messages(
-    body: MessagesRequest,
-    request: Request,
-    config: ParleyConfig = Depends(get_config),
-    presets: PresetState = Depends(get_presets),
-    hooks: GenerationHooks = Depends(request_hooks),
-) -> Response:
+async def messages(body: MessagesRequest, deps: GenerateDeps = Depends(generate_deps)) -> Response:
     log_unknown_fields(body, "/v1/messages")
-    with await lease_model(request, body.model) as lease:
+    with await deps.lease(body.model) as lease:
         model = lease.model
-        plan = message_plan(body, model, config.model, model.preset(presets.active))
+        plan = message_plan(body, model, deps.config.model, deps.preset(model))
         generation = await start_generation(
-            model, plan.prompt, plan.params, hooks=hooks, constraint=plan.constraint,
-            default_max_tokens=config.model.default_max_tokens,
+            model, plan.prompt, plan.params, hooks=deps.hooks, constraint=plan.constraint,
+            default_max_tokens=deps.default_max_tokens,
         )
-        if body.stream:
-            frames = serving.message_stream(generation, model.name, plan.options, plan.stop_sequences)
-            return sse_response(frames, Dialect.ANTHROPIC, done_marker=False, handles=generation.handles,
-                                on_close=lease.detach())
-        work = serving.message_response(generation, model.name, plan.options, plan.stop_sequences)
-        return JSONResponse(await until_disconnect(request, work, generation.handles))
+        return await answer(
+            deps.request, lease, generation, stream=body.stream, dialect=Dialect.ANTHROPIC, done_marker=False,
+            frames=lambda: serving.message_stream(generation, model.name, plan.options, plan.stop_sequences),
+            result=lambda: serving.message_response(generation, model.name, plan.options, plan.stop_sequences),
+        )
 
 
 @router.post("/v1/messages/count_tokens")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import Depends, Query
 
 from common.config.loader import ParleyConfig
 from common.errors import BadRequestError, Dialect
@@ -13,20 +13,13 @@ from common.store.ids import id_for
 from common.store.store import Owner, Store
 from endpoints.assistants import objects
 from endpoints.assistants.protocol import AssistantCreate, MessageCreate, MessageUpdate, ThreadCreate, ThreadUpdate
-from endpoints.http.auth import require_api
 from endpoints.http.deps import RouteDialect, get_config
-from endpoints.http.error_docs import error_responses
-from endpoints.http.json_body import StrictJSONRoute
+from endpoints.http.route import api_router
 from endpoints.http.store import get_store, owner_of
 
 ASSISTANTS = RouteDialect(Dialect.OPENAI, max_tokens="max_completion_tokens")
 
-router = APIRouter(
-    tags=["OpenAI Assistants (beta)"],
-    dependencies=[Depends(ASSISTANTS), Depends(require_api)],
-    route_class=StrictJSONRoute,
-    responses=error_responses(Dialect.OPENAI),
-)
+router = api_router(ASSISTANTS, tags=["OpenAI Assistants (beta)"])
 
 
 class ListQuery:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 from starlette.responses import JSONResponse, Response
 
 from common.config.loader import ParleyConfig
@@ -19,20 +19,13 @@ from endpoints.assistants import execution, objects
 from endpoints.assistants.protocol import (RunCreate, RunUpdate, SubmitToolOutputs, ThreadAndRunCreate,
                                            ThreadCreate, TruncationStrategy)
 from endpoints.assistants.router import ASSISTANTS, ListQuery, add_messages, create_thread
-from endpoints.http.auth import require_api
 from endpoints.http.deps import get_config, get_presets, lease_model, log_unknown_fields
-from endpoints.http.error_docs import error_responses
-from endpoints.http.json_body import StrictJSONRoute
 from endpoints.http.request_context import RequestContext, request_hooks
+from endpoints.http.route import api_router
 from endpoints.http.store import get_store, owner_of
 from endpoints.http.streaming import sse_response
 
-router = APIRouter(
-    tags=["OpenAI Assistants (beta)"],
-    dependencies=[Depends(ASSISTANTS), Depends(require_api)],
-    route_class=StrictJSONRoute,
-    responses=error_responses(Dialect.OPENAI),
-)
+router = api_router(ASSISTANTS, tags=["OpenAI Assistants (beta)"])
 
 
 def run_tasks(request: Request) -> execution.RunTasks:

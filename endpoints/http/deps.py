@@ -34,11 +34,7 @@ async def lease_model(request: Request, name: str | None, *, always_load: bool =
     response takes the release over with `on_close=lease.detach()`.
     """
     models: ModelManager = request.app.state.models
-    admin = (
-        not models.inline_loading or not models.inline_admin_only
-        or await permission_of(request) is Permission.ADMIN
-    )
-    return await models.acquire(name, admin=admin, always_load=always_load)
+    return await models.acquire(name, admin=await _may_load(request, models), always_load=always_load)
 
 
 async def lease_embedding_model(
@@ -47,11 +43,17 @@ async def lease_embedding_model(
     """A lease on the embedding model an embeddings (`task` embed) or rerank route names (see
     ModelManager.acquire_embedding); use it as `lease_model`'s."""
     models: ModelManager = request.app.state.models
-    admin = (
+    return await models.acquire_embedding(
+        name, admin=await _may_load(request, models), always_load=always_load, task=task
+    )
+
+
+async def _may_load(request: Request, models: ModelManager) -> bool:
+    """Whether the request counts as admin for inline loading; its key is looked up only when that matters."""
+    return (
         not models.inline_loading or not models.inline_admin_only
         or await permission_of(request) is Permission.ADMIN
     )
-    return await models.acquire_embedding(name, admin=admin, always_load=always_load, task=task)
 
 
 def get_presets(request: Request) -> PresetState:

@@ -1,11 +1,11 @@
 """The store as routes reach it: opened (and migrated) at start-up in the background, awaited by the first
-route that needs it; and the `Owner` a request acts as, from the key it authenticated with."""
+route that needs it; the `Owner` a request acts as, from the key it authenticated with; and a list's page query."""
 
 from __future__ import annotations
 
 import asyncio
 
-from fastapi import Request
+from fastapi import Query, Request
 from loguru import logger
 
 from common.config.loader import ParleyConfig
@@ -64,3 +64,10 @@ def owner_of(request: Request) -> Owner:
     if entry is None:
         return Owner("", admin=False)
     return Owner.of_key(entry.secret, admin=entry.permission is Permission.ADMIN)
+
+
+class PageQuery:
+    """limit / order / after, as the Responses and Conversations item lists take them: `q: PageQuery = Depends()`."""
+
+    def __init__(self, limit: int = Query(20), order: str = Query("desc"), after: str | None = Query(None)) -> None:
+        self.limit, self.order, self.after = limit, order, after

@@ -9,33 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 from loguru import logger
 from starlette.responses import JSONResponse, Response
 
-from endpoints.http.auth import AuthManager, require_api
+from endpoints.http.auth import AuthManager
 from common.config.loader import ParleyConfig
 from common.errors import BadRequestError, Dialect
-from common.generation.hooks import GenerationHooks
 from common.generation.images import ImagePolicy, resolve
 from common.generation.pipeline import Generation, start_generation
 from common.generation.prompts import text_prompt, tokenize_images
-from common.models.manager import LoadedModel
-from common.models.presets import PresetState
+from common.models.manager import ModelLease
 from endpoints.http.streaming import sse_response, until_disconnect
 from common.generation import embeddings
-from endpoints.http.deps import (
-    RouteDialect,
-    get_config,
-    get_presets,
-    lease_embedding_model,
-    lease_model,
-    log_unknown_fields,
-)
+from endpoints.http.deps import RouteDialect, get_config, lease_embedding_model, lease_model, log_unknown_fields
 from endpoints.openai.embedding_serving import embeddings_body
-from endpoints.http.error_docs import error_responses
-from endpoints.http.json_body import StrictJSONRoute
-from endpoints.http.request_context import request_hooks
+from endpoints.http.route import GenerateDeps, api_router, generate_deps
 from endpoints.kobold import serving
 from endpoints.kobold.genkeys import AbortOutcome, GenEntry, GenRegistry, get_registry, owner_of
 from endpoints.kobold.mapping import default_max_length, generate_plan, image_sources, note_unapplied
@@ -50,12 +39,7 @@ from endpoints.kobold.protocol import (
 # Unknown paths under KoboldAI's prefixes answer in its shape too.
 KOBOLD = RouteDialect(Dialect.KOBOLD, max_tokens="max_length", claims=("/api/v1/", "/api/extra/", "/api/latest"))
 
-router = APIRouter(
-    tags=["KoboldAI"],
-    dependencies=[Depends(KOBOLD), Depends(require_api)],
-    route_class=StrictJSONRoute,
-    responses=error_responses(Dialect.KOBOLD),
-)
+router = api_router(KOBOLD, tags=["KoboldAI"])
 
 KOBOLD_API_VERSION = "1.2.5"
 # A recent KoboldCpp: clients enable streaming, grammar, min_p and tokenization from 1.x versions.
@@ -109,18 +93,12 @@ async def max_length(config: ParleyConfig = Depends(get_config)) -> dict[str, in
 
 # -- generation -----------------------------------------------------------------
 async def _start(
-    body: GenerateRequest,
-    request: Request,
-    model: LoadedModel,
-    config: ParleyConfig,
-    presets: PresetState,
-    registry: GenRegistry,
-    hooks: GenerationHooks,
-    route: str,
+    body: GenerateRequest, lease: ModelLease, deps: GenerateDeps, registry: GenRegistry, route: str
 ) -> tuple[Generation, GenEntry]:
     """Map and start the request; register it for abort and check."""
     log_unknown_fields(body, route)
     note_unapplied(body, route)
+    model, config = lease.model, deps.config
     default_length = default_max_length(config.model.default_max_tokens, config.limits.max_output_tokens)
     prompt = None
     sources = image_sources(body)
@@ -129,12 +107,10 @@ async def _start(
             sources, ImagePolicy.from_config(config), vision="vision" in model.info.modalities, model_name=model.name
         )
         prompt = await tokenize_images(model, text_prompt(model, body.prompt, truncatable=True, images=images))
-    plan = generate_plan(
-        body, model, default_length=default_length, preset=model.preset(presets.active), prompt=prompt
-    )
-    generation = await start_generation(model, plan.prompt, plan.params, hooks=hooks, n=body.n,
+    plan = generate_plan(body, model, default_length=default_length, preset=deps.preset(model), prompt=prompt)
+    generation = await start_generation(model, plan.prompt, plan.params, hooks=deps.hooks, n=body.n,
                                         constraint=plan.constraint)
-    entry = registry.start(owner_of(request), body.genkey, generation.handles)
+    entry = registry.start(owner_of(deps.request), body.genkey, generation.handles)
     if not body.quiet:
         logger.info(
             "{}: genkey {}, {} prompt tokens, max_length {}{}", route, entry.genkey, len(plan.prompt.tokens),
@@ -145,34 +121,22 @@ async def _start(
 
 @router.post("/api/v1/generate")
 async def generate(
-    body: GenerateRequest,
-    request: Request,
-    config: ParleyConfig = Depends(get_config),
-    presets: PresetState = Depends(get_presets),
-    registry: GenRegistry = Depends(get_registry),
-    hooks: GenerationHooks = Depends(request_hooks),
+    body: GenerateRequest, registry: GenRegistry = Depends(get_registry), deps: GenerateDeps = Depends(generate_deps)
 ) -> Response:
-    with await lease_model(request, None) as lease:
-        generation, entry = await _start(body, request, lease.model, config, presets, registry, hooks,
-                                         "/api/v1/generate")
+    with await deps.lease(None) as lease:
+        generation, entry = await _start(body, lease, deps, registry, "/api/v1/generate")
         work = serving.generate_response(generation, entry, registry, trim_stop=body.trim_stop)
-        return JSONResponse(await until_disconnect(request, work))
+        return JSONResponse(await until_disconnect(deps.request, work))
 
 
 @router.post("/api/extra/generate/stream")
 async def generate_stream(
-    body: GenerateRequest,
-    request: Request,
-    config: ParleyConfig = Depends(get_config),
-    presets: PresetState = Depends(get_presets),
-    registry: GenRegistry = Depends(get_registry),
-    hooks: GenerationHooks = Depends(request_hooks),
+    body: GenerateRequest, registry: GenRegistry = Depends(get_registry), deps: GenerateDeps = Depends(generate_deps)
 ) -> Response:
     if body.n != 1:
         raise BadRequestError("Streaming generates one answer; send n=1 or use /api/v1/generate.", param="n")
-    with await lease_model(request, None) as lease:
-        generation, entry = await _start(body, request, lease.model, config, presets, registry, hooks,
-                                         "/api/extra/generate/stream")
+    with await deps.lease(None) as lease:
+        generation, entry = await _start(body, lease, deps, registry, "/api/extra/generate/stream")
         frames = serving.generate_stream(generation, entry, registry, trim_stop=body.trim_stop)
         return sse_response(frames, Dialect.KOBOLD, done_marker=False, handles=generation.handles,
                             on_close=lease.detach())

@@ -6,27 +6,20 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 from pydantic import AliasChoices, ConfigDict, Field
 from starlette.responses import JSONResponse
 
 from common.errors import BadRequestError, Dialect
 from common.generation import embeddings
-from endpoints.http.auth import require_api
 from endpoints.http.deps import RouteDialect, lease_embedding_model, log_unknown_fields
-from endpoints.http.error_docs import error_responses
-from endpoints.http.json_body import StrictJSONRoute
 from endpoints.http.names import ModelName
+from endpoints.http.route import api_router
 from endpoints.http.wire import WireModel
 from endpoints.openai.embedding_protocol import RerankRequest
 from endpoints.openai.embedding_serving import rerank_body
 
-router = APIRouter(
-    tags=["llama.cpp"],
-    dependencies=[Depends(RouteDialect(Dialect.LLAMACPP)), Depends(require_api)],
-    route_class=StrictJSONRoute,
-    responses=error_responses(Dialect.LLAMACPP),
-)
+router = api_router(RouteDialect(Dialect.LLAMACPP), tags=["llama.cpp"])
 
 
 class EmbeddingContentRequest(WireModel):

@@ -11,21 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
-from starlette.responses import JSONResponse, Response
+from fastapi import Depends, Query, Request
+from starlette.responses import Response
 
-from common.config.loader import ParleyConfig
 from common.errors import APIError, BadRequestError, Dialect, ServiceUnavailableError
-from common.generation.hooks import GenerationHooks
-from common.generation.pipeline import Generation, start_generation
+from common.generation.pipeline import start_generation
 from common.models.manager import ModelManager
 from common.models.presets import PresetState
-from endpoints.http.auth import require_api
-from endpoints.http.deps import RouteDialect, get_config, get_models, get_presets, lease_model, log_unknown_fields
-from endpoints.http.error_docs import error_responses
-from endpoints.http.json_body import StrictJSONRoute
-from endpoints.http.request_context import request_hooks
-from endpoints.http.streaming import sse_response, until_disconnect
+from endpoints.http.deps import RouteDialect, get_models, get_presets, lease_model, log_unknown_fields
+from endpoints.http.route import GenerateDeps, answer, api_router, generate_deps, start_each
 from endpoints.llamacpp import completion_serving, serving
 from endpoints.llamacpp.completion_mapping import completion_plan, default_params
 from endpoints.llamacpp.completion_protocol import LlamaCompletionRequest
@@ -34,47 +28,29 @@ from endpoints.llamacpp.protocol import DetokenizeRequest, InfillRequest, Tokeni
 
 LLAMACPP = RouteDialect(Dialect.LLAMACPP, max_tokens="n_predict")
 
-router = APIRouter(
-    tags=["llama.cpp"],
-    dependencies=[Depends(LLAMACPP), Depends(require_api)],
-    route_class=StrictJSONRoute,
-    responses=error_responses(Dialect.LLAMACPP),
-)
+router = api_router(LLAMACPP, tags=["llama.cpp"])
 
 
 @router.post("/completion")
 @router.post("/completions")
-async def completion(
-    body: LlamaCompletionRequest,
-    request: Request,
-    config: ParleyConfig = Depends(get_config),
-    presets: PresetState = Depends(get_presets),
-    hooks: GenerationHooks = Depends(request_hooks),
-) -> Response:
+async def completion(body: LlamaCompletionRequest, deps: GenerateDeps = Depends(generate_deps)) -> Response:
     """llama.cpp's text completion: a prompt (text, token ids or both) and llama-server's sampler fields."""
-    log_unknown_fields(body, request.url.path)
-    with await lease_model(request, body.model) as lease:
+    log_unknown_fields(body, deps.request.url.path)
+    with await deps.lease(body.model) as lease:
         model = lease.model
-        plan = completion_plan(body, model, model.preset(presets.active),
-                               default_max_tokens=config.model.default_max_tokens)
-        generations: list[Generation] = []
-        try:
-            for prompt in plan.prompts:
-                generations.append(await start_generation(
-                    model, prompt, plan.params, hooks=hooks, n=plan.n, constraint=plan.constraint,
-                    default_max_tokens=plan.default_max_tokens,
-                ))
-        except BaseException:
-            for g in generations:
-                g.cancel()
-            raise
-        if body.stream:
-            frames = completion_serving.completion_stream(model, generations[0], plan)
-            return sse_response(frames, Dialect.LLAMACPP, done_marker=False, handles=generations[0].handles,
-                                on_close=lease.detach())
-        every = [h for g in generations for h in g.handles]
-        work = completion_serving.completion_response(model, generations, plan)
-        return JSONResponse(await until_disconnect(request, work, every))
+        plan = completion_plan(body, model, deps.preset(model), default_max_tokens=deps.default_max_tokens)
+        generations = await start_each(
+            start_generation(
+                model, prompt, plan.params, hooks=deps.hooks, n=plan.n, constraint=plan.constraint,
+                default_max_tokens=plan.default_max_tokens,
+            )
+            for prompt in plan.prompts
+        )
+        return await answer(
+            deps.request, lease, generations, stream=bool(body.stream), dialect=Dialect.LLAMACPP, done_marker=False,
+            frames=lambda: completion_serving.completion_stream(model, generations[0], plan),
+            result=lambda: completion_serving.completion_response(model, generations, plan),
+        )
 
 
 @router.get("/slots")
@@ -105,25 +81,19 @@ async def slot_action(id_slot: int, action: str | None = None) -> None:
 
 
 @router.post("/infill")
-async def infill(
-    body: InfillRequest,
-    request: Request,
-    config: ParleyConfig = Depends(get_config),
-    presets: PresetState = Depends(get_presets),
-    hooks: GenerationHooks = Depends(request_hooks),
-) -> Response:
+async def infill(body: InfillRequest, deps: GenerateDeps = Depends(generate_deps)) -> Response:
     """llama.cpp's code completion: the text between input_prefix and input_suffix."""
     log_unknown_fields(body, "/infill")
-    with await lease_model(request, body.model) as lease:
+    with await deps.lease(body.model) as lease:
         model = lease.model
-        prompt, params = infill_plan(body, model, model.preset(presets.active))
-        generation = await start_generation(model, prompt, params, hooks=hooks,
-                                            default_max_tokens=config.model.default_max_tokens)
-        if body.stream:
-            return sse_response(serving.infill_stream(model, generation), Dialect.LLAMACPP,
-                                done_marker=False, handles=generation.handles, on_close=lease.detach())
-        result = await until_disconnect(request, serving.infill_response(model, generation), generation.handles)
-        return JSONResponse(result)
+        prompt, params = infill_plan(body, model, deps.preset(model))
+        generation = await start_generation(model, prompt, params, hooks=deps.hooks,
+                                            default_max_tokens=deps.default_max_tokens)
+        return await answer(
+            deps.request, lease, generation, stream=body.stream, dialect=Dialect.LLAMACPP, done_marker=False,
+            frames=lambda: serving.infill_stream(model, generation),
+            result=lambda: serving.infill_response(model, generation),
+        )
 
 
 @router.post("/tokenize")

@@ -16,29 +16,19 @@ from loguru import logger
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from backends.base import ImageInput
-from endpoints.http.auth import require_admin, require_api
+from endpoints.http.auth import require_admin
 from common.config.loader import ParleyConfig
 from common.formats.constraints import ConstraintSpec
 from common.downloads.jobs import DownloadManager
 from common.errors import APIError, BadRequestError, Dialect, ModelNotFoundError
-from common.generation.hooks import GenerationHooks
 from common.generation import embeddings
 from common.generation.pipeline import start_generation
 from common.generation.images import ImagePolicy, ImageSource, resolve
 from common.models.manager import LoadedModel, ModelFile, ModelLease, ModelManager
-from common.models.presets import PresetState
-from endpoints.http.streaming import ndjson_response, until_disconnect
-from endpoints.http.deps import (
-    RouteDialect,
-    get_config,
-    get_downloads,
-    get_models,
-    get_presets,
-    log_unknown_fields,
-)
-from endpoints.http.error_docs import error_responses
+from endpoints.http.streaming import ndjson_response
+from endpoints.http.deps import RouteDialect, get_downloads, get_models, log_unknown_fields
 from endpoints.http.json_body import StrictJSONRoute
-from endpoints.http.request_context import request_hooks
+from endpoints.http.route import GenerateDeps, answer, api_router, generate_deps
 from endpoints.ollama import serving
 from endpoints.ollama.mapping import (
     OllamaPlan,
@@ -59,12 +49,7 @@ OLLAMA_VERSION = "0.6.3"
 OLLAMA = RouteDialect(Dialect.OLLAMA, max_tokens="options.num_predict", claims=("/api/",))
 
 router = APIRouter(tags=["Ollama"], route_class=StrictJSONRoute)
-api = APIRouter(
-    prefix="/api",
-    dependencies=[Depends(OLLAMA), Depends(require_api)],
-    route_class=StrictJSONRoute,
-    responses=error_responses(Dialect.OLLAMA),
-)
+api = api_router(OLLAMA, prefix="/api")
 
 
 @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
@@ -95,37 +80,36 @@ async def _images(sources: list[ImageSource], model: LoadedModel, config: Parley
 
 
 async def _run(
-    request: Request, lease: ModelLease, plan: OllamaPlan, spec: ConstraintSpec | None, config: ParleyConfig,
-    hooks: GenerationHooks, timing: serving.Timing, *, stream: bool, chat: bool,
+    lease: ModelLease, plan: OllamaPlan, spec: ConstraintSpec | None, deps: GenerateDeps, timing: serving.Timing,
+    *, stream: bool, chat: bool,
 ) -> Response:
     model = lease.model
     generation = await start_generation(
-        model, plan.prompt, plan.params, hooks=hooks, constraint=spec,
-        default_max_tokens=config.model.default_max_tokens,
+        model, plan.prompt, plan.params, hooks=deps.hooks, constraint=spec, default_max_tokens=deps.default_max_tokens,
     )
-    if stream:
-        lines = serving.generation_stream(generation, model.name, timing, plan.options, chat=chat)
-        return ndjson_response(lines, handles=generation.handles, on_close=lease.detach())
-    work = serving.generation_response(generation, model.name, timing, plan.options, chat=chat)
-    return JSONResponse(await until_disconnect(request, work, generation.handles))
+    return await answer(
+        deps.request, lease, generation, stream=stream, dialect=Dialect.OLLAMA,
+        frames=lambda: serving.generation_stream(generation, model.name, timing, plan.options, chat=chat),
+        result=lambda: serving.generation_response(generation, model.name, timing, plan.options, chat=chat),
+    )
+
+
+async def _unload(models: ModelManager, name: str, *, chat: bool) -> JSONResponse:
+    """An empty request with `keep_alive: 0`: unload the model once its running requests end."""
+    await models.unload_when_idle(name)
+    return JSONResponse(serving.status_body(name, "unload", chat=chat))
 
 
 @api.post("/generate")
 async def generate(
-    body: GenerateRequest,
-    request: Request,
-    models: ModelManager = Depends(get_models),
-    config: ParleyConfig = Depends(get_config),
-    presets: PresetState = Depends(get_presets),
-    hooks: GenerationHooks = Depends(request_hooks),
+    body: GenerateRequest, models: ModelManager = Depends(get_models), deps: GenerateDeps = Depends(generate_deps)
 ) -> Response:
     route = "/api/generate"
     log_unknown_fields(body, route)
     timing = serving.Timing()
     entry = find_model_file(models, body.model)
     if not body.prompt and is_unload(body.keep_alive):
-        await models.unload_when_idle(entry.name)
-        return JSONResponse(serving.status_body(entry.name, "unload", chat=False))
+        return await _unload(models, entry.name, chat=False)
     if body.suffix:
         raise BadRequestError(
             "suffix is not supported for this model: send the whole prompt without 'suffix'.", param="suffix"
@@ -138,35 +122,28 @@ async def generate(
     with await _use_model(models, entry, timing, body.keep_alive) as lease:
         if not body.prompt:
             return JSONResponse(serving.status_body(entry.name, "load", chat=False))
-        images = await _images(image_sources(body.images, "images"), lease.model, config)
-        plan = generate_plan(body, lease.model, config.model, lease.model.preset(presets.active), images)
-        return await _run(request, lease, plan, spec, config, hooks, timing, stream=body.stream, chat=False)
+        images = await _images(image_sources(body.images, "images"), lease.model, deps.config)
+        plan = generate_plan(body, lease.model, deps.config.model, deps.preset(lease.model), images)
+        return await _run(lease, plan, spec, deps, timing, stream=body.stream, chat=False)
 
 
 @api.post("/chat")
 async def chat(
-    body: ChatRequest,
-    request: Request,
-    models: ModelManager = Depends(get_models),
-    config: ParleyConfig = Depends(get_config),
-    presets: PresetState = Depends(get_presets),
-    hooks: GenerationHooks = Depends(request_hooks),
+    body: ChatRequest, models: ModelManager = Depends(get_models), deps: GenerateDeps = Depends(generate_deps)
 ) -> Response:
-    route = "/api/chat"
-    log_unknown_fields(body, route)
+    log_unknown_fields(body, "/api/chat")
     timing = serving.Timing()
     entry = find_model_file(models, body.model)
     if not body.messages and is_unload(body.keep_alive):
-        await models.unload_when_idle(entry.name)
-        return JSONResponse(serving.status_body(entry.name, "unload", chat=True))
+        return await _unload(models, entry.name, chat=True)
     messages, sources = chat_messages(body.messages, entry.name)
     spec = format_constraint(body.format)
     with await _use_model(models, entry, timing, body.keep_alive) as lease:
         if not messages:
             return JSONResponse(serving.status_body(entry.name, "load", chat=True))
-        images = await _images(sources, lease.model, config)
-        plan = chat_plan(body, messages, lease.model, config.model, lease.model.preset(presets.active), images)
-        return await _run(request, lease, plan, spec, config, hooks, timing, stream=body.stream, chat=True)
+        images = await _images(sources, lease.model, deps.config)
+        plan = chat_plan(body, messages, lease.model, deps.config.model, deps.preset(lease.model), images)
+        return await _run(lease, plan, spec, deps, timing, stream=body.stream, chat=True)
 
 
 @api.get("/tags")

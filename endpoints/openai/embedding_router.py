@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 from starlette.responses import JSONResponse
 
 from common.errors import Dialect
 from common.generation import embeddings
-from endpoints.http.auth import require_api
 from endpoints.http.deps import RouteDialect, lease_embedding_model, log_unknown_fields
-from endpoints.http.error_docs import error_responses
-from endpoints.http.json_body import StrictJSONRoute
+from endpoints.http.route import api_router
 from endpoints.openai.embedding_protocol import EmbeddingRequest, RerankRequest
 from endpoints.openai.embedding_serving import embeddings_body, rerank_body
 
-router = APIRouter(
-    tags=["Embeddings"],
-    dependencies=[Depends(RouteDialect(Dialect.OPENAI)), Depends(require_api)],
-    route_class=StrictJSONRoute,
-    responses=error_responses(Dialect.OPENAI),
-)
+router = api_router(RouteDialect(Dialect.OPENAI), tags=["Embeddings"])
 
 
 @router.post("/v1/embeddings")

@@ -5,25 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import Depends
 
 from common.config.loader import ParleyConfig
 from common.errors import BadRequestError, Dialect
 from common.store.store import Owner, Record, Store
-from endpoints.http.auth import require_api
 from endpoints.http.deps import RouteDialect, get_config
-from endpoints.http.error_docs import error_responses
-from endpoints.http.json_body import StrictJSONRoute
-from endpoints.http.store import get_store, owner_of
+from endpoints.http.route import api_router
+from endpoints.http.store import PageQuery, get_store, owner_of
 from endpoints.responses.items import input_items
 from endpoints.responses.protocol import ConversationCreate, ConversationUpdate, ItemsCreate
 
-router = APIRouter(
-    tags=["OpenAI Conversations"],
-    dependencies=[Depends(RouteDialect(Dialect.OPENAI)), Depends(require_api)],
-    route_class=StrictJSONRoute,
-    responses=error_responses(Dialect.OPENAI),
-)
+router = api_router(RouteDialect(Dialect.OPENAI), tags=["OpenAI Conversations"])
 
 
 def conversation_body(record: Record) -> dict[str, Any]:
@@ -81,12 +74,10 @@ async def delete_conversation(conversation_id: str, store: Store = Depends(get_s
 
 
 @router.get("/v1/conversations/{conversation_id}/items")
-async def list_items(
-    conversation_id: str, limit: int = Query(20), order: str = Query("desc"), after: str | None = Query(None),
-    store: Store = Depends(get_store), owner: Owner = Depends(owner_of),
-) -> Any:
+async def list_items(conversation_id: str, q: PageQuery = Depends(), store: Store = Depends(get_store),
+                     owner: Owner = Depends(owner_of)) -> Any:
     await store.get("conversation", conversation_id, owner, param="conversation_id")
-    page = await store.list("item", owner, parent_id=conversation_id, limit=limit, order=order, after=after)
+    page = await store.list("item", owner, parent_id=conversation_id, limit=q.limit, order=q.order, after=q.after)
     return item_list([r.data for r in page.items], page.has_more)
 
 

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
-from starlette.responses import JSONResponse, Response
+from fastapi import Depends
+from starlette.responses import Response
 
-from common.config.loader import ParleyConfig
 from common.errors import BadRequestError, Dialect
-from common.generation.hooks import GenerationHooks
 from common.generation.pipeline import start_generation
-from common.models.presets import PresetState
 from common.store.ids import new_id
 from common.store.store import Owner, Store
-from endpoints.http.auth import require_api
-from endpoints.http.deps import RouteDialect, get_config, get_presets, lease_model, log_unknown_fields
-from endpoints.http.error_docs import error_responses
-from endpoints.http.json_body import StrictJSONRoute
-from endpoints.http.request_context import request_hooks
-from endpoints.http.store import get_store, owner_of
-from endpoints.http.streaming import sse_response, until_disconnect
+from endpoints.http.deps import RouteDialect, log_unknown_fields
+from endpoints.http.route import GenerateDeps, answer, api_router, generate_deps
+from endpoints.http.store import PageQuery, get_store, owner_of
 from endpoints.openai.protocol import lora_pairs
 from endpoints.responses import serving
 from endpoints.responses.items import input_items, to_messages
@@ -30,12 +23,7 @@ from endpoints.responses.protocol import ResponsesRequest
 
 RESPONSES = RouteDialect(Dialect.OPENAI, max_tokens="max_output_tokens")
 
-router = APIRouter(
-    tags=["OpenAI Responses"],
-    dependencies=[Depends(RESPONSES), Depends(require_api)],
-    route_class=StrictJSONRoute,
-    responses=error_responses(Dialect.OPENAI),
-)
+router = api_router(RESPONSES, tags=["OpenAI Responses"])
 
 
 def conversation_id(value: str | dict[str, Any] | None) -> str | None:
@@ -49,13 +37,11 @@ def conversation_id(value: str | dict[str, Any] | None) -> str | None:
 @router.post("/v1/responses")
 async def create_response(
     body: ResponsesRequest,
-    request: Request,
-    config: ParleyConfig = Depends(get_config),
-    presets: PresetState = Depends(get_presets),
-    hooks: GenerationHooks = Depends(request_hooks),
+    deps: GenerateDeps = Depends(generate_deps),
     store: Store = Depends(get_store),
     owner: Owner = Depends(owner_of),
 ) -> Response:
+    config = deps.config
     log_unknown_fields(body, "/v1/responses")
     items = input_items(body.input) if body.input is not None else []
     conv_id = conversation_id(body.conversation)
@@ -74,13 +60,13 @@ async def create_response(
             )
         context = [r.data for r in await store.children(conv_id, "item")]
     messages = to_messages(context + items, body.instructions)
-    with await lease_model(request, body.model) as lease:
+    with await deps.lease(body.model) as lease:
         model = lease.model
-        chat, plan = responses_plan(body, messages, model, config.model, model.preset(presets.active))
+        chat, plan = responses_plan(body, messages, model, config.model, deps.preset(model))
         with responses_params():
             generation = await start_generation(
-                model, plan.prompt, plan.params, hooks=hooks, constraint=plan.constraint,
-                loras=lora_pairs(chat.loras), default_max_tokens=config.model.default_max_tokens,
+                model, plan.prompt, plan.params, hooks=deps.hooks, constraint=plan.constraint,
+                loras=lora_pairs(chat.loras), default_max_tokens=deps.default_max_tokens,
             )
         resp_id = new_id("resp")
         response = serving.new_response(body, resp_id, model.name, plan.params, conv_id)
@@ -95,11 +81,11 @@ async def create_response(
 
         builder = OutputBuilder(response["output"])
         frames = serving.drive(generation, response, plan.options, finish, builder)
-        if body.stream:
-            return sse_response(serving.stream(frames, response, builder), Dialect.OPENAI, done_marker=False,
-                                handles=generation.handles, on_close=lease.detach())
-        done = await until_disconnect(request, serving.collect(frames, response), generation.handles)
-        return JSONResponse(done)
+        return await answer(
+            deps.request, lease, generation, stream=body.stream, dialect=Dialect.OPENAI, done_marker=False,
+            frames=lambda: serving.stream(frames, response, builder),
+            result=lambda: serving.collect(frames, response),
+        )
 
 
 @router.get("/v1/responses/{response_id}")
@@ -116,9 +102,7 @@ async def delete_response(response_id: str, store: Store = Depends(get_store),
 
 
 @router.get("/v1/responses/{response_id}/input_items")
-async def response_input_items(
-    response_id: str, limit: int = Query(20), order: str = Query("desc"), after: str | None = Query(None),
-    store: Store = Depends(get_store), owner: Owner = Depends(owner_of),
-) -> Any:
+async def response_input_items(response_id: str, q: PageQuery = Depends(), store: Store = Depends(get_store),
+                               owner: Owner = Depends(owner_of)) -> Any:
     record = await store.get("response", response_id, owner, param="response_id")
-    return serving.item_page(record.data["input"], limit=limit, order=order, after=after)
+    return serving.item_page(record.data["input"], limit=q.limit, order=q.order, after=q.after)
