@@ -212,6 +212,7 @@ class ObservedHandle(GenerationHandle):
         self._aborted: str | None = None
         self._generated = 0
         self._last: float | None = None
+        self._itl: Any = None  # the inter-token histogram's child for this model, once the first token came
         self._settled = False
 
     async def events(self) -> AsyncIterator[Event]:
@@ -237,9 +238,10 @@ class ObservedHandle(GenerationHandle):
         if metrics is not None:
             if self._last is None:
                 metrics.ttft.labels(self._model).observe(now - self._ctx.started)
+                self._itl = metrics.itl.labels(self._model)  # looked up once: labels() costs more than observe()
             else:
                 gap = (now - self._last) / k
-                itl = metrics.itl.labels(self._model)
+                itl = self._itl
                 for _ in range(k):
                     itl.observe(gap)
         self._last = now
