@@ -26,11 +26,11 @@ from loguru import logger
 
 from backends.base import Engine, EngineStats, GenerationHandle, GenerationRequest, LoadOptions, ModelInfo
 from backends.hf_vocab import HFVocab
-from backends.queued_handle import QueuedHandle
-from backends.transformers.batching import Batcher, Cancel, Close, Inbox, InboxClosed, InboxFull, Submit, TickQueue
+from backends.engine_thread import Inbox, InboxClosed, RequestHandle
+from backends.transformers.batching import Batcher, Close, TickQueue
 from backends.transformers.job import TfJob
 from backends.transformers.sampler import UNSUPPORTED
-from common.errors import BadRequestError, ModelNotLoadedError, ServiceUnavailableError
+from common.errors import BadRequestError
 
 BLOCK_SIZE = 32
 DEFAULT_CPU_CONTEXT = 4096  # when neither max_seq_len nor cache_size is set, on CPU
@@ -225,24 +225,9 @@ class TransformersEngine(Engine):
                 "transformers has no logits processor for {}; accepted but not applied (request {})",
                 ", ".join(sorted(unsupported)), request.request_id,
             )
-        handle = QueuedHandle(request, asyncio.get_running_loop(), self._cancel)
-        try:
-            self._inbox.post(Submit(TfJob(handle, self.info.n_ctx)))
-        except InboxFull:
-            raise ServiceUnavailableError(
-                "The server is busy: every slot and queue place is taken. Retry shortly.",
-                retry_after=1,
-                code="server_busy",
-            ) from None
-        except InboxClosed:
-            raise ModelNotLoadedError(f"Model '{self.info.name}' is unloading. Load a model and retry.") from None
+        handle = RequestHandle(request, asyncio.get_running_loop(), self._inbox.cancel)
+        self._inbox.submit(TfJob(handle, self.info.n_ctx), self.info.name)
         return handle
-
-    def _cancel(self, handle: QueuedHandle) -> None:
-        try:
-            self._inbox.post(Cancel(handle))
-        except InboxClosed:  # the batcher ends every request as it stops
-            pass
 
     def stats(self) -> EngineStats:
         return self._batcher.stats()
