@@ -47,14 +47,14 @@ from backends.engine_thread import Inbox, InboxClosed, InboxFull, RequestHandle,
 from backends.llamacpp.job import Job
 from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraError, LoraKey, lora_key
 from backends.llamacpp.mtmd import ImageEncoder, Projector, ProjectorError, n_embd_of, route_logs
-from backends.llamacpp.native import LOG_CALLBACK, NativeModel
+from backends.llamacpp.native import LOG_CALLBACK, GgufText, NativeModel
 from backends.llamacpp.sampler import UNSUPPORTED
 from backends.llamacpp.scheduler import Scheduler
 from backends.llamacpp.speculative import Drafter, make_drafter
 from common.errors import BadRequestError, ModelNotLoadedError, ServiceUnavailableError
 
 
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(GgufText, Engine):
     """One GGUF model serving many requests at once; owns the scheduler and its thread."""
 
     def __init__(self, native: NativeModel, name: str, options: LoadOptions) -> None:
@@ -93,15 +93,6 @@ class LlamaCppEngine(Engine):
             raise
 
     # -- Engine interface -------------------------------------------------
-    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
-        return self.native.tokenize(text, add_bos=add_bos, special=special)
-
-    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
-        return self.native.detokenize(tokens, special=special)
-
-    def token_piece(self, token: int) -> bytes:
-        return self.native.piece(token, special=True)
-
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         unsupported = UNSUPPORTED & request.params.active_knobs()
         if unsupported:
