@@ -21,14 +21,13 @@ from typing import Any
 from loguru import logger
 
 from backends.base import Engine, EngineStats, GenerationHandle, GenerationRequest, LoadOptions, LoraState, ModelInfo
-from backends.hf_vocab import HFVocab
+from backends.hf_vocab import HFVocab, HFVocabText
 from backends.sampling import SamplingParams
 from backends.engine_thread import Command, InboxClosed, RequestHandle, call_on_thread
 from backends.jobloop import JobLoop
 from common.errors import BadRequestError, ModelNotLoadedError
 
 PAGE_SIZE = 256  # the paged caches of both libraries allocate whole pages of this many tokens
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -68,10 +67,7 @@ def folder_model_info(folder: Path, name: str, backend: str, vocab: HFVocab, n_c
     eos_cfg = gen_config.get("eos_token_id", config.get("eos_token_id"))
     eog = {eos} if eos >= 0 else set()
     eog.update(eos_cfg if isinstance(eos_cfg, list) else ([eos_cfg] if isinstance(eos_cfg, int) else []))
-    for text in _END_OF_TURN:
-        tid = vocab.token_id(text)
-        if tid is not None and tid in vocab.special_ids:
-            eog.add(tid)
+    eog |= vocab.end_of_turn_ids()
     template = tok_config.get("chat_template")
     if not isinstance(template, str):
         jinja = folder / "chat_template.jinja"
@@ -117,7 +113,7 @@ class Loaded:
     draft_cache: Any = None
 
 
-class JobLoopEngine(Engine):
+class JobLoopEngine(HFVocabText, Engine):
     """The event-loop side; subclasses load the library and say how a request becomes a job."""
 
     backend = ""
@@ -211,16 +207,6 @@ class JobLoopEngine(Engine):
                     pass
 
     # -- Engine interface -------------------------------------------------------------------
-    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
-        bos = self.info.bos_token_id if add_bos and self.info.bos_token_id >= 0 else None
-        return self.vocab.tokenize(text, bos=bos, special=special)
-
-    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
-        return self.vocab.detokenize(tokens, special=special)
-
-    def token_piece(self, token: int) -> bytes:
-        return self.vocab.piece(token)
-
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         if request.loras is not None and dict(request.loras) != self._active_loras:
             raise BadRequestError(
