@@ -4,8 +4,11 @@ An EXL2/EXL3 model is a Hugging Face folder (config.json, tokenizer.json,
 tokenizer_config.json, quantized safetensors). Tokens, their bytes and the
 chat template come from those files through `HFVocab`, the same way the
 transformers engine reads them; generation goes through the library's own
-generator (jobloop.py). LoRA: both libraries apply PEFT adapters to the whole
-model rather than per job, so a request may only use the active set.
+generator (jobloop.py). `JobLoopEngine` does the load (context length, cache
+size in whole pages), the job's shared arguments (stops, limits, filters,
+banned strings) and freeing; each engine loads its library and names its job
+and sampler. LoRA: both libraries apply PEFT adapters to the whole model rather
+than per job, so a request may only use the active set.
 """
 
 from __future__ import annotations
