@@ -4,27 +4,33 @@ An EXL2/EXL3 model is a Hugging Face folder (config.json, tokenizer.json,
 tokenizer_config.json, quantized safetensors). Tokens, their bytes and the
 chat template come from those files through `HFVocab`, the same way the
 transformers engine reads them; generation goes through the library's own
-generator (jobloop.py). LoRA: both libraries apply PEFT adapters to the whole
-model rather than per job, so a request may only use the active set.
+generator (jobloop.py). `JobLoopEngine` does the load (context length, cache
+size in whole pages), the job's shared arguments (stops, limits, filters,
+banned strings) and freeing; each engine loads its library and names its job
+and sampler. LoRA: both libraries apply PEFT adapters to the whole model rather
+than per job, so a request may only use the active set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
 from backends.base import Engine, EngineStats, GenerationHandle, GenerationRequest, LoadOptions, LoraState, ModelInfo
-from backends.hf_vocab import HFVocab
-from backends.jobloop import Cancel, Command, JobLoop, LoopClosed, LoopFull, Submit
-from backends.queued_handle import QueuedHandle
-from common.errors import BadRequestError, ModelNotLoadedError, ServiceUnavailableError
+from backends.hf_vocab import HFVocab, HFVocabText
+from backends.sampling import SamplingParams
+from backends.engine_thread import Command, InboxClosed, RequestHandle, call_on_thread
+from backends.jobloop import JobLoop
+from common.errors import BadRequestError, ModelNotLoadedError
 
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
+PAGE_SIZE = 256  # the paged caches of both libraries allocate whole pages of this many tokens
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -64,10 +70,7 @@ def folder_model_info(folder: Path, name: str, backend: str, vocab: HFVocab, n_c
     eos_cfg = gen_config.get("eos_token_id", config.get("eos_token_id"))
     eog = {eos} if eos >= 0 else set()
     eog.update(eos_cfg if isinstance(eos_cfg, list) else ([eos_cfg] if isinstance(eos_cfg, int) else []))
-    for text in _END_OF_TURN:
-        tid = vocab.token_id(text)
-        if tid is not None and tid in vocab.special_ids:
-            eog.add(tid)
+    eog |= vocab.end_of_turn_ids()
     template = tok_config.get("chat_template")
     if not isinstance(template, str):
         jinja = folder / "chat_template.jinja"
@@ -100,44 +103,113 @@ def context_length(folder: Path, options: LoadOptions) -> int:
     return int(options.max_seq_len or config.get("max_position_embeddings") or 4096)
 
 
-class JobLoopEngine(Engine):
+@dataclass(frozen=True)
+class Loaded:
+    """What a library load returns: its module, the model, cache, tokenizer, generator and any draft model."""
+
+    lib: Any
+    model: Any
+    cache: Any
+    tokenizer: Any
+    generator: Any
+    draft: Any = None
+    draft_cache: Any = None
+
+
+class JobLoopEngine(HFVocabText, Engine):
     """The event-loop side; subclasses load the library and say how a request becomes a job."""
 
+    backend = ""
     unsupported: frozenset[str] = frozenset()
 
-    def _start(self, generator: Any, vocab: HFVocab, info: ModelInfo, options: LoadOptions, kv_cells: int) -> None:
-        self.vocab = vocab
-        self.info = info
+    def __init__(self, loaded: Loaded, path: Path, name: str, options: LoadOptions, n_ctx: int,
+                 cache_tokens: int) -> None:
+        self._lib = loaded.lib
+        self._model = loaded.model
+        self._cache = loaded.cache
+        self._tokenizer = loaded.tokenizer
+        self._generator = loaded.generator
+        self._draft = loaded.draft
+        self._draft_cache = loaded.draft_cache
+        self.vocab = vocab = load_vocab(path)
+        self.info = folder_model_info(path, name, self.backend, vocab, n_ctx, options, self._quantization(options))
         self._active_loras: dict[str, float] = {}
         # name -> (PEFT folder, (library adapter, its scale) once applied)
         self._loras: dict[str, tuple[Path, tuple[Any, float] | None]] = {}
         self._loop = JobLoop(
-            generator,
+            self._generator,
             self._make_job,
             vocab.piece,
             slots=options.max_batch_size,
             capacity=options.max_batch_size + options.max_queue,
-            kv_cells=kv_cells,
-            name=f"{info.backend}-{info.name}",
+            kv_cells=cache_tokens,
+            name=f"{self.backend}-{name}",
         )
 
-    def _make_job(self, handle: QueuedHandle) -> Any:  # runs on the loop's thread
+    @classmethod
+    def load(cls, path: Path, name: str, options: LoadOptions,
+             progress: Callable[[float], None] | None = None) -> JobLoopEngine:
+        n_ctx = context_length(path, options)
+        cache_tokens = PAGE_SIZE * math.ceil(max(options.cache_size or n_ctx, n_ctx) / PAGE_SIZE)
+        loaded = cls._load_library(path, options, n_ctx, cache_tokens, progress)
+        engine = cls(loaded, path, name, options, n_ctx, cache_tokens)
+        if progress is not None:
+            progress(1.0)
+        return engine
+
+    @classmethod
+    def _load_library(cls, path: Path, options: LoadOptions, n_ctx: int, cache_tokens: int,
+                      progress: Callable[[float], None] | None) -> Loaded:
+        """Import the library (CUDA only) and load the model, its cache and any draft; report 0.9 once loaded."""
+        raise NotImplementedError
+
+    def _quantization(self, options: LoadOptions) -> str:
+        raise NotImplementedError
+
+    def _make_job(self, handle: RequestHandle) -> Any:  # runs on the loop's thread
+        import torch
+
+        request = handle.request
+        params = request.params
+        info = self.info
+        stops: list[int | str] = [*params.stop, *params.stop_token_ids]
+        if not params.ignore_eos:
+            stops += list(info.eog_token_ids)
+        limit = max(1, info.n_ctx - len(request.prompt_tokens))
+        filters = []
+        if request.constraint is not None:
+            filters.append(self._constraint_filter(request.constraint.new_state))
+        return self._job(
+            params,
+            input_ids=torch.tensor([request.prompt_tokens], dtype=torch.long),
+            max_new_tokens=min(params.max_tokens or limit, limit),
+            min_new_tokens=params.min_tokens,
+            seed=params.seed,
+            stop_conditions=stops,
+            decode_special_tokens=not params.skip_special_tokens,
+            return_logits=params.logprobs is not None,
+            filters=filters or None,
+            banned_strings=list(params.banned_strings) or None,
+            identifier=request.request_id,
+        )
+
+    def _constraint_filter(self, new_state: Callable[[], Any]) -> Any:
+        raise NotImplementedError
+
+    def _job(self, params: SamplingParams, **job: Any) -> Any:
+        """The library's job from the shared arguments plus this request's sampler."""
         raise NotImplementedError
 
     def _free(self) -> None:
-        """Release the library's model and cache (after the loop stopped)."""
+        """Release the library's models (after the loop stopped); best effort."""
+        for model in (self._model, self._draft):
+            if model is not None:
+                try:
+                    model.unload()
+                except Exception:  # noqa: BLE001 - freeing is best effort
+                    pass
 
     # -- Engine interface -------------------------------------------------------------------
-    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
-        bos = self.info.bos_token_id if add_bos and self.info.bos_token_id >= 0 else None
-        return self.vocab.tokenize(text, bos=bos, special=special)
-
-    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
-        return self.vocab.detokenize(tokens, special=special)
-
-    def token_piece(self, token: int) -> bytes:
-        return self.vocab.piece(token)
-
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         if request.loras is not None and dict(request.loras) != self._active_loras:
             raise BadRequestError(
@@ -153,29 +225,15 @@ class JobLoopEngine(Engine):
                 "{} has no sampler for {}; accepted but not applied (request {})",
                 self.info.backend, ", ".join(sorted(unsupported)), request.request_id,
             )
-        handle = QueuedHandle(request, asyncio.get_running_loop(), self._cancel)
-        try:
-            self._loop.post(Submit(handle))
-        except LoopFull:
-            raise ServiceUnavailableError(
-                "The server is busy: every slot and queue place is taken. Retry shortly.",
-                retry_after=1, code="server_busy",
-            ) from None
-        except LoopClosed:
-            raise ModelNotLoadedError(f"Model '{self.info.name}' is unloading. Load a model and retry.") from None
+        handle = RequestHandle(request, asyncio.get_running_loop(), self._loop.inbox.cancel)
+        self._loop.inbox.submit(handle, self.info.name)
         return handle
-
-    def _cancel(self, handle: QueuedHandle) -> None:
-        try:
-            self._loop.post(Cancel(handle))
-        except LoopClosed:
-            pass
 
     def stats(self) -> EngineStats:
         return self._loop.stats()
 
     async def close(self) -> None:
-        self._loop.close()
+        self._loop.inbox.close()
         await asyncio.to_thread(self._loop.join)
         self._free()
 
@@ -235,38 +293,13 @@ class JobLoopEngine(Engine):
                 logger.error("could not apply LoRA adapters {}: {}", list(wanted), exc)
 
         try:
-            self._loop.post(Command(run, failed))
-        except LoopClosed:
+            self._loop.inbox.post(Command(run, failed))
+        except InboxClosed:
             raise ModelNotLoadedError(f"Model '{self.info.name}' is unloading.") from None
 
     async def on_loop(self, command: Callable[[], object]) -> object:
         """Run `command` on the generator's thread, between iterations."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[object] = loop.create_future()
-
-        def settle(result: object, exc: BaseException | None) -> None:
-            def apply() -> None:
-                if not done.done():
-                    done.set_exception(exc) if exc is not None else done.set_result(result)
-            try:
-                loop.call_soon_threadsafe(apply)
-            except RuntimeError:
-                pass
-
-        def run() -> None:
-            try:
-                settle(command(), None)
-            except Exception as exc:  # noqa: BLE001 - handed to the caller
-                settle(None, exc)
-
-        def abandon() -> None:
-            settle(None, ModelNotLoadedError(f"Model '{self.info.name}' was unloaded before this change ran."))
-
-        try:
-            self._loop.post(Command(run, abandon))
-        except LoopClosed:
-            raise ModelNotLoadedError(f"Model '{self.info.name}' is unloading.") from None
-        return await done
+        return await call_on_thread(self._loop.inbox, command, self.info.name)
 
     def require_idle(self) -> None:
         """Adapters change the whole model: only between requests (loop thread)."""

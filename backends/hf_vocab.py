@@ -5,7 +5,8 @@ through this one class, so a token's bytes mean the same thing in each: the
 text stream assembles UTF-8 from them and the constraint compiler matches
 grammars against them. Byte-level vocabularies (GPT-2 style, `Ġ` for a space)
 map each character back to its byte; SentencePiece ones turn `▁` into a space
-and `<0xAB>` into that byte; added tokens are their own text.
+and `<0xAB>` into that byte; added tokens are their own text. `HFVocabText`
+gives those engines the contract's tokenize, detokenize and token_piece.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import threading
 from functools import cache
 from typing import Any
 
+from backends.base import ModelInfo
+
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -71,6 +75,11 @@ class HFVocab:
     def token_id(self, text: str) -> int | None:
         return self.backend.token_to_id(text)
 
+    def end_of_turn_ids(self) -> set[int]:
+        """The special tokens among the usual end-of-turn markers (<|im_end|>, <|eot_id|>, ...)."""
+        ids = (self.token_id(text) for text in _END_OF_TURN)
+        return {tid for tid in ids if tid is not None and tid in self.special_ids}
+
     def piece(self, token: int) -> bytes:
         return self.pieces[token] if 0 <= token < len(self.pieces) else b""
 
@@ -87,3 +96,20 @@ class HFVocab:
     def detokenize(self, tokens: list[int], *, special: bool) -> str:
         data = b"".join(self.piece(t) for t in tokens if special or t not in self.special_ids)
         return data.decode("utf-8", "replace")
+
+
+class HFVocabText:
+    """The engine contract's token methods over `self.vocab` (an HFVocab) and `self.info` (a mixin for engines)."""
+
+    vocab: HFVocab
+    info: ModelInfo
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        bos = self.info.bos_token_id if add_bos and self.info.bos_token_id >= 0 else None
+        return self.vocab.tokenize(text, bos=bos, special=special)
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        return self.vocab.detokenize(tokens, special=special)
+
+    def token_piece(self, token: int) -> bytes:
+        return self.vocab.piece(token)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +24,8 @@ import numpy as np
 from loguru import logger
 
 from backends.base import EngineStats, Event, Finished, FinishReason, TextDelta, TokenLogprob, Usage
+from backends.engine_thread import Cancel, Command, Inbox, Message, RequestHandle, Submit, deliver_all
 from backends.logprobs import log_softmax, token_logprob
-from backends.queued_handle import QueuedHandle, post_events
 
 _REASONS = {
     "stop_token": FinishReason.STOP,
@@ -37,45 +36,21 @@ _REASONS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Submit:
-    handle: QueuedHandle
-
-
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    handle: QueuedHandle
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    run: Callable[[], None]
-    abandon: Callable[[], None]
-
-
-class LoopClosed(Exception):
-    pass
-
-
-class LoopFull(Exception):
-    pass
-
-
 @dataclass
 class _Entry:
-    handle: QueuedHandle
+    handle: RequestHandle
     job: Any
     logprobs: int | None
     t_submit: float = field(default_factory=time.perf_counter)
 
 
 class JobLoop:
-    """Owns the generator and its jobs on one thread; `post` and `stats` are safe from any thread."""
+    """Owns the generator and its jobs on one thread; `inbox` and `stats` are safe from any thread."""
 
     def __init__(
         self,
         generator: Any,
-        make_job: Callable[[QueuedHandle], Any],
+        make_job: Callable[[RequestHandle], Any],
         piece: Callable[[int], bytes],
         *,
         slots: int,
@@ -88,35 +63,15 @@ class JobLoop:
         self._piece = piece
         self._slots = slots
         self._kv_cells = kv_cells
-        self._capacity = capacity
-        self._cv = threading.Condition(threading.Lock())
-        self._messages: deque[Submit | Cancel | Command] = deque()
-        self._closed = False
-        self._outstanding = 0
+        self.inbox = Inbox(capacity)  # Submit(handle), Cancel(handle) or Command
         self._entries: dict[int, _Entry] = {}  # id(job) -> entry
-        self._outbox: dict[QueuedHandle, list[Event]] = {}
+        self._outbox: dict[RequestHandle, list[Event]] = {}
         self.finished_count = 0
         self.generated_count = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     # -- any thread ----------------------------------------------------------------------
-    def post(self, message: Submit | Cancel | Command) -> None:
-        with self._cv:
-            if self._closed:
-                raise LoopClosed
-            if isinstance(message, Submit):
-                if self._outstanding >= self._capacity:
-                    raise LoopFull
-                self._outstanding += 1
-            self._messages.append(message)
-            self._cv.notify()
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-
     def join(self) -> None:
         self._thread.join()
 
@@ -125,7 +80,7 @@ class JobLoop:
         return EngineStats(
             slots_total=self._slots,
             slots_active=active,
-            queue_depth=max(0, self._outstanding - active),
+            queue_depth=max(0, self.inbox.outstanding - active),
             kv_cells_total=self._kv_cells,
             kv_cells_used=0,
             requests_finished=self.finished_count,
@@ -133,20 +88,10 @@ class JobLoop:
         )
 
     # -- the loop's thread -----------------------------------------------------------------
-    def _take(self) -> list[Submit | Cancel | Command] | None:
-        with self._cv:
-            while not self._messages and not self._closed and not self._entries:
-                self._cv.wait()
-            if self._closed:
-                return None
-            out = list(self._messages)
-            self._messages.clear()
-            return out
-
     def _run(self) -> None:
         failed: str | None = None
         try:
-            while (messages := self._take()) is not None:
+            while (messages := self.inbox.take(wait=not self._entries)) is not None:
                 for message in messages:
                     self._on_message(message)
                 if self._entries:
@@ -158,9 +103,9 @@ class JobLoop:
             failed = f"The engine failed: {exc}. Reload the model."
         self._shut_down(failed)
 
-    def _on_message(self, message: Submit | Cancel | Command) -> None:
+    def _on_message(self, message: Message) -> None:
         if isinstance(message, Submit):
-            handle = message.handle
+            handle = message.job
             try:
                 job = self._make_job(handle)
                 self.generator.enqueue(job)
@@ -223,23 +168,19 @@ class JobLoop:
         )
         self._finish_handle(entry.handle, reason, usage, stop_string=stop_string, error=error)
 
-    def _finish_handle(self, handle: QueuedHandle, reason: FinishReason, usage: Usage, *,
+    def _finish_handle(self, handle: RequestHandle, reason: FinishReason, usage: Usage, *,
                        stop_string: str | None = None, error: str | None = None) -> None:
         self.finished_count += 1
-        with self._cv:
-            self._outstanding -= 1
+        self.inbox.retire()
         self._outbox.setdefault(handle, []).append(Finished(reason, usage, stop_string=stop_string, error=error))
 
     def _deliver(self) -> None:
         outbox, self._outbox = self._outbox, {}
-        for handle, events in outbox.items():
-            post_events(handle, events)
+        deliver_all(outbox.items())
 
     def _shut_down(self, failed: str | None) -> None:
-        with self._cv:
-            self._closed = True
-            left = list(self._messages)
-            self._messages.clear()
+        self.inbox.close()
+        left = self.inbox.drain()
         reason = FinishReason.ERROR if failed else FinishReason.UNLOAD
         message = failed or "The model was unloaded."
         for entry in list(self._entries.values()):
@@ -251,7 +192,7 @@ class JobLoop:
         self._entries.clear()
         for item in left:
             if isinstance(item, Submit):
-                self._finish_handle(item.handle, reason, Usage(), error=message)
+                self._finish_handle(item.job, reason, Usage(), error=message)
             elif isinstance(item, Command):
                 item.abandon()
         self._deliver()

@@ -16,9 +16,7 @@ run with `llama_decode`, and their cache is cleared after every pass.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import math
-import os
 import queue
 import threading
 from collections.abc import Callable
@@ -31,7 +29,7 @@ from loguru import logger
 
 from backends.base import EngineStats, LoadOptions, ModelInfo
 from backends.embedding import EmbeddingEngine, EmbedInput, EmbedResult, RerankResult, normalize_rows
-from backends.llamacpp.native import LoadError, NativeBatch, _init_backend_once
+from backends.llamacpp.native import GgufModel, GgufText, LoadError, NativeBatch, context_params
 from common.errors import BadRequestError, ModelNotLoadedError
 
 _POOLING = {"none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
@@ -62,54 +60,21 @@ class _Stop:
     """Tells the worker thread to finish (pending work fails with an unload error)."""
 
 
-class EmbeddingNative:
+class EmbeddingNative(GgufModel):
     """A GGUF model with one embeddings context; used by the worker thread only (besides tokenizing)."""
 
     def __init__(self, path: Path, options: LoadOptions, progress: Callable[[float], None] | None) -> None:
-        _init_backend_once()
-        self.path = path
-        self.model = 0
-        self.ctx = 0
-        mparams = lc.llama_model_default_params()
-        mparams.n_gpu_layers = options.n_gpu_layers if options.n_gpu_layers >= 0 else 999
-        if progress is not None:
-
-            def report(value: float, _user: ctypes.c_void_p) -> bool:
-                try:
-                    progress(float(value))
-                except Exception:  # a progress sink must never abort the load
-                    pass
-                return True
-
-            self._progress_cb = lc.llama_progress_callback(report)
-            mparams.progress_callback = self._progress_cb
-        self.model = lc.llama_model_load_from_file(str(path).encode(), mparams)
-        if not self.model:
-            raise LoadError(f"llama.cpp could not load '{path.name}'. Check that it is a complete GGUF file.")
-        self.vocab = lc.llama_model_get_vocab(self.model)
-        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
-        self.n_ctx_train = lc.llama_model_n_ctx_train(self.model)
+        super().__init__(path, options, progress)
         self.n_embd = lc.llama_model_n_embd(self.model)
         self.max_input = min(options.max_seq_len or self.n_ctx_train, self.n_ctx_train) or 512
         self.n_batch = max(MIN_BATCH_TOKENS, self.max_input)
         self.n_seq = max(1, min(lc.llama_max_parallel_sequences(), max(MAX_SEQUENCES, options.max_batch_size)))
-        threads = options.n_threads or os.cpu_count() or 1
-        cparams = lc.llama_context_default_params()
+        # n_ubatch = n_batch (context_params): an encoder must see a whole sequence in one micro-batch
+        cparams = context_params(options, n_ctx=self.n_batch, n_batch=self.n_batch, n_seq=self.n_seq)
         cparams.embeddings = True
         cparams.pooling_type = -1 if not options.pooling else _POOLING[options.pooling]
-        cparams.n_ctx = self.n_batch
-        cparams.n_batch = self.n_batch
-        cparams.n_ubatch = self.n_batch  # an encoder must see a whole sequence in one micro-batch
-        cparams.n_seq_max = self.n_seq
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.kv_unified = True
-        cparams.no_perf = True
-        self.ctx = lc.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
-            self.free()
-            raise LoadError(f"llama.cpp could not create an embeddings context for '{path.name}'. Free memory "
-                            "or lower max_seq_len, and load again.")
+        self._open_context(cparams, f"llama.cpp could not create an embeddings context for '{path.name}'. Free "
+                                    "memory or lower max_seq_len, and load again.")
         self.mem = lc.llama_get_memory(self.ctx)  # None for encoders (BERT): nothing to clear
         self.pooling = _POOLING_NAME.get(lc.llama_pooling_type(self.ctx), "none")
         if self.pooling == "none":
@@ -119,25 +84,6 @@ class EmbeddingNative:
         self.n_out = max(1, lc.llama_model_n_cls_out(self.model)) if self.pooling == "rank" else self.n_embd
         self.pass_tokens = self.n_batch if self.mem else max(ENCODER_PASS_TOKENS, self.max_input)
         self.batch = NativeBatch(self.n_batch)
-
-    def tokenize(self, text: str, *, add_special: bool, special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        cap = len(data) + 8
-        arr = (lc.llama_token * cap)()
-        n = lc.llama_tokenize(self.vocab, data, len(data), arr, cap, add_special, special)
-        if n < 0:
-            cap = -n
-            arr = (lc.llama_token * cap)()
-            n = lc.llama_tokenize(self.vocab, data, len(data), arr, cap, add_special, special)
-        return list(arr[:n])
-
-    def piece(self, token: int, special: bool) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
-        return buf.raw[:n]
 
     def forward(self, sequences: list[tuple[int, ...]]) -> np.ndarray:
         """One pass over sequences that fit one batch; a row of outputs per sequence."""
@@ -154,14 +100,6 @@ class EmbeddingNative:
         if self.mem:
             lc.llama_memory_clear(self.mem, True)
         return out
-
-    def free(self) -> None:
-        if self.ctx:
-            lc.llama_free(self.ctx)
-            self.ctx = 0
-        if self.model:
-            lc.llama_model_free(self.model)
-            self.model = 0
 
 
 class _Worker:
@@ -255,7 +193,7 @@ class _Worker:
             self._resolve(work, error)
 
 
-class LlamaCppEmbeddingEngine(EmbeddingEngine):
+class LlamaCppEmbeddingEngine(GgufText, EmbeddingEngine):
     """A GGUF embedding (or rank-pooling reranker) model; all requests share one worker thread's passes."""
 
     def __init__(self, native: EmbeddingNative, name: str, options: LoadOptions) -> None:
@@ -287,9 +225,7 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine):
         n = self.native
         bos = lc.llama_vocab_bos(n.vocab)
         eos = lc.llama_vocab_eos(n.vocab)
-        desc = ctypes.create_string_buffer(256)
-        lc.llama_model_desc(n.model, desc, len(desc))
-        description = desc.value.decode("utf-8", "replace")
+        description = n.description()
         return ModelInfo(
             name=name, path=str(n.path), backend="llamacpp_embedding", n_ctx=n.max_input, n_ctx_train=n.n_ctx_train,
             n_vocab=n.n_vocab, bos_token="", eos_token="", bos_token_id=bos, eos_token_id=eos,
@@ -299,16 +235,6 @@ class LlamaCppEmbeddingEngine(EmbeddingEngine):
             quantization=description.split()[-1] if description else "",
             architecture=description.split()[0] if description else "",
         )
-
-    # -- tokens --------------------------------------------------------------
-    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
-        return self.native.tokenize(text, add_special=add_bos, special=special)
-
-    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
-        return b"".join(self.native.piece(t, special) for t in tokens).decode("utf-8", "replace")
-
-    def token_piece(self, token: int) -> bytes:
-        return self.native.piece(token, True)
 
     # -- work ------------------------------------------------------------------
     async def _run(self, sequences: list[tuple[int, ...]]) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 This module is the event-loop side: submission, cancellation, LoRA and cache
 commands, stats and close. Everything it asks of the scheduler thread goes
-through the `Inbox` as a typed message (messages.py); the `Scheduler` it owns
+through the `Inbox` as a typed message (engine_thread.py); the `Scheduler` it owns
 (scheduler.py) does the work on its thread:
 
 1. admit waiting requests into free sequence slots, reusing the longest cached
@@ -43,19 +43,18 @@ from backends.base import (
     LoraState,
     MediaPrompt,
 )
-from backends.llamacpp.handle import RequestHandle
+from backends.engine_thread import Inbox, InboxClosed, InboxFull, RequestHandle, Submit, call_on_thread
 from backends.llamacpp.job import Job
 from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraError, LoraKey, lora_key
-from backends.llamacpp.messages import Cancel, Command, Inbox, InboxClosed, InboxFull, Message, Submit
 from backends.llamacpp.mtmd import ImageEncoder, Projector, ProjectorError, n_embd_of, route_logs
-from backends.llamacpp.native import LOG_CALLBACK, NativeModel
+from backends.llamacpp.native import LOG_CALLBACK, GgufText, NativeModel
 from backends.llamacpp.sampler import UNSUPPORTED
 from backends.llamacpp.scheduler import Scheduler
 from backends.llamacpp.speculative import Drafter, make_drafter
 from common.errors import BadRequestError, ModelNotLoadedError, ServiceUnavailableError
 
 
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(GgufText, Engine):
     """One GGUF model serving many requests at once; owns the scheduler and its thread."""
 
     def __init__(self, native: NativeModel, name: str, options: LoadOptions) -> None:
@@ -94,15 +93,6 @@ class LlamaCppEngine(Engine):
             raise
 
     # -- Engine interface -------------------------------------------------
-    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
-        return self.native.tokenize(text, add_bos=add_bos, special=special)
-
-    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
-        return self.native.detokenize(tokens, special=special)
-
-    def token_piece(self, token: int) -> bytes:
-        return self.native.piece(token, special=True)
-
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         unsupported = UNSUPPORTED & request.params.active_knobs()
         if unsupported:
@@ -111,9 +101,9 @@ class LlamaCppEngine(Engine):
                 ", ".join(sorted(unsupported)), request.request_id,
             )
         key = self._default_loras if request.loras is None else self._resolve_loras(request.loras)
-        handle = RequestHandle(request, asyncio.get_running_loop(), self._cancel)
+        handle = RequestHandle(request, asyncio.get_running_loop(), self._inbox.cancel)
         try:
-            self._post(Submit(Job(handle, self.info.n_ctx, key)))
+            self._inbox.post(Submit(Job(handle, self.info.n_ctx, key)))
         except InboxFull as full:
             waiting = max(0, full.outstanding - self._scheduler.stats().slots_active)
             raise ServiceUnavailableError(
@@ -121,6 +111,8 @@ class LlamaCppEngine(Engine):
                 retry_after=1,
                 code="server_busy",
             ) from None
+        except InboxClosed:
+            raise ModelNotLoadedError(f"Model '{self.info.name}' is unloading. Load a model and retry.") from None
         return handle
 
     def stats(self) -> EngineStats:
@@ -203,42 +195,9 @@ class LlamaCppEngine(Engine):
         self._scheduler.check_consistency()
 
     # -- the hand-off to the scheduler thread ------------------------------------
-    def _post(self, message: Message) -> None:
-        try:
-            self._inbox.post(message)
-        except InboxClosed:
-            raise ModelNotLoadedError(f"Model '{self.info.name}' is unloading. Load a model and retry.") from None
-
-    def _cancel(self, handle: RequestHandle) -> None:
-        try:
-            self._inbox.post(Cancel(handle))
-        except InboxClosed:  # the scheduler ends every request as it stops
-            pass
-
     async def _on_scheduler(self, command: Callable[[], object]) -> object:
         """Run `command` on the scheduler thread between steps; return its result."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[object] = loop.create_future()
-
-        def settle(result: object, exc: BaseException | None) -> None:
-            try:
-                loop.call_soon_threadsafe(_settle, done, result, exc)
-            except RuntimeError:  # the caller's event loop is gone
-                pass
-
-        def run() -> None:
-            try:
-                result = command()
-            except Exception as exc:  # noqa: BLE001 - handed to the caller
-                settle(None, exc)
-            else:
-                settle(result, None)
-
-        def abandon() -> None:
-            settle(None, ModelNotLoadedError(f"Model '{self.info.name}' was unloaded before this change ran."))
-
-        self._post(Command(run, abandon))
-        return await done
+        return await call_on_thread(self._inbox, command, self.info.name)
 
 
 def _load_projector(native: NativeModel, options: LoadOptions) -> ImageEncoder | None:
@@ -250,11 +209,3 @@ def _load_projector(native: NativeModel, options: LoadOptions) -> ImageEncoder |
     logger.info("vision projector {} loaded ({} per image marker)", Path(options.mmproj).name, projector.marker)
     return ImageEncoder(projector, n_embd_of(native.model))
 
-
-def _settle(fut: asyncio.Future[object], result: object, exc: BaseException | None) -> None:
-    if fut.done():
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(result)

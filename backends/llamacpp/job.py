@@ -1,7 +1,7 @@
 """The scheduler thread's state: each request's sequence (`Job`), each KV slot (`Slot`), and their `SlotState`.
 
 Only the scheduler thread reads or writes these after a job is submitted; the
-event-loop side of a request is its `RequestHandle` (handle.py).
+event-loop side of a request is its `RequestHandle` (engine_thread.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import llama_cpp as lc
 import numpy as np
 
 from backends.base import ConstraintState, GenerationRequest, TokenLogprob
-from backends.llamacpp.handle import RequestHandle
+from backends.engine_thread import RequestHandle
 from backends.llamacpp.lora import NO_LORA, LoraKey
 from backends.llamacpp.sampler import SamplerChain
 from backends.llamacpp.speculative import NgramIndex, common_prefix

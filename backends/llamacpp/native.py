@@ -1,7 +1,8 @@
 """Thin owner of the llama.cpp model, context and vocabulary pointers.
 
-Loading, tokenization, token pieces, metadata and the reusable batch live here;
-scheduling lives in scheduler.py.
+Loading, tokenization, token pieces, metadata and the reusable batch live here
+(`GgufModel`, shared with the embedding engine); `NativeModel` adds the
+generation context. Scheduling lives in scheduler.py.
 """
 
 from __future__ import annotations
@@ -100,8 +101,23 @@ class NativeBatch:
         return self.struct
 
 
-class NativeModel:
-    """A loaded GGUF with one multi-sequence context."""
+def context_params(options: LoadOptions, *, n_ctx: int, n_batch: int, n_seq: int) -> lc.llama_context_params:
+    """llama.cpp context parameters every context here shares: sizes, threads, one unified KV cache, no perf counters."""
+    threads = options.n_threads or os.cpu_count() or 1
+    cparams = lc.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = n_batch
+    cparams.n_ubatch = n_batch
+    cparams.n_seq_max = n_seq
+    cparams.n_threads = threads
+    cparams.n_threads_batch = threads
+    cparams.kv_unified = True
+    cparams.no_perf = True
+    return cparams
+
+
+class GgufModel:
+    """A loaded GGUF: model and vocabulary pointers, metadata, tokens; subclasses open the context they need."""
 
     def __init__(
         self,
@@ -138,38 +154,17 @@ class NativeModel:
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = lc.llama_model_n_ctx_train(model)
         self.metadata = self._read_metadata()
-
-        max_seq_len = options.max_seq_len or min(self.n_ctx_train, 8192)
-        cache_size = max(options.cache_size or max_seq_len, max_seq_len)
-        self.max_seq_len = max_seq_len
-        self.n_slots = max(1, min(options.max_batch_size, lc.llama_max_parallel_sequences()))
-        threads = options.n_threads or os.cpu_count() or 1
-        cparams = lc.llama_context_default_params()
-        cparams.n_ctx = cache_size
-        cparams.n_batch = options.chunk_size
-        cparams.n_ubatch = options.chunk_size
-        cparams.n_seq_max = self.n_slots
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.kv_unified = True
-        cparams.no_perf = True
-        cparams.type_k = _CACHE_TYPES[options.cache_mode]
-        cparams.type_v = _CACHE_TYPES[options.cache_mode]
-        cparams.flash_attn_type = _FLASH[options.flash_attention]
-        ctx = lc.llama_init_from_model(model, cparams)
-        if not ctx:
-            self.free()
-            raise LoadError(
-                f"llama.cpp could not create a context of {cache_size} tokens for '{path.name}'. "
-                "Lower cache_size / max_seq_len, or free memory, and load again."
-            )
-        self.ctx = ctx
-        self.mem = lc.llama_get_memory(ctx)
-        self.n_ctx = lc.llama_n_ctx(ctx)
-        self.n_batch = lc.llama_n_batch(ctx)
-        self.eog_tokens = tuple(t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self.vocab, t))
         self._pieces: dict[int, bytes] = {}
         self._pieces_special: dict[int, bytes] = {}
+
+    def _open_context(self, cparams: lc.llama_context_params, failure: str) -> int:
+        """Create the context (freeing the model and raising LoadError with `failure` when it cannot)."""
+        ctx = lc.llama_init_from_model(self.model, cparams)
+        if not ctx:
+            self.free()
+            raise LoadError(failure)
+        self.ctx = ctx
+        return ctx
 
     # -- metadata ---------------------------------------------------------
     def _read_metadata(self) -> dict[str, str]:
@@ -189,36 +184,11 @@ class NativeModel:
                 out[key] = buf.value.decode("utf-8", "replace")
         return out
 
-    def model_info(self, name: str) -> ModelInfo:
-        bos = lc.llama_vocab_bos(self.vocab)
-        eos = lc.llama_vocab_eos(self.vocab)
+    def description(self) -> str:
+        """llama.cpp's one-line description: architecture, size, quantization."""
         desc = ctypes.create_string_buffer(256)
         lc.llama_model_desc(self.model, desc, len(desc))
-        description = desc.value.decode("utf-8", "replace")
-        arch = self.metadata.get("general.architecture", "")
-        quant = description.split()[-1] if description else ""
-        return ModelInfo(
-            name=name,
-            path=str(self.path),
-            backend="llamacpp",
-            n_ctx=self.max_seq_len,
-            n_ctx_train=self.n_ctx_train,
-            n_vocab=self.n_vocab,
-            bos_token=self.piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else "",
-            eos_token=self.piece(eos, special=True).decode("utf-8", "replace") if eos >= 0 else "",
-            bos_token_id=bos,
-            eos_token_id=eos,
-            add_bos_token=bool(lc.llama_vocab_get_add_bos(self.vocab)),
-            chat_template=self.metadata.get("tokenizer.chat_template"),
-            eog_token_ids=self.eog_tokens,
-            control_token_ids=tuple(t for t in range(self.n_vocab) if lc.llama_vocab_is_control(self.vocab, t)),
-            metadata=self.metadata,
-            load_options=self.options.as_dict() | {"max_seq_len": self.max_seq_len, "cache_size": self.n_ctx},
-            size_bytes=int(lc.llama_model_size(self.model)),
-            parameter_count=int(lc.llama_model_n_params(self.model)),
-            quantization=quant,
-            architecture=arch,
-        )
+        return desc.value.decode("utf-8", "replace")
 
     # -- tokens -----------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
@@ -260,3 +230,71 @@ class NativeModel:
             lc.llama_model_free(self.model)
             self.model = 0
         logger.debug("freed llama.cpp model {}", self.path.name)
+
+
+class GgufText:
+    """The engine contract's token methods over `self.native` (a GgufModel); a mixin for the llama.cpp engines."""
+
+    native: GgufModel
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        return self.native.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        return self.native.detokenize(tokens, special=special)
+
+    def token_piece(self, token: int) -> bytes:
+        return self.native.piece(token, special=True)
+
+
+class NativeModel(GgufModel):
+    """A loaded GGUF with one multi-sequence generation context."""
+
+    def __init__(self, path: Path, options: LoadOptions, progress: Callable[[float], None] | None = None) -> None:
+        super().__init__(path, options, progress)
+        max_seq_len = options.max_seq_len or min(self.n_ctx_train, 8192)
+        cache_size = max(options.cache_size or max_seq_len, max_seq_len)
+        self.max_seq_len = max_seq_len
+        self.n_slots = max(1, min(options.max_batch_size, lc.llama_max_parallel_sequences()))
+        cparams = context_params(options, n_ctx=cache_size, n_batch=options.chunk_size, n_seq=self.n_slots)
+        cparams.type_k = _CACHE_TYPES[options.cache_mode]
+        cparams.type_v = _CACHE_TYPES[options.cache_mode]
+        cparams.flash_attn_type = _FLASH[options.flash_attention]
+        ctx = self._open_context(
+            cparams,
+            f"llama.cpp could not create a context of {cache_size} tokens for '{path.name}'. "
+            "Lower cache_size / max_seq_len, or free memory, and load again.",
+        )
+        self.mem = lc.llama_get_memory(ctx)
+        self.n_ctx = lc.llama_n_ctx(ctx)
+        self.n_batch = lc.llama_n_batch(ctx)
+        self.eog_tokens = tuple(t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self.vocab, t))
+
+    def model_info(self, name: str) -> ModelInfo:
+        bos = lc.llama_vocab_bos(self.vocab)
+        eos = lc.llama_vocab_eos(self.vocab)
+        description = self.description()
+        arch = self.metadata.get("general.architecture", "")
+        quant = description.split()[-1] if description else ""
+        return ModelInfo(
+            name=name,
+            path=str(self.path),
+            backend="llamacpp",
+            n_ctx=self.max_seq_len,
+            n_ctx_train=self.n_ctx_train,
+            n_vocab=self.n_vocab,
+            bos_token=self.piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else "",
+            eos_token=self.piece(eos, special=True).decode("utf-8", "replace") if eos >= 0 else "",
+            bos_token_id=bos,
+            eos_token_id=eos,
+            add_bos_token=bool(lc.llama_vocab_get_add_bos(self.vocab)),
+            chat_template=self.metadata.get("tokenizer.chat_template"),
+            eog_token_ids=self.eog_tokens,
+            control_token_ids=tuple(t for t in range(self.n_vocab) if lc.llama_vocab_is_control(self.vocab, t)),
+            metadata=self.metadata,
+            load_options=self.options.as_dict() | {"max_seq_len": self.max_seq_len, "cache_size": self.n_ctx},
+            size_bytes=int(lc.llama_model_size(self.model)),
+            parameter_count=int(lc.llama_model_n_params(self.model)),
+            quantization=quant,
+            architecture=arch,
+        )

@@ -2,7 +2,7 @@
 
 A `Scheduler` runs on the engine's one thread, which owns the llama.cpp context
 and every `Job` and `Slot`. Event loops reach it only through its `Inbox`
-(messages.py); it hands events back with `loop.call_soon_threadsafe`. Each pass:
+(engine_thread.py); it hands events back with `loop.call_soon_threadsafe`. Each pass:
 take messages, admit waiting jobs, run one step, deliver the events.
 """
 
@@ -17,14 +17,15 @@ import llama_cpp as lc
 import numpy as np
 from loguru import logger
 
-from backends.base import EngineStats, Event, Finished, FinishReason, TextDelta, TokenLogprob, Usage
+from backends.base import EngineStats, Event, Finished, FinishReason, TextDelta, TokenLogprob
+from backends.engine_thread import (
+    Cancel, Command, Inbox, InboxClosed, Message, RequestHandle, Submit, deliver, timed_usage,
+)
 from backends.llamacpp.admission import choose_slot, should_wait_for_sharer
-from backends.llamacpp.handle import RequestHandle, deliver
 from backends.llamacpp.job import Job, Slot, SlotState
 from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraKey
 from backends.llamacpp.media import MediaFeeder, text_end
 from backends.llamacpp.mtmd import ImageEncoder
-from backends.llamacpp.messages import Cancel, Command, Inbox, InboxClosed, Message, Submit
 from backends.llamacpp.native import NativeBatch, NativeModel
 from backends.llamacpp.sampler import build_chain
 from backends.llamacpp.speculation import Speculation
@@ -525,18 +526,9 @@ class Scheduler:
         if self._media is not None and job.spans:
             self._media.forget(job)
             job.embd.clear()
-        end = time.perf_counter()
-        admitted = job.t_admit or end
-        first = job.t_first or end
-        usage = Usage(
-            prompt_tokens=job.n_prompt,
-            completion_tokens=job.n_generated,
-            cached_tokens=job.cached_tokens,
-            queue_seconds=admitted - job.t_submit,
-            prompt_seconds=max(0.0, first - admitted),
-            generation_seconds=max(0.0, end - first),
-            draft_tokens=job.n_drafted,
-            accepted_draft_tokens=job.n_accepted,
+        usage = timed_usage(
+            job.n_prompt, job.n_generated, job.t_submit, job.t_admit, job.t_first,
+            cached_tokens=job.cached_tokens, draft_tokens=job.n_drafted, accepted_draft_tokens=job.n_accepted,
         )
         self.finished_count += 1
         self._inbox.retire()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,9 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends.base import EngineStats, Event, Finished, FinishReason, TextDelta, TokenLogprob, Usage
+from backends.base import EngineStats, Event, Finished, FinishReason, TextDelta, TokenLogprob
+from backends.engine_thread import Cancel, Inbox, RequestHandle, Submit, deliver_all, timed_usage
 from backends.logprobs import log_softmax, token_logprob
-from backends.queued_handle import QueuedHandle, post_events
 from backends.text_stream import Release, StopHit
 from backends.transformers.job import TfJob
 from backends.transformers.sampler import RowSampler
@@ -47,75 +46,8 @@ IDLE_WAIT_SECONDS = 0.05  # how long the idle loop sleeps between looks at the i
 
 
 @dataclass(frozen=True, slots=True)
-class Submit:
-    job: TfJob
-
-
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    handle: QueuedHandle
-
-
-@dataclass(frozen=True, slots=True)
 class Close:
-    pass
-
-
-Message = Submit | Cancel | Close
-
-
-class InboxClosed(Exception):
-    """The engine stopped: nothing more is taken."""
-
-
-class InboxFull(Exception):
-    pass
-
-
-class Inbox:
-    """Thread-safe: event loops post; the generation thread takes."""
-
-    def __init__(self, capacity: int) -> None:
-        self._cv = threading.Condition(threading.Lock())
-        self._messages: deque[Message] = deque()
-        self._closed = False
-        self._capacity = capacity
-        self.outstanding = 0  # submitted and not finished
-
-    def post(self, message: Message) -> None:
-        with self._cv:
-            if self._closed:
-                raise InboxClosed
-            if isinstance(message, Submit):
-                if self.outstanding >= self._capacity:
-                    raise InboxFull
-                self.outstanding += 1
-            self._messages.append(message)
-            self._cv.notify_all()
-
-    def take(self) -> list[Message]:
-        with self._cv:
-            out = list(self._messages)
-            self._messages.clear()
-            return out
-
-    def wait(self, timeout: float) -> None:
-        with self._cv:
-            if not self._messages and not self._closed:
-                self._cv.wait(timeout)
-
-    def retire(self) -> None:
-        with self._cv:
-            self.outstanding -= 1
-
-    def close(self) -> list[Message]:
-        """Refuse further posts; returns what was never taken."""
-        with self._cv:
-            self._closed = True
-            out = list(self._messages)
-            self._messages.clear()
-            self._cv.notify_all()
-            return out
+    """Stop the manager once the running requests are ended."""
 
 
 class TickQueue(queue.Queue):  # type: ignore[type-arg]
@@ -172,7 +104,7 @@ class Batcher:
 
     # -- the input-queue seam ---------------------------------------------------------------
     def tick(self) -> bool:
-        for message in self.inbox.take():
+        for message in self.inbox.take(wait=False) or ():
             if isinstance(message, Submit):
                 self._accept(message.job)
             elif isinstance(message, Cancel):
@@ -214,7 +146,7 @@ class Batcher:
             # The manager never ends a request by itself first: no EOS id, one token more than Parley's limit.
             self.manager.add_request(job.request.prompt_tokens, request_id=job.rid, max_new_tokens=job.max_new + 1)
 
-    def _cancel(self, handle: QueuedHandle) -> None:
+    def _cancel(self, handle: RequestHandle) -> None:
         for job in self.active.values():
             if job.handle is handle:
                 self._finish(job, FinishReason.CANCELLED)
@@ -314,16 +246,7 @@ class Batcher:
             self.manager.cancel_request(job.rid)
             self._free += job.blocks
             job.blocks = 0
-        end = time.perf_counter()
-        admitted = job.t_admit or end
-        first = job.t_first or end
-        usage = Usage(
-            prompt_tokens=job.n_prompt,
-            completion_tokens=job.n_generated,
-            queue_seconds=admitted - job.t_submit,
-            prompt_seconds=max(0.0, first - admitted),
-            generation_seconds=max(0.0, end - first),
-        )
+        usage = timed_usage(job.n_prompt, job.n_generated, job.t_submit, job.t_admit, job.t_first)
         self.finished_count += 1
         self.inbox.retire()
         self._outbox.setdefault(job, []).append(Finished(reason, usage, stop_string=stop_string, error=error))
@@ -332,13 +255,12 @@ class Batcher:
         if not self._outbox:
             return
         outbox, self._outbox = self._outbox, {}
-        for job, events in outbox.items():
-            post_events(job.handle, events)
+        deliver_all((job.handle, events) for job, events in outbox.items())
 
     def shut_down(self, failed: bool) -> None:
         """The manager's thread ended (closed, or it failed): end whatever is left."""
-        left = self.inbox.close()
-        for message in left:
+        self.inbox.close()
+        for message in self.inbox.drain():
             if isinstance(message, Submit):
                 self.waiting.append(message.job)
         reason = FinishReason.ERROR if failed else FinishReason.UNLOAD

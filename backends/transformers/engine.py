@@ -25,16 +25,15 @@ from typing import Any
 from loguru import logger
 
 from backends.base import Engine, EngineStats, GenerationHandle, GenerationRequest, LoadOptions, ModelInfo
-from backends.hf_vocab import HFVocab
-from backends.queued_handle import QueuedHandle
-from backends.transformers.batching import Batcher, Cancel, Close, Inbox, InboxClosed, InboxFull, Submit, TickQueue
+from backends.hf_vocab import HFVocab, HFVocabText
+from backends.engine_thread import Inbox, InboxClosed, RequestHandle
+from backends.transformers.batching import Batcher, Close, TickQueue
 from backends.transformers.job import TfJob
 from backends.transformers.sampler import UNSUPPORTED
-from common.errors import BadRequestError, ModelNotLoadedError, ServiceUnavailableError
+from common.errors import BadRequestError
 
 BLOCK_SIZE = 32
 DEFAULT_CPU_CONTEXT = 4096  # when neither max_seq_len nor cache_size is set, on CPU
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
 
 
 def _model_source(path: Path) -> tuple[str, dict[str, Any], int]:
@@ -63,7 +62,7 @@ def _gguf_adds_bos(file: Path) -> bool:
     return model is not None and model.contents() == "llama"
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(HFVocabText, Engine):
     def __init__(self, model: Any, tokenizer: Any, name: str, path: Path, options: LoadOptions, size: int) -> None:
         import torch
 
@@ -161,10 +160,7 @@ class TransformersEngine(Engine):
         if not eos_list and tok.eos_token_id is not None:
             eos_list = [tok.eos_token_id]
         eog = set(eos_list)
-        for text in _END_OF_TURN:
-            tid = self.vocab.token_id(text)
-            if tid is not None and tid in self.vocab.special_ids:
-                eog.add(tid)
+        eog |= self.vocab.end_of_turn_ids()
         eos = eos_list[0] if eos_list else -1
         bos = tok.bos_token_id if tok.bos_token_id is not None else -1
         template = tok.chat_template if isinstance(tok.chat_template, str) else None
@@ -197,16 +193,6 @@ class TransformersEngine(Engine):
         return None if name is None else (path if path.is_file() else path / name)
 
     # -- Engine interface -------------------------------------------------------------------
-    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
-        bos = self.info.bos_token_id if add_bos and self.info.bos_token_id >= 0 else None
-        return self.vocab.tokenize(text, bos=bos, special=special)
-
-    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
-        return self.vocab.detokenize(tokens, special=special)
-
-    def token_piece(self, token: int) -> bytes:
-        return self.vocab.piece(token)
-
     def submit(self, request: GenerationRequest) -> GenerationHandle:
         params = request.params
         if params.banned_strings:
@@ -225,24 +211,9 @@ class TransformersEngine(Engine):
                 "transformers has no logits processor for {}; accepted but not applied (request {})",
                 ", ".join(sorted(unsupported)), request.request_id,
             )
-        handle = QueuedHandle(request, asyncio.get_running_loop(), self._cancel)
-        try:
-            self._inbox.post(Submit(TfJob(handle, self.info.n_ctx)))
-        except InboxFull:
-            raise ServiceUnavailableError(
-                "The server is busy: every slot and queue place is taken. Retry shortly.",
-                retry_after=1,
-                code="server_busy",
-            ) from None
-        except InboxClosed:
-            raise ModelNotLoadedError(f"Model '{self.info.name}' is unloading. Load a model and retry.") from None
+        handle = RequestHandle(request, asyncio.get_running_loop(), self._inbox.cancel)
+        self._inbox.submit(TfJob(handle, self.info.n_ctx), self.info.name)
         return handle
-
-    def _cancel(self, handle: QueuedHandle) -> None:
-        try:
-            self._inbox.post(Cancel(handle))
-        except InboxClosed:  # the batcher ends every request as it stops
-            pass
 
     def stats(self) -> EngineStats:
         return self._batcher.stats()

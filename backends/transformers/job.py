@@ -11,7 +11,7 @@ import time
 from collections import deque
 
 from backends.base import ConstraintState, TokenLogprob
-from backends.queued_handle import QueuedHandle
+from backends.engine_thread import RequestHandle
 from backends.text_stream import TokenTextStream
 from backends.transformers.sampler import RowSampler
 
@@ -24,7 +24,7 @@ class TfJob:
         "pending_logprobs", "request", "rid", "sampler", "stop_ids", "stream", "t_admit", "t_first", "t_submit",
     )
 
-    def __init__(self, handle: QueuedHandle, n_ctx: int) -> None:
+    def __init__(self, handle: RequestHandle, n_ctx: int) -> None:
         request = handle.request
         self.handle = handle
         self.request = request
