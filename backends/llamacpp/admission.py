@@ -12,6 +12,10 @@ from backends.llamacpp.speculative import common_prefix
 # A waiting job holds back for a prefilling job whose prompt it shares when
 # that saves at least this many tokens of prefill.
 _SHARE_MIN_TOKENS = 32
+# A free slot's cached prefix draws a request to it when it covers at least 1/this of the request's
+# context (llama-server's default slot similarity is 0.1); a lesser match would cut a long prefix
+# away for a few tokens.
+_SIMILAR_DIVISOR = 10
 
 
 def should_wait_for_sharer(job: Job, slots: list[Slot]) -> bool:
@@ -34,18 +38,21 @@ def choose_slot(job: Job, free: list[Slot], slots: list[Slot]) -> tuple[Slot, in
     Only KV computed under the job's own adapter set counts.
     """
     context, key = job.context, job.lora_key
-    best_free, best_own = None, -1
+    best_free, best_own, best_rank = None, -1, (-1, 0, 0.0)
     for s in free:
         own = clamp_reuse(job, s.reusable(context)) if s.lora_key == key else 0
-        better = own > best_own or (own == best_own and best_free is not None and s.last_used < best_free.last_used)
-        if better:
-            best_free, best_own = s, own
+        # A slot is worth taking for its prefix only when that prefix is a real part of the prompt;
+        # otherwise an empty slot, else the least recently used, so other cached prefixes survive.
+        worth = own if own * _SIMILAR_DIVISOR >= len(context) else 0
+        rank = (worth, 0 if s.tokens else 1, -s.last_used)
+        if rank > best_rank or best_free is None:
+            best_free, best_own, best_rank = s, own, rank
     assert best_free is not None
     source, shared = None, best_own
     for s in slots:
         if s is best_free or s.lora_key != key:
             continue
         n = clamp_reuse(job, s.reusable(context))
-        if n > shared:
+        if n > shared and n * _SIMILAR_DIVISOR >= len(context):
             source, shared = s, n
     return best_free, best_own, source, shared

@@ -6,6 +6,7 @@ event-loop side of a request is its `RequestHandle` (engine_thread.py).
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import time
 from collections import deque
@@ -125,7 +126,7 @@ class Job:
 class Slot:
     """One KV sequence: the tokens it holds and, for exact reuse, the logits its last prompt gave."""
 
-    __slots__ = ("job", "last_used", "lora_key", "saved", "seq", "tokens")
+    __slots__ = ("job", "last_used", "lora_key", "parked", "saved", "seq", "tokens")
 
     def __init__(self, seq: int) -> None:
         self.seq = seq
@@ -137,6 +138,9 @@ class Slot:
         # A later request with the same prompt samples its first token from them instead of
         # recomputing the last prompt token in another batch shape (which rounds differently).
         self.saved: tuple[int, np.ndarray] | None = None
+        # (buffer, size): the sequence's KV copied to host memory while the slot idles (parking.py);
+        # `tokens` still says what it holds, and no cell of the cache does.
+        self.parked: tuple[ctypes.Array[ctypes.c_uint8], int] | None = None
 
     @property
     def state(self) -> SlotState:
@@ -144,7 +148,13 @@ class Slot:
         return SlotState.IDLE if job is None else job.state
 
     def cut(self, mem: object, n: int) -> None:
-        """Drop KV from position n on; saved logits that depended on dropped KV go too."""
+        """Drop KV from position n on; saved logits that depended on dropped KV go too.
+
+        A parked prefix is restored before any request uses it, so cutting one drops it whole.
+        """
+        if self.parked is not None:
+            self.parked = None
+            n = 0
         if n > 0 and lc.llama_memory_seq_rm(mem, self.seq, n, -1):
             del self.tokens[n:]
         else:  # everything, or a memory that cannot drop a tail (recurrent models)

@@ -27,6 +27,7 @@ from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraKey
 from backends.llamacpp.media import MediaFeeder, text_end
 from backends.llamacpp.mtmd import ImageEncoder
 from backends.llamacpp.native import NativeBatch, NativeModel
+from backends.llamacpp.parking import Parking
 from backends.llamacpp.sampler import build_chain
 from backends.llamacpp.speculation import Speculation
 from backends.llamacpp.speculative import Drafter
@@ -54,6 +55,7 @@ class Scheduler:
             MediaFeeder(encoder, native.n_batch, self._run_between_steps, self._fail_image) if encoder else None
         )
         self.slots = [Slot(i) for i in range(native.n_slots)]
+        self._parking = Parking(native.ctx, native.mem, self.slots, max_tokens=native.n_ctx)
         self._inbox = inbox
         self._adapters = adapters
         self._spec = Speculation(drafter, draft_max, native.mem) if drafter is not None else None
@@ -155,6 +157,9 @@ class Scheduler:
         """Assert each slot's bookkeeping matches the KV cache (while idle; for tests)."""
         for slot in self.slots:
             top = lc.llama_memory_seq_pos_max(self.native.mem, slot.seq)
+            if slot.parked is not None:
+                assert top == -1, f"slot {slot.seq} is parked but still holds KV up to {top}"
+                continue
             assert top == len(slot.tokens) - 1, f"slot {slot.seq}: KV ends at {top}, bookkeeping has {len(slot.tokens)}"
 
     def stats(self) -> EngineStats:
@@ -187,8 +192,8 @@ class Scheduler:
         return any(s.job is not None and not self._media.blocked(s.job) for s in self.slots)
 
     def _kv_used(self) -> int:
-        # Upper bound: cells shared between sequences are counted once per sequence.
-        return sum(len(s.tokens) for s in self.slots)
+        # Upper bound: cells shared between sequences are counted once per sequence; parked ones hold none.
+        return sum(len(s.tokens) for s in self.slots if s.parked is None)
 
     def _admit(self) -> None:
         deferred: list[Job] = []
@@ -203,7 +208,10 @@ class Scheduler:
                 continue
             job.state = SlotState.QUEUED
             slot, own, source, shared = choose_slot(job, free, self.slots)
-            need = len(job.context) - max(own, shared)
+            # A parked prefix comes back into the cache: its cells count as needed too.
+            from_kv = shared if source is not None and shared > own else own
+            live = source.parked is None if source is not None and shared > own else slot.parked is None
+            need = len(job.context) - (from_kv if live else 0)
             if job.preempted and self._has_active():
                 # It ran the cache full once: come back only when everyone can finish.
                 need += job.remaining + sum(s.job.remaining for s in self.slots if s.job is not None)
@@ -219,7 +227,7 @@ class Scheduler:
         if self._kv_used() + need <= capacity:
             return True
         idle = sorted(
-            (s for s in self.slots if s.state is SlotState.IDLE and s.tokens and s is not target),
+            (s for s in self.slots if s.state is SlotState.IDLE and s.tokens and s.parked is None and s is not target),
             key=lambda s: s.last_used,
         )
         for s in idle:
@@ -230,15 +238,24 @@ class Scheduler:
 
     def _place(self, job: Job, slot: Slot, own: int, source: Slot | None, shared: int) -> None:
         mem = self.native.mem
+        parking = self._parking
         if source is not None and shared > own:
             slot.cut(mem, 0)
-            lc.llama_memory_seq_cp(mem, source.seq, slot.seq, 0, shared)
+            if source.parked is None:
+                lc.llama_memory_seq_cp(mem, source.seq, slot.seq, 0, shared)
+            elif not parking.restore(source, slot.seq):  # no room to bring it back: recompute
+                shared = 0
+            if shared:
+                lc.llama_memory_seq_rm(mem, slot.seq, shared, -1)
             reuse = shared
             slot.tokens = job.context[:reuse]
             slot.saved = source.saved if source.saved is not None and source.saved[0] < reuse else None
         else:
+            if slot.parked is not None and not (own and parking.restore(slot, slot.seq)):
+                own = 0
             slot.cut(mem, own)
             reuse = len(slot.tokens)
+        parking.park_idle(keep=slot)
         if reuse == len(job.context) and slot.saved is not None:
             job.first_logits = slot.saved[1]
         slot.lora_key = job.lora_key
@@ -378,10 +395,11 @@ class Scheduler:
     def _on_decode_failure(self, rc: int, fed: list[tuple[Job, int]]) -> bool:
         """Make room after a refused batch; True when the step should be retried."""
         if rc == 1:
-            idle = [s for s in self.slots if s.state is SlotState.IDLE and s.tokens]
-            if idle:  # cached prefixes go first
+            idle = [s for s in self.slots if s.state is SlotState.IDLE and s.tokens and s.parked is None]
+            if idle:  # cached prefixes go first: to host memory, or away when they cannot be parked
                 for s in idle:
-                    s.cut(self.native.mem, 0)
+                    if not self._parking.park(s):
+                        s.cut(self.native.mem, 0)
                 return True
             victim = max((j for j, _ in fed), key=lambda j: j.t_admit)
             if len(fed) > 1:
