@@ -148,6 +148,16 @@ class Sample:
 
 
 async def one_request(client: httpx.AsyncClient, base: str, text: str, max_tokens: int) -> Sample:
+    """One streamed completion; a connection the server closed before answering is retried once, fresh
+    (llama-server's HTTP layer sometimes drops a kept-alive connection between requests)."""
+    try:
+        return await _one_request(client, base, text, max_tokens)
+    except httpx.RemoteProtocolError:
+        async with httpx.AsyncClient() as fresh:
+            return await _one_request(fresh, base, text, max_tokens)
+
+
+async def _one_request(client: httpx.AsyncClient, base: str, text: str, max_tokens: int) -> Sample:
     body = {"prompt": text, "max_tokens": max_tokens, "temperature": 0.8, "stream": True, "ignore_eos": True,
             "logit_bias": {"0": -100, "2": -100}, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
