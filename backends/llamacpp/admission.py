@@ -48,9 +48,11 @@ def choose_slot(job: Job, free: list[Slot], slots: list[Slot]) -> tuple[Slot, in
         if rank > best_rank or best_free is None:
             best_free, best_own, best_rank = s, own, rank
     assert best_free is not None
+    # Another slot's prefix is copied cell by cell, so only one still in the cache can be a source. (A parked
+    # slot is idle, hence free: when its prefix is the best, it is the slot chosen above.)
     source, shared = None, best_own
     for s in slots:
-        if s is best_free or s.lora_key != key:
+        if s is best_free or s.lora_key != key or s.parked is not None:
             continue
         n = clamp_reuse(job, s.reusable(context))
         if n > shared and n * _SIMILAR_DIVISOR >= len(context):

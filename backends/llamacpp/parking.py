@@ -58,23 +58,17 @@ class Parking:
         self.parked_count += 1
         return True
 
-    def restore(self, source: Slot, seq: int) -> bool:
-        """Copy the parked prefix of `source` into sequence `seq` (its own or another slot's, emptied first).
-
-        Restoring into the source's own sequence unparks it. False when the cache has no room for it:
-        then the source is dropped (its prefix is recomputed by whoever needs it).
-        """
-        assert source.parked is not None
-        buf, size = source.parked
-        lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
-        ok = lc.llama_state_seq_set_data(self._ctx, buf, size, seq) == size
-        if not ok:
-            lc.llama_memory_seq_rm(self._mem, seq, -1, -1)
-            source.cut(self._mem, 0)
+    def restore(self, slot: Slot) -> bool:
+        """Copy the slot's parked prefix back into its sequence. False when the cache has no room for it:
+        then the prefix is dropped (and recomputed by the request that wanted it)."""
+        assert slot.parked is not None
+        buf, size = slot.parked
+        lc.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+        if lc.llama_state_seq_set_data(self._ctx, buf, size, slot.seq) != size:
+            slot.cut(self._mem, 0)
             return False
+        slot.parked = None
         self.restored_count += 1
-        if seq == source.seq:
-            source.parked = None
         return True
 
     def _trim(self) -> None:

@@ -44,7 +44,9 @@ class DirectSampler:
     def __init__(self, n_vocab: int, temperature: float, bias: dict[int, float], seed: int) -> None:
         self._inv_temp = 0.0 if temperature <= 0.0 else 1.0 / temperature  # 0: greedy
         self._bias_ids = np.fromiter(bias.keys(), dtype=np.int64, count=len(bias))
-        self._bias_vals = np.fromiter(bias.values(), dtype=np.float32, count=len(bias))
+        # The bias is added before temperature (as llama.cpp's chain does), so it is scaled with the logits.
+        scale = self._inv_temp or 1.0
+        self._bias_vals = np.fromiter(bias.values(), dtype=np.float32, count=len(bias)) * np.float32(scale)
         n_blocks = -(-n_vocab // _BLOCK)
         self._buf = np.zeros(n_blocks * _BLOCK, dtype=np.float32)  # past n_vocab: never written, weight 0
         self._blocks = self._buf.reshape(n_blocks, _BLOCK)
@@ -58,7 +60,7 @@ class DirectSampler:
         else:
             z[:] = logits
         if self._bias_ids.size:
-            z[self._bias_ids] += self._bias_vals if not self._inv_temp else self._bias_vals * self._inv_temp
+            z[self._bias_ids] += self._bias_vals
         top = int(z.argmax())
         peak = z[top]
         if not np.isfinite(peak):

@@ -208,10 +208,11 @@ class Scheduler:
                 continue
             job.state = SlotState.QUEUED
             slot, own, source, shared = choose_slot(job, free, self.slots)
-            # A parked prefix comes back into the cache: its cells count as needed too.
-            from_kv = shared if source is not None and shared > own else own
-            live = source.parked is None if source is not None and shared > own else slot.parked is None
-            need = len(job.context) - (from_kv if live else 0)
+            # A copied prefix is in the cache already (sources are never parked); a parked own prefix comes back in.
+            if source is not None and shared > own:
+                need = len(job.context) - shared
+            else:
+                need = len(job.context) - (own if slot.parked is None else 0)
             if job.preempted and self._has_active():
                 # It ran the cache full once: come back only when everyone can finish.
                 need += job.remaining + sum(s.job.remaining for s in self.slots if s.job is not None)
@@ -241,17 +242,12 @@ class Scheduler:
         parking = self._parking
         if source is not None and shared > own:
             slot.cut(mem, 0)
-            if source.parked is None:
-                lc.llama_memory_seq_cp(mem, source.seq, slot.seq, 0, shared)
-            elif not parking.restore(source, slot.seq):  # no room to bring it back: recompute
-                shared = 0
-            if shared:
-                lc.llama_memory_seq_rm(mem, slot.seq, shared, -1)
+            lc.llama_memory_seq_cp(mem, source.seq, slot.seq, 0, shared)
             reuse = shared
             slot.tokens = job.context[:reuse]
             slot.saved = source.saved if source.saved is not None and source.saved[0] < reuse else None
         else:
-            if slot.parked is not None and not (own and parking.restore(slot, slot.seq)):
+            if slot.parked is not None and not (own and parking.restore(slot)):
                 own = 0
             slot.cut(mem, own)
             reuse = len(slot.tokens)
