@@ -17,8 +17,11 @@ time, and only when it is decided:
 from __future__ import annotations
 
 import codecs
+from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from backends.base import TextDelta, TokenLogprob
 
 
 class Release(NamedTuple):  # a tuple: made once per token, so it is kept cheap to build
@@ -171,3 +174,14 @@ class TokenTextStream:
         text = data.decode("utf-8", "replace")
         self.text_emitted += text
         return Release(text, tokens)
+
+
+def text_delta(release: Release, pending_logprobs: deque[TokenLogprob]) -> TextDelta | None:
+    """The event for a release, with its tokens' logprobs taken from the front of `pending_logprobs`
+    (one per token, when logprobs were asked for); None when nothing was released."""
+    if not release.tokens and not release.text:
+        return None
+    lps: tuple[TokenLogprob, ...] = ()
+    if pending_logprobs:
+        lps = tuple(pending_logprobs.popleft() for _ in release.tokens if pending_logprobs)
+    return TextDelta(release.text, release.tokens, lps)

@@ -8,7 +8,6 @@ take messages, admit waiting jobs, run one step, deliver the events.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
@@ -17,9 +16,9 @@ import llama_cpp as lc
 import numpy as np
 from loguru import logger
 
-from backends.base import EngineStats, Event, Finished, FinishReason, TextDelta, TokenLogprob
+from backends.base import EngineStats, Event, Finished, FinishReason
 from backends.engine_thread import (
-    Cancel, Command, Inbox, InboxClosed, Message, RequestHandle, Submit, deliver, timed_usage,
+    Cancel, Command, Inbox, InboxClosed, Message, RequestHandle, Submit, deliver_all, timed_usage,
 )
 from backends.llamacpp.admission import choose_slot, should_wait_for_sharer
 from backends.llamacpp.job import Job, Slot, SlotState
@@ -32,7 +31,7 @@ from backends.llamacpp.sampler import build_chain
 from backends.llamacpp.speculation import Speculation
 from backends.llamacpp.speculative import Drafter
 from backends.logprobs import log_softmax, token_logprob
-from backends.text_stream import Release, Rewind, StopHit
+from backends.text_stream import Release, Rewind, StopHit, text_delta
 
 # Rewinds for banned strings one request may make before it is ended.
 _MAX_REWINDS = 64
@@ -484,12 +483,9 @@ class Scheduler:
         return self.native.piece(token, special=True)
 
     def _emit(self, job: Job, release: Release) -> None:
-        if not release.tokens and not release.text:
-            return
-        lps: tuple[TokenLogprob, ...] = ()
-        if job.pending_logprobs:
-            lps = tuple(job.pending_logprobs.popleft() for _ in release.tokens if job.pending_logprobs)
-        self._outbox.setdefault(job, []).append(TextDelta(release.text, release.tokens, lps))
+        delta = text_delta(release, job.pending_logprobs)
+        if delta is not None:
+            self._outbox.setdefault(job, []).append(delta)
 
     def _rewind(self, job: Job, rewind: Rewind) -> None:
         """A banned string appeared: drop its tokens and sample that position again without them."""
@@ -550,16 +546,6 @@ class Scheduler:
 
     def _deliver(self) -> None:
         """Hand this pass's events to their event loops: one call per loop."""
-        outbox = self._outbox
-        if not outbox:
-            return
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, list[Event]]]] = {}
-        for job, events in outbox.items():
-            handle = job.handle
-            by_loop.setdefault(handle.loop, []).append((handle, events))
-        outbox.clear()
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(deliver, items)
-            except RuntimeError:  # that event loop is closed: nobody is listening
-                pass
+        if self._outbox:
+            deliver_all((job.handle, events) for job, events in self._outbox.items())
+            self._outbox.clear()

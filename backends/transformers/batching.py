@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends.base import EngineStats, Event, Finished, FinishReason, TextDelta, TokenLogprob
+from backends.base import EngineStats, Event, Finished, FinishReason
 from backends.engine_thread import Cancel, Inbox, RequestHandle, Submit, deliver_all, timed_usage
 from backends.logprobs import log_softmax, token_logprob
-from backends.text_stream import Release, StopHit
+from backends.text_stream import Release, StopHit, text_delta
 from backends.transformers.job import TfJob
 from backends.transformers.sampler import RowSampler
 
@@ -228,12 +228,9 @@ class Batcher:
 
     # -- events ---------------------------------------------------------------------------
     def _emit(self, job: TfJob, release: Release) -> None:
-        if not release.tokens and not release.text:
-            return
-        lps: tuple[TokenLogprob, ...] = ()
-        if job.pending_logprobs:
-            lps = tuple(job.pending_logprobs.popleft() for _ in release.tokens if job.pending_logprobs)
-        self._outbox.setdefault(job, []).append(TextDelta(release.text, release.tokens, lps))
+        delta = text_delta(release, job.pending_logprobs)
+        if delta is not None:
+            self._outbox.setdefault(job, []).append(delta)
 
     def _finish(self, job: TfJob, reason: FinishReason, *, stop_string: str | None = None,
                 error: str | None = None) -> None:
