@@ -15,8 +15,10 @@ Also measured per server: cold TTFT as the median over unique ~500- and
 prefix with the first; and resident memory (process group) idle and after the
 load. Then `llama-batched-bench` runs the same shapes with no server at all:
 its rate is the physical limit, printed beside every figure with each
-server's fraction of it. Servers alternate order across rounds; medians are
-reported.
+server's fraction of it. In each round every server is loaded at once and
+the phases run on them in turn (order flipping every round), with the limit
+measured in the same round, so a machine drifting in speed shifts all of them
+alike; medians over rounds are reported.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,42 +67,69 @@ async def prefix_phase(base: str, seed: int) -> dict[str, float]:
     return {"ttft_first": a.ttft, "ttft_second": b.ttft, "ratio": b.ttft / a.ttft}
 
 
-async def bench_server(srv: Server, args: argparse.Namespace, seed: int) -> dict[str, object]:
-    out: dict[str, object] = {"rss_idle": srv.rss_mib()}
+async def bench_round(servers: list[Server], args: argparse.Namespace, rnd: int) -> dict[str, dict[str, object]]:
+    """One round with every server loaded at once: each phase runs on the servers in turn (the order flips
+    every round), so a machine that drifts in speed slows each server alike. Idle servers use no CPU."""
+    out: dict[str, dict[str, object]] = {s.name: {"rss_idle": s.rss_mib()} for s in servers}
     for wl in WORKLOADS:
-        by_c = {}
         for c in args.concurrency:
             per_worker = max(1, args.requests // c) if c < 16 else 2
-            by_c[c] = await load_phase(srv.base, c, per_worker, wl.max_tokens, seed + 1000 * (c + 1), wl.prompt_words)
-            print(f"  {srv.name} {wl.name} c={c}: {by_c[c]['tok_s']:.1f} tok/s, "
-                  f"TTFT p50 {by_c[c]['ttft_p50'] * 1e3:.0f} ms, ITL p50 {by_c[c]['itl_p50'] * 1e3:.1f} ms", flush=True)
-        out[wl.name] = by_c
-    out["rss_loaded"] = srv.rss_mib()
+            seed = 100_000 * rnd + 1000 * (c + 1)
+            for srv in servers:  # the same prompts for every server
+                m = await load_phase(srv.base, c, per_worker, wl.max_tokens, seed, wl.prompt_words)
+                out[srv.name].setdefault(wl.name, {})[c] = m
+                print(f"  {srv.name} {wl.name} c={c}: {m['tok_s']:.1f} tok/s, TTFT p50 {m['ttft_p50'] * 1e3:.0f} ms, "
+                      f"ITL p50 {m['itl_p50'] * 1e3:.1f} ms", flush=True)
+    for srv in servers:
+        out[srv.name]["rss_loaded"] = srv.rss_mib()
+        out[srv.name]["cold"] = {}
     nan = float("nan")
-    out["cold"] = {}
     for tokens, words in COLD_WORDS.items():
+        for srv in servers:
+            try:
+                out[srv.name]["cold"][tokens] = await cold_ttft(srv.base, words, args.cold_prompts,
+                                                                100_000 * rnd + 50_000 + tokens)
+            except httpx.HTTPError as exc:  # a peer that fails here is reported, not fatal to the run
+                print(f"  {srv.name} cold TTFT ({tokens} tokens) failed: {exc!r}", flush=True)
+                out[srv.name]["cold"][tokens] = nan
+    for srv in servers:
         try:
-            out["cold"][tokens] = await cold_ttft(srv.base, words, args.cold_prompts, seed + 50_000 + tokens)
-        except httpx.HTTPError as exc:  # a peer that fails here is reported, not fatal to the run
-            print(f"  {srv.name} cold TTFT ({tokens} tokens) failed: {exc!r}", flush=True)
-            out["cold"][tokens] = nan
-    try:
-        out["prefix"] = await prefix_phase(srv.base, seed)
-    except httpx.HTTPError as exc:
-        print(f"  {srv.name} shared-prefix phase failed: {exc!r}", flush=True)
-        out["prefix"] = {"ttft_first": nan, "ttft_second": nan, "ratio": nan}
-    print(f"  {srv.name} cold TTFT " + ", ".join(f"{t}: {v * 1e3:.0f} ms" for t, v in out["cold"].items())
-          + f"; RSS idle {out['rss_idle']:.0f} MiB, after load {out['rss_loaded']:.0f} MiB", flush=True)
+            out[srv.name]["prefix"] = await prefix_phase(srv.base, 100_000 * rnd)
+        except httpx.HTTPError as exc:
+            print(f"  {srv.name} shared-prefix phase failed: {exc!r}", flush=True)
+            out[srv.name]["prefix"] = {"ttft_first": nan, "ttft_second": nan, "ratio": nan}
+        r = out[srv.name]
+        print(f"  {srv.name} cold TTFT " + ", ".join(f"{t}: {v * 1e3:.0f} ms" for t, v in r["cold"].items())
+              + f"; RSS idle {r['rss_idle']:.0f} MiB, after load {r['rss_loaded']:.0f} MiB", flush=True)
     return out
+
+
+def measure_limits(args: argparse.Namespace) -> tuple[dict[str, dict[int, raw_limit.LimitRow]], dict[int, float]]:
+    """llama-batched-bench on every workload's shapes, and prefill alone for the cold prompts."""
+    limits = {}
+    for wl in WORKLOADS:
+        n_prompt = prompt_tokens(args.model, wl.prompt_words)
+        limits[wl.name] = raw_limit.measure(args.model, args.threads, args.ctx, n_prompt, wl.max_tokens,
+                                            args.concurrency)
+    cold = {t: raw_limit.measure(args.model, args.threads, args.ctx, t, 1, [1])[1].t_pp for t in COLD_WORDS}
+    return limits, cold
 
 
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b > 0 else ""
 
 
-def report(names: list[str], med: dict[str, dict], limits: dict[str, dict[int, raw_limit.LimitRow]],
-           cold_limit: dict[int, float], args: argparse.Namespace) -> str:
+def paired(results: dict[str, list[dict[str, object]]], a: str, b: str, pick) -> float:
+    """Median over rounds of a/b, each ratio taken within one round (servers measured side by side)."""
+    ratios = [pick(x) / pick(y) for x, y in zip(results[a], results[b]) if pick(y) > 0]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def report(names: list[str], med: dict[str, dict], results: dict[str, list[dict[str, object]]],
+           limits: dict[str, dict[int, raw_limit.LimitRow]], cold_limit: dict[int, float]) -> str:
+    """Markdown tables; the Parley/peer columns are medians of per-round ratios."""
     peer = next((n for n in names if n != "parley"), None)
+    both = peer in med and "parley" in med
     lines: list[str] = []
     for wl in WORKLOADS:
         lim = limits.get(wl.name, {})
@@ -111,8 +141,8 @@ def report(names: list[str], med: dict[str, dict], limits: dict[str, dict[int, r
                 row = lim.get(c)
                 limit = row.output_tok_s if row else 0.0
                 vs = ""
-                if name == "parley" and peer in med:
-                    vs = ratio(m["tok_s"], med[peer][wl.name][c]["tok_s"])
+                if name == "parley" and both:
+                    vs = f"{paired(results, 'parley', peer, lambda r: r[wl.name][c]['tok_s']):.2f}x"
                 lines.append(f"| {name} | {c} | {m['tok_s']:.1f} | {m['ttft_p50'] * 1e3:.0f} | {m['ttft_p99'] * 1e3:.0f} "
                              f"| {m['itl_p50'] * 1e3:.1f} | {m['errors']:.0f} | {limit:.1f} | {ratio(m['tok_s'], limit)} "
                              f"| {vs} |")
@@ -124,12 +154,26 @@ def report(names: list[str], med: dict[str, dict], limits: dict[str, dict[int, r
         bound = " / ".join(f"{cold_limit.get(t, 0) * 1e3:.0f}" for t in COLD_WORDS)
         lines.append(f"| {name} | {m['cold'][500] * 1e3:.0f} | {m['cold'][1500] * 1e3:.0f} | {bound} "
                      f"| {m['prefix']['ratio']:.2f} | {m['rss_idle']:.0f} | {m['rss_loaded']:.0f} |")
-    if peer in med and "parley" in med:
-        p, q = med["parley"], med[peer]
-        lines.append(f"\nParley/{peer}: cold TTFT {ratio(p['cold'][500], q['cold'][500])} (500), "
-                     f"{ratio(p['cold'][1500], q['cold'][1500])} (1,500); RSS after load "
-                     f"{ratio(p['rss_loaded'], q['rss_loaded'])}")
+    if both:
+        cold = {t: paired(results, "parley", peer, lambda r: r["cold"][t]) for t in COLD_WORDS}
+        rss = paired(results, "parley", peer, lambda r: r["rss_loaded"])
+        lines.append(f"\nParley/{peer} (median of per-round ratios): cold TTFT {cold[500]:.2f}x (500), "
+                     f"{cold[1500]:.2f}x (1,500); RSS after load {rss:.2f}x")
     return "\n".join(lines)
+
+
+def median_limits(rounds: list[tuple[dict[str, dict[int, raw_limit.LimitRow]], dict[int, float]]]
+                  ) -> tuple[dict[str, dict[int, raw_limit.LimitRow]], dict[int, float]]:
+    """Per workload and batch, the round whose limit is the median (rows stay whole, so T_PP and T_TG agree)."""
+    if not rounds:
+        return {}, {}
+    limits: dict[str, dict[int, raw_limit.LimitRow]] = {}
+    for wl in WORKLOADS:
+        for b in rounds[0][0][wl.name]:
+            rows = sorted((r[0][wl.name][b] for r in rounds), key=lambda row: row.output_tok_s)
+            limits.setdefault(wl.name, {})[b] = rows[len(rows) // 2]
+    cold = {t: statistics.median(r[1][t] for r in rounds) for t in rounds[0][1]}
+    return limits, cold
 
 
 def merge_rounds(rounds: list[dict[str, object]]) -> dict[str, object]:
@@ -159,30 +203,27 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="parley-bench-"))
     names = args.servers.split(",")
     results: dict[str, list[dict[str, object]]] = {}
+    limit_rounds: list[tuple[dict[str, dict[int, raw_limit.LimitRow]], dict[int, float]]] = []
     for rnd in range(args.rounds):
         order = names if rnd % 2 == 0 else list(reversed(names))
-        for idx, srv in enumerate(make_servers(args.model, args.threads, args.slots, args.ctx, order, tmp)):
-            print(f"== {srv.name} (round {rnd + 1}/{args.rounds})", flush=True)
-            try:
+        servers = make_servers(args.model, args.threads, args.slots, args.ctx, order, tmp)
+        print(f"== round {rnd + 1}/{args.rounds}: {', '.join(order)}", flush=True)
+        try:
+            for srv in servers:
                 srv.start(tmp)
-                results.setdefault(srv.name, []).append(asyncio.run(bench_server(srv, args, 100_000 * rnd + idx)))
-            finally:
+            for name, res in asyncio.run(bench_round(servers, args, rnd)).items():
+                results.setdefault(name, []).append(res)
+        finally:
+            for srv in servers:
                 srv.stop()
-    limits: dict[str, dict[int, raw_limit.LimitRow]] = {}
-    cold_limit: dict[int, float] = {}
-    if not args.no_limit:
-        print("== llama-batched-bench (the physical limit)", flush=True)
-        for wl in WORKLOADS:
-            n_prompt = prompt_tokens(args.model, wl.prompt_words)
-            limits[wl.name] = raw_limit.measure(args.model, args.threads, args.ctx, n_prompt, wl.max_tokens,
-                                                args.concurrency)
-        for tokens in COLD_WORDS:
-            row = raw_limit.measure(args.model, args.threads, args.ctx, tokens, 1, [1])[1]
-            cold_limit[tokens] = row.t_pp
+        if not args.no_limit:  # in every round, so the limit is measured beside the servers, not hours apart
+            print("  llama-batched-bench (the physical limit)", flush=True)
+            limit_rounds.append(measure_limits(args))
+    limits, cold_limit = median_limits(limit_rounds)
     med = {name: merge_rounds(results[name]) for name in names if name in results}
     print(f"\nmodel {args.model.name}, {args.threads} threads, {args.slots} slots, ctx {args.ctx}, "
           f"median of {args.rounds} round(s); limit = llama-batched-bench on the same shapes")
-    print(report([n for n in names if n in med], med, limits, cold_limit, args))
+    print(report([n for n in names if n in med], med, results, limits, cold_limit))
     shutil.rmtree(tmp, ignore_errors=True)
 
 
