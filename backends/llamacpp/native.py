@@ -19,6 +19,7 @@ from loguru import logger
 
 from backends.base import LoadOptions, ModelInfo
 
+_MAX_ROW_VIEWS = 4096  # NativeModel.logits_row's cache bound
 _CACHE_TYPES = MappingProxyType({"FP16": 1, "Q8_0": 8, "Q4_0": 2})  # ggml_type ids
 _FLASH = MappingProxyType({"auto": -1, "off": 0, "on": 1})
 
@@ -269,6 +270,24 @@ class NativeModel(GgufModel):
         self.n_ctx = lc.llama_n_ctx(ctx)
         self.n_batch = lc.llama_n_batch(ctx)
         self.eog_tokens = tuple(t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self.vocab, t))
+        self._rows: dict[int, np.ndarray] = {}  # logits row views by address (see logits_row)
+
+    def logits_row(self, idx: int) -> np.ndarray:
+        """Row `idx` of the last batch's logits, as a view valid until the next decode (copy it to keep it).
+
+        Views are kept by address: wrapping a pointer in numpy costs ~80 us, a lookup ~1 us, and
+        an address llama.cpp hands out for a row always holds a whole row of the current buffer.
+        """
+        address = ctypes.cast(lc.llama_get_logits_ith(self.ctx, idx), ctypes.c_void_p).value
+        if not address:
+            raise RuntimeError(f"llama.cpp has no logits for batch row {idx}")
+        view = self._rows.get(address)
+        if view is None:
+            if len(self._rows) >= _MAX_ROW_VIEWS:  # the output buffer moved often: start over
+                self._rows.clear()
+            view = np.ctypeslib.as_array((ctypes.c_float * self.n_vocab).from_address(address))
+            self._rows[address] = view
+        return view
 
     def model_info(self, name: str) -> ModelInfo:
         bos = lc.llama_vocab_bos(self.vocab)

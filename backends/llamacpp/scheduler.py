@@ -477,7 +477,7 @@ class Scheduler:
 
     def _row(self, idx: int) -> np.ndarray:
         """Row `idx` of the last batch's logits, as a view (copy it to keep it past the next decode)."""
-        return np.ctypeslib.as_array(lc.llama_get_logits_ith(self.native.ctx, idx), shape=(self.native.n_vocab,))
+        return self.native.logits_row(idx)
 
     def _piece(self, token: int) -> bytes:
         return self.native.piece(token, special=True)

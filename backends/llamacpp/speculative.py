@@ -22,7 +22,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import llama_cpp as lc
-import numpy as np
 from loguru import logger
 
 from backends.base import LoadOptions
@@ -156,8 +155,7 @@ class ModelDrafter:
             next_rows = []
             batch.clear()
             for seq, idx, k in rows:
-                logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(native.ctx, idx), shape=(native.n_vocab,))
-                token = int(np.argmax(logits))
+                token = int(native.logits_row(idx).argmax())
                 drafts[seq].append(token)
                 if len(drafts[seq]) < k:
                     have = self.tokens[seq]

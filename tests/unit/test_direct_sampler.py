@@ -122,3 +122,14 @@ def test_anything_beyond_temperature_and_bias_keeps_the_llama_cpp_chain(params: 
     chain = _chain(params)
     assert chain.direct is None
     chain.free()
+
+
+@pytest.mark.parametrize("offset", [-300.0, -25.0, 0.0, 40.0, 300.0])
+def test_the_draw_ignores_where_the_logits_sit(offset: float) -> None:
+    """Softmax is shift-invariant; the sampler skips its shift by the peak only where exp stays exact."""
+    logits = _logits(2) + np.float32(offset)
+    sampler = DirectSampler(N_VOCAB, 0.7, {}, seed=4)
+    freq = _histogram(sampler.sample, logits, 12000)
+    want = _softmax((logits - logits.max()) / 0.7)
+    _agree(_bins(freq, want), _bins(want, want), 12000)
+    assert DirectSampler(N_VOCAB, 0.0, {}, seed=4).sample(logits) == int(logits.argmax())
