@@ -20,7 +20,7 @@ from endpoints.http.auth import require_admin
 from common.config.loader import ParleyConfig
 from common.formats.constraints import ConstraintSpec
 from common.downloads.jobs import DownloadManager
-from common.errors import APIError, BadRequestError, Dialect, ModelNotFoundError
+from common.errors import APIError, BadRequestError, Dialect
 from common.generation import embeddings
 from common.generation.pipeline import start_generation
 from common.generation.images import ImagePolicy, ImageSource, resolve
@@ -195,16 +195,14 @@ async def embeddings_legacy(body: EmbedRequest, models: ModelManager = Depends(g
 
 
 async def _use_embedding_model(models: ModelManager, body: EmbedRequest, timing: serving.Timing) -> ModelLease:
-    """A lease on the named embedding model, loaded on demand as Ollama does; keep_alive applies to it."""
+    """A lease on the named embedding model, loaded on demand as Ollama does; keep_alive applies to it.
+    A name that is not here is a 404, as on /api/chat and /api/generate."""
     seconds = keep_alive_seconds(body.keep_alive)
     started = time.perf_counter()
     before = set(models.loaded)
-    name = body.model or None
-    if name:
-        try:
-            name = find_model_file(models, name).name  # `name:latest` and pulled repos, as on the other routes
-        except ModelNotFoundError:
-            pass  # a name this server does not have (`nomic-embed-text`) means the default embedding model
+    # The names the other Ollama routes resolve (`name:latest`, pulled repos); an unknown one is their 404.
+    # No model at all means the default embedding model.
+    name = find_model_file(models, body.model).name if body.model else None
     lease = await models.acquire_embedding(name, always_load=True)
     if lease.model.name not in before:
         timing.load_ns = int((time.perf_counter() - started) * 1e9)
