@@ -22,12 +22,14 @@ from common.formats.constraints import ConstraintSpec
 from common.downloads.jobs import DownloadManager
 from common.errors import APIError, BadRequestError, Dialect
 from common.generation import embeddings
+from common.generation.hooks import EmbeddingHooks
 from common.generation.pipeline import start_generation
 from common.generation.images import ImagePolicy, ImageSource, resolve
 from common.models.manager import LoadedModel, ModelFile, ModelLease, ModelManager
 from endpoints.http.streaming import ndjson_response
 from endpoints.http.deps import RouteDialect, get_downloads, get_models, log_unknown_fields
 from endpoints.http.json_body import StrictJSONRoute
+from endpoints.http.request_context import request_hooks
 from endpoints.http.route import GenerateDeps, answer, api_router, generate_deps
 from endpoints.ollama import serving
 from endpoints.ollama.mapping import (
@@ -170,19 +172,23 @@ async def version() -> JSONResponse:
 
 
 @api.post("/embed")
-async def embed(body: EmbedRequest, request: Request, models: ModelManager = Depends(get_models)) -> JSONResponse:
+async def embed(
+    body: EmbedRequest, models: ModelManager = Depends(get_models), hooks: EmbeddingHooks = Depends(request_hooks)
+) -> JSONResponse:
     """Vectors for `input` (a string or a list); a request without input only loads the model."""
     log_unknown_fields(body, "/api/embed")
     timing = serving.Timing()
     with await _use_embedding_model(models, body, timing) as lease:
         if body.input is None:
             return JSONResponse(serving.embed_body(lease.model.name, None, timing))
-        result = await embeddings.embed(lease.model, body.input, truncate=body.truncate)
+        result = await embeddings.embed(lease.model, body.input, hooks=hooks, truncate=body.truncate)
         return JSONResponse(serving.embed_body(lease.model.name, result, timing))
 
 
 @api.post("/embeddings")
-async def embeddings_legacy(body: EmbedRequest, models: ModelManager = Depends(get_models)) -> JSONResponse:
+async def embeddings_legacy(
+    body: EmbedRequest, models: ModelManager = Depends(get_models), hooks: EmbeddingHooks = Depends(request_hooks)
+) -> JSONResponse:
     """The older route: one `prompt`, one `embedding`; an empty prompt only loads the model."""
     log_unknown_fields(body, "/api/embeddings")
     with await _use_embedding_model(models, body, serving.Timing()) as lease:
@@ -190,7 +196,7 @@ async def embeddings_legacy(body: EmbedRequest, models: ModelManager = Depends(g
             return JSONResponse({"embedding": []})
         if not isinstance(body.prompt, str):
             raise BadRequestError("`prompt` must be a string; send a list of texts to /api/embed.", param="prompt")
-        result = await embeddings.embed(lease.model, body.prompt, field="prompt", truncate=body.truncate)
+        result = await embeddings.embed(lease.model, body.prompt, hooks=hooks, field="prompt", truncate=body.truncate)
         return JSONResponse({"embedding": result.vectors[0].tolist()})
 
 

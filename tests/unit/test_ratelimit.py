@@ -92,7 +92,7 @@ def test_token_budget_is_charged_after_the_fact_and_refuses_the_next_request(clo
     refusal = limiter.admit(s)
     assert refusal is not None and refusal.kind is LimitKind.TOKENS
     assert refusal.retry_after == 6  # 50 tokens of debt, plus the one needed, at 10 per second
-    assert "600 generated tokens per minute" in refusal.message("alice")
+    assert "600 tokens per minute (generated, or read by embeddings)" in refusal.message("alice")
     clock.now += 5
     assert limiter.admit(s) is not None  # 0.0 left: spent
     clock.now += 0.1
