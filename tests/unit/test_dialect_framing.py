@@ -204,6 +204,15 @@ def test_kobold_stream_is_message_events_without_done(server: FakeServer) -> Non
     assert {f["finish_reason"] for f in frames[:-1]} == {None}
 
 
+def test_kobold_stream_is_declared_as_event_stream_in_openapi(server: FakeServer) -> None:
+    """The schema says what the wire carries: SSE, not the JSON FastAPI declares by default."""
+    schema = server.client.get("/openapi.json").json()
+    ok = schema["paths"]["/api/extra/generate/stream"]["post"]["responses"]["200"]
+    assert list(ok["content"]) == ["text/event-stream"], ok
+    r = server.client.post("/api/extra/generate/stream", json={"prompt": "hi", "max_length": 5})
+    assert r.headers["content-type"].split(";")[0] in ok["content"]
+
+
 def test_kobold_max_length_ends_with_length(server: FakeServer) -> None:
     r = server.client.post("/api/extra/generate/stream", json={"prompt": "hi", "max_length": 2})
     frames = [json.loads(e["data"]) for e in sse_events(r.text)]
