@@ -50,7 +50,7 @@ OLLAMA_VERSION = "0.6.3"
 # Unknown paths under /api/ answer in Ollama's shape too (KoboldAI claims its longer prefixes).
 OLLAMA = RouteDialect(Dialect.OLLAMA, max_tokens="options.num_predict", claims=("/api/",))
 
-router = APIRouter(tags=["Ollama"], route_class=StrictJSONRoute)
+router = APIRouter(tags=["Ollama"], route_class=StrictJSONRoute)  # the probe at `/`, without a key
 api = api_router(OLLAMA, prefix="/api")
 
 
@@ -264,4 +264,4 @@ async def blobs(digest: str) -> Response:
     raise _not_supported("Uploading a blob")
 
 
-router.include_router(api)
+routers = (router, api)  # the app includes both (endpoints/app.py), recording each route's dialect
