@@ -173,8 +173,20 @@ class ServiceUnavailableError(APIError, status=503, type="server_error", code="s
             self.headers.setdefault("Retry-After", str(max(1, int(round(retry_after)))))
 
 
+MODEL_RETRY_SECONDS = 2  # Retry-After on a 503 for a model that is loading, unloading or unloaded
+
+
 class ModelNotLoadedError(ServiceUnavailableError, code="model_not_loaded"):
-    """The model the request needs is not loaded (not yet, or not any more)."""
+    """The model the request needs is not loaded (not yet, or not any more).
+
+    As a 503 it always carries `Retry-After` (MODEL_RETRY_SECONDS unless told), whichever route raised it:
+    a load may be under way, or the next request may load the model again. Raised with another status
+    (an admin's unload of a model that is not loaded: 400) it carries none.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = MODEL_RETRY_SECONDS, **kw: Any) -> None:
+        status = kw.get("status")
+        super().__init__(message, retry_after=retry_after if status in (None, 503) else None, **kw)
 
 
 class EngineError(APIError, status=500, type="server_error", code="engine_error"):

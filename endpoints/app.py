@@ -26,7 +26,7 @@ from common.models.remote import check_reachable, open_remote, remote_specs, tem
 from backends.remote.spec import RemoteSpec
 from common.models.presets import PresetState
 from endpoints.http.limit_store import build_limit_store
-from endpoints.http.deps import route_dialect
+from endpoints.http.deps import include_routers, route_dialect
 from endpoints.http.request_context import Services
 from endpoints.http.middleware import ParleyMiddleware
 from endpoints.http.store import StoreHolder
@@ -230,18 +230,19 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
     from endpoints.core.lora_router import router as lora_router
     from endpoints.core.router import router as core_router
     from endpoints.kobold.router import router as kobold_router
-    from endpoints.ollama.router import router as ollama_router
+    from endpoints.ollama.router import routers as ollama_routers
     from endpoints.openai.router import router as openai_router
 
     servers = set(config.network.api_servers)
-    app.include_router(core_router)
-    app.include_router(download_router)
-    app.include_router(lora_router)
-    app.include_router(embedding_admin_router)
+    # include_routers records each route's dialect on app.state.dialects (route_dialect reads it).
+    include_routers(app, core_router)
+    include_routers(app, download_router)
+    include_routers(app, lora_router)
+    include_routers(app, embedding_admin_router)
     if config.network.enable_metrics:
         from endpoints.core.metrics_router import router as metrics_router
 
-        app.include_router(metrics_router)
+        include_routers(app, metrics_router)
     if "openai" in servers:
         from endpoints.llamacpp.router import router as llamacpp_router
 
@@ -252,20 +253,20 @@ def create_app(config: ParleyConfig, *, load_model_on_startup: bool = True) -> F
         from endpoints.llamacpp.embedding_router import router as llamacpp_embedding_router
         from endpoints.openai.embedding_router import router as openai_embedding_router
 
-        app.include_router(openai_router)
-        app.include_router(openai_embedding_router)
-        app.include_router(llamacpp_router)
-        app.include_router(responses_router)
-        app.include_router(conversations_router)
-        app.include_router(runs_router)  # before assistants_router: POST /v1/threads/runs is not a thread id
-        app.include_router(assistants_router)
-        app.include_router(llamacpp_embedding_router)
+        include_routers(app, openai_router)
+        include_routers(app, openai_embedding_router)
+        include_routers(app, llamacpp_router)
+        include_routers(app, responses_router)
+        include_routers(app, conversations_router)
+        include_routers(app, runs_router)  # before assistants_router: POST /v1/threads/runs is not a thread id
+        include_routers(app, assistants_router)
+        include_routers(app, llamacpp_embedding_router)
     if "ollama" in servers:
-        app.include_router(ollama_router)
+        include_routers(app, *ollama_routers)
     if "kobold" in servers:
-        app.include_router(kobold_router)
+        include_routers(app, kobold_router)
     if "anthropic" in servers:
         from endpoints.anthropic.router import router as anthropic_router
 
-        app.include_router(anthropic_router)
+        include_routers(app, anthropic_router)
     return app

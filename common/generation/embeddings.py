@@ -8,6 +8,10 @@ tokenized by the model's own tokenizer with its special tokens (CLS/SEP for
 BERT); token-id inputs are used as sent. An input longer than the model reads
 is cut when `truncate` is true, else refused.
 
+The caller's `EmbeddingHooks` admit the request once its inputs are checked
+(rate limits, draining) and count it with the tokens read (metrics, the
+token budget), as `start_generation` does for generations.
+
 Rerank with a cross-encoder (task `rerank`) scores each (query, document)
 pair with it; with an embedding model it ranks documents by the cosine
 similarity of their vectors to the query's.
@@ -25,6 +29,7 @@ import numpy as np
 
 from backends.embedding import EmbeddingEngine, EmbedInput, normalize_rows
 from common.errors import BadRequestError, ContextLengthExceededError
+from common.generation.hooks import EmbeddingHooks
 from common.models.loaded import LoadedModel
 
 MAX_INPUTS = 4096  # inputs (or documents) in one request
@@ -122,9 +127,11 @@ def tokenize_inputs(
 
 
 async def embed(
-    model: LoadedModel, raw: Any, *, field: str = "input", truncate: bool = False, dimensions: int | None = None,
+    model: LoadedModel, raw: Any, *, hooks: EmbeddingHooks, field: str = "input", truncate: bool = False,
+    dimensions: int | None = None,
 ) -> Embeddings:
-    """Unit vectors for what the client sent in `field`; `dimensions` keeps the first that many, re-normalised."""
+    """Unit vectors for what the client sent in `field`; `dimensions` keeps the first that many, re-normalised.
+    `hooks` admit the request once the inputs are checked and count it once embedded."""
     engine = engine_of(model)
     if dimensions is not None:
         check_dimensions(engine, dimensions)
@@ -133,7 +140,9 @@ async def embed(
         inputs = await asyncio.to_thread(tokenize_inputs, engine, items, field, truncate=truncate)
     else:
         inputs = tokenize_inputs(engine, items, field, truncate=truncate)
+    await hooks.admit(1)
     result = await engine.embed(inputs)
+    hooks.embedded(model.name, result.prompt_tokens)
     vectors = result.vectors
     if dimensions is not None and dimensions < vectors.shape[1]:
         vectors = normalize_rows(vectors[:, :dimensions])
@@ -165,8 +174,10 @@ def _documents(raw: Any) -> list[str]:
     return texts
 
 
-async def rerank(model: LoadedModel, query: Any, documents: Any, *, top_n: int | None = None) -> Ranking:
-    """Documents ranked by relevance to the query, best first (at most `top_n`)."""
+async def rerank(
+    model: LoadedModel, query: Any, documents: Any, *, hooks: EmbeddingHooks, top_n: int | None = None
+) -> Ranking:
+    """Documents ranked by relevance to the query, best first (at most `top_n`); `hooks` as for `embed`."""
     engine = engine_of(model)
     if not isinstance(query, str) or not query:
         raise BadRequestError("`query` must be a non-empty string.", param="query")
@@ -178,6 +189,7 @@ async def rerank(model: LoadedModel, query: Any, documents: Any, *, top_n: int |
         docs = await asyncio.to_thread(tokenize_inputs, engine, texts, "documents", truncate=True)
     else:
         docs = tokenize_inputs(engine, texts, "documents", truncate=True)
+    await hooks.admit(1)
     if engine.task == "rerank":
         scored = await engine.rerank(q, docs)
         scores, tokens, by_cosine = np.asarray(scored.scores, dtype=np.float64), scored.prompt_tokens, False
@@ -185,6 +197,7 @@ async def rerank(model: LoadedModel, query: Any, documents: Any, *, top_n: int |
         result = await engine.embed([q, *docs])
         scores = result.vectors[1:].astype(np.float64) @ result.vectors[0].astype(np.float64)
         tokens, by_cosine = result.prompt_tokens, True
+    hooks.embedded(model.name, tokens)
     order = sorted(range(len(texts)), key=lambda i: (-scores[i], i))
     if top_n is not None:
         order = order[:top_n]

@@ -1,8 +1,9 @@
-"""What the caller of a generation decides: caps, admission, accounting.
+"""What the caller of a generation (or of an embedding) decides: caps, admission, accounting.
 
-`start_generation` calls a `GenerationHooks` at fixed points; the HTTP layer's
-`RequestContext` implements it (per-request caps, the `n` cap, draining, rate
-limits, metrics and token accounting). Callers outside HTTP (tests,
+`start_generation` calls a `GenerationHooks` at fixed points, and
+`embeddings.embed` / `embeddings.rerank` an `EmbeddingHooks`; the HTTP layer's
+`RequestContext` implements both (per-request caps, the `n` cap, draining,
+rate limits, metrics and token accounting). Callers outside HTTP (tests,
 benchmarks, scripts) pass `NO_HOOKS` explicitly: `hooks` is a required
 argument, so nothing is skipped by omission.
 """
@@ -37,8 +38,21 @@ class GenerationHooks(Protocol):
         ...
 
 
+class EmbeddingHooks(Protocol):
+    """The points where an embedding or rerank request asks its caller; `admit` may raise an APIError."""
+
+    async def admit(self, n: int) -> None:
+        """Once the inputs are checked, before they are embedded: refuse when the caller may not run
+        the request now (as for a generation of `n` choices)."""
+        ...
+
+    def embedded(self, model: str, input_tokens: int) -> None:
+        """The inputs were embedded (or ranked) by `model`: count the request and the tokens it read."""
+        ...
+
+
 @final
-class OfflineHooks(GenerationHooks):
+class OfflineHooks(GenerationHooks, EmbeddingHooks):
     """No caps, no admission, no accounting: for callers outside HTTP (tests, benchmarks, scripts)."""
 
     __slots__ = ()
@@ -54,6 +68,9 @@ class OfflineHooks(GenerationHooks):
 
     def observe(self, handle: GenerationHandle, model: str, *, counts_prompt: bool) -> GenerationHandle:
         return handle
+
+    def embedded(self, model: str, input_tokens: int) -> None:
+        return None
 
 
 NO_HOOKS = OfflineHooks()  # stateless, so one instance serves every caller

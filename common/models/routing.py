@@ -61,12 +61,12 @@ class Roster:
         if coming in self.expired:
             return ModelNotLoadedError(
                 f"Model '{coming}' was unloaded after being idle (keep_alive); a generation request loads it "
-                "again. Retry with one.", retry_after=2,
+                "again. Retry with one.",
             )
         if self.pending:
-            return ModelNotLoadedError("The model is still loading. Retry in a moment.", retry_after=2)
+            return ModelNotLoadedError("The model is still loading. Retry in a moment.")
         return ModelNotLoadedError(
-            "No model is loaded. Load one with POST /v1/model/load (admin key) and retry.", retry_after=2
+            "No model is loaded. Load one with POST /v1/model/load (admin key) and retry."
         )
 
     def get(self, name: str | None, settings: ManagerSettings) -> LoadedModel:

@@ -9,7 +9,7 @@ with their own rate limits:
         name: alice              # shown in logs and metrics, never the secret
         role: api                # api (default) or admin
         requests_per_minute: 60  # optional
-        tokens_per_minute: 20000 # optional: generated tokens
+        tokens_per_minute: 20000 # optional: generated (or embedded) tokens
       - {key: "<secret>", name: ci, unlimited: true}  # no limits, not even the defaults
 
 It is created with random keys on first start and re-read within a second of

@@ -1,8 +1,9 @@
-"""FastAPI dependencies: the per-app objects routers need (read from app.state), and each router's dialect."""
+"""FastAPI dependencies: the per-app objects routers need (read from app.state), and each router's dialect
+(recorded in a `DialectRoutes` on app.state as the app includes its routers)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,44 +104,72 @@ def _declared(route: Any) -> RouteDialect | None:
     return None
 
 
-def _routes(routes: Any) -> Iterator[Any]:
-    """Every route under `routes`, into included routers (FastAPI >= 0.16x keeps those as one entry each)."""
-    for route in routes:
-        included = getattr(route, "original_router", None)
-        if included is not None:
-            yield from _routes(included.routes)
-        else:
-            yield route
+class DialectRoutes:
+    """Every API route of an app with the dialect it declares, recorded as routers are included
+    (`include`), in the app's order; on app.state.dialects. Built once at app build."""
+
+    def __init__(self) -> None:
+        self.routes: list[tuple[Any, RouteDialect | None]] = []
+
+    def include(self, app: Any, router: Any) -> None:
+        """`app.include_router(router)`, recording its routes. The router's own entries must be routes
+        (include sub-routers at the app, so their routes are recorded too)."""
+        for route in router.routes:
+            if not isinstance(getattr(route, "path", None), str):
+                raise TypeError(
+                    f"{route!r} in an included router is not a route: include that sub-router at the app "
+                    "with DialectRoutes.include, so its routes' dialects are recorded."
+                )
+        app.include_router(router)
+        self.routes += [(route, _declared(route)) for route in router.routes]
+
+    def match(self, scope: Mapping[str, Any]) -> tuple[Any, RouteDialect | None] | None:
+        """The route a request not yet routed will go to (Starlette's rule: a full match, else a partial
+        one), with its declaration."""
+        partial = None
+        for entry in self.routes:
+            match, _ = entry[0].matches(scope)
+            if match is Match.FULL:
+                return entry
+            if match is Match.PARTIAL and partial is None:
+                partial = entry
+        return partial
+
+    def claimant(self, path: str) -> RouteDialect:
+        """The declaration claiming the longest prefix of `path`, else OpenAI's."""
+        claimant, longest = DEFAULT_DIALECT, 0
+        for _, declared in self.routes:
+            for prefix in declared.claims if declared else ():
+                if path.startswith(prefix) and len(prefix) > longest:
+                    claimant, longest = declared, len(prefix)
+        return claimant
 
 
-def _match(scope: Mapping[str, Any]) -> Any:
-    """The route a request not yet routed will go to (Starlette's rule: a full match, else a partial one)."""
-    partial = None
-    for route in _routes(getattr(getattr(scope.get("app"), "router", None), "routes", ())):
-        match, _ = route.matches(scope)
-        if match is Match.FULL:
-            return route
-        if match is Match.PARTIAL and partial is None:
-            partial = route
-    return partial
+def include_routers(app: Any, *routers: Any) -> DialectRoutes:
+    """Include `routers` in `app` in order, recording their dialects on app.state.dialects."""
+    dialects = getattr(app.state, "dialects", None)
+    if not isinstance(dialects, DialectRoutes):
+        dialects = app.state.dialects = DialectRoutes()
+    for router in routers:
+        dialects.include(app, router)
+    return dialects
 
 
 def route_dialect(scope: Mapping[str, Any]) -> RouteDialect:
     """The dialect a request answers in: its route's declaration, else that of the router claiming
     the longest prefix of its path, else OpenAI's."""
     route = scope.get("route")
-    if (route is None or hasattr(route, "original_router")) and scope.get("type") == "http":
-        route = _match(scope)  # not routed yet (a refused body), or left at an included router
-    if route is not None:
+    if isinstance(getattr(route, "path", None), str):  # routed to an endpoint
         return _declared(route) or DEFAULT_DIALECT
-    path = scope.get("path", "")
-    claimant, longest = DEFAULT_DIALECT, 0
-    for candidate in _routes(getattr(getattr(scope.get("app"), "router", None), "routes", ())):
-        declared = _declared(candidate)
-        for prefix in declared.claims if declared else ():
-            if path.startswith(prefix) and len(prefix) > longest:
-                claimant, longest = declared, len(prefix)
-    return claimant
+    app = scope.get("app")
+    dialects = getattr(getattr(app, "state", None), "dialects", None)
+    if not isinstance(dialects, DialectRoutes):
+        return DEFAULT_DIALECT  # an app not built with include_routers
+    if scope.get("type") == "http":
+        entry = dialects.match(scope)  # not routed yet (a refused body), or left at an included router
+        if entry is not None:
+            return entry[1] or DEFAULT_DIALECT
+    return dialects.claimant(scope.get("path", ""))
 
 
 def dialect_at(app: Any, method: str, path: str) -> RouteDialect:

@@ -140,6 +140,12 @@ class Metrics:
             "parley_generations", "Finished generations (one per choice) by finish reason.",
             ["model", "finish_reason"], registry=r,
         )
+        self.embedding_requests = Counter(
+            "parley_embedding_requests", "Embedding and rerank requests served, by model.", ["model"], registry=r,
+        )
+        self.embedded_tokens = Counter(
+            "parley_embedded_tokens", "Input tokens read by embedding and rerank requests.", ["model"], registry=r,
+        )
         self.ttft = Histogram(
             "parley_time_to_first_token_seconds", "Time from a request's arrival to its first generated token.",
             ["model"], buckets=TTFT_BUCKETS, registry=r,

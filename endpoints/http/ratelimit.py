@@ -1,4 +1,4 @@
-"""Per-caller rate limits: requests and generated tokens per minute.
+"""Per-caller rate limits: requests and tokens (generated, or read by embeddings) per minute.
 
 Each caller (an API key, or a client address when auth is off) has up to two
 token buckets that refill continuously:
@@ -6,9 +6,10 @@ token buckets that refill continuously:
 - requests: holds `requests_per_minute` and refills at that rate; a request
   takes one, and is refused while the bucket holds less than one.
 - tokens: holds `tokens_per_minute` and refills at that rate; a finished
-  request takes the completion tokens it actually generated (the balance may
-  go below zero), and a new request is refused while less than one token
-  is left. A request is never cut short by this limit; the next one waits.
+  request takes the completion tokens it actually generated, or the input
+  tokens an embedding or rerank request read (the balance may go below
+  zero), and a new request is refused while less than one token is left.
+  A request is never cut short by this limit; the next one waits.
 
 A full bucket allows a burst of a minute's worth at once; after that the
 steady rate applies. Refusals carry the whole seconds until a retry can
@@ -69,9 +70,10 @@ class Refusal:
     limit: int
 
     def message(self, name: str) -> str:
-        what = "requests" if self.kind is LimitKind.REQUESTS else "generated tokens"
+        what = ("requests per minute" if self.kind is LimitKind.REQUESTS
+                else "tokens per minute (generated, or read by embeddings)")
         return (
-            f"Rate limit reached for '{name}': {self.limit} {what} per minute. "
+            f"Rate limit reached for '{name}': {self.limit} {what}. "
             f"Retry in {self.retry_after} s, or ask the server's operator for a higher limit."
         )
 
@@ -180,7 +182,7 @@ class RateLimiter:
             return None
 
     def charge(self, subject: Subject, tokens: int) -> None:
-        """Count tokens a finished request generated against the caller's token budget."""
+        """Count tokens a finished request generated (or embedded) against the caller's token budget."""
         if tokens <= 0 or subject.limits.tokens_per_minute is None:
             return
         with self._lock:

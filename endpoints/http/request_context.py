@@ -1,4 +1,4 @@
-"""What the server knows about the HTTP request being served: the generation hooks of its routes.
+"""What the server knows about the HTTP request being served: the generation and embedding hooks of its routes.
 
 The HTTP middleware (endpoints/http/middleware.py) opens a `RequestContext`
 for every request and leaves it in `request.state`; a route that generates
@@ -12,6 +12,11 @@ takes it with the `request_hooks` dependency and passes it to
   limits, and an observed handle whose events feed the metrics (tokens, time
   to first token, inter-token latency) and charge the tokens generated to the
   caller's budget.
+
+Embedding and rerank routes pass the same context to `embeddings.embed` /
+`rerank` as their `EmbeddingHooks`: `admit` applies the same draining and
+rate limits, and `embedded` counts the request and its input tokens in the
+metrics and against the caller's token budget.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from backends.base import Event, Finished, FinishReason, GenerationHandle, TextD
 from endpoints.http.auth import KeyEntry, Permission
 from common.config.loader import ParleyConfig
 from common.errors import BadRequestError, RateLimitError
-from common.generation.hooks import GenerationHooks
+from common.generation.hooks import EmbeddingHooks, GenerationHooks
 from endpoints.http.deps import route_dialect
 from endpoints.http.lifecycle import Lifecycle
 from endpoints.http.metrics import Metrics
@@ -66,7 +71,7 @@ class Services:
         )
 
 
-class RequestContext(GenerationHooks):
+class RequestContext(GenerationHooks, EmbeddingHooks):
     """One HTTP request: its caller, its generations, and what the request log reports."""
 
     def __init__(self, services: Services, scope: dict[str, Any]) -> None:
@@ -178,6 +183,18 @@ class RequestContext(GenerationHooks):
         self.handles.append(observed)
         return observed
 
+    # -- EmbeddingHooks: called by embeddings.embed and rerank ---------------------------
+    def embedded(self, model: str, input_tokens: int) -> None:
+        """An embedding or rerank request ran: count it, and charge the tokens it read to the caller."""
+        self.model = model
+        self.prompt_tokens += input_tokens
+        metrics = self.services.metrics
+        if metrics is not None:
+            metrics.embedding_requests.labels(model).inc()
+            metrics.embedded_tokens.labels(model).inc(input_tokens)
+        if self.subject is not None:
+            self.services.limiter.charge(self.subject, input_tokens)
+
     def abort(self, message: str) -> None:
         """The server is shutting down: end this request's generations with an error."""
         for handle in self.handles:
@@ -190,7 +207,7 @@ class RequestContext(GenerationHooks):
 
 
 def request_hooks(request: Request) -> RequestContext:
-    """FastAPI dependency: the request's context, to pass to start_generation as its hooks."""
+    """FastAPI dependency: the request's context, to pass to start_generation (or embeddings.embed) as its hooks."""
     ctx = getattr(request.state, STATE_KEY, None)
     if not isinstance(ctx, RequestContext):
         raise RuntimeError(

@@ -69,6 +69,13 @@ class _OwningStreamingResponse(StreamingResponse):
                 self._on_close()
 
 
+class EventStream(StreamingResponse):
+    """For `response_class=` on a route that always streams: the OpenAPI schema then declares its 200 as
+    `text/event-stream` (what `sse_response` sends) instead of JSON."""
+
+    media_type = "text/event-stream"
+
+
 def sse_response(
     frames: AsyncIterator[str],
     dialect: Dialect,

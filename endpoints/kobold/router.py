@@ -20,10 +20,12 @@ from common.generation.images import ImagePolicy, resolve
 from common.generation.pipeline import Generation, start_generation
 from common.generation.prompts import text_prompt, tokenize_images
 from common.models.manager import ModelLease
-from endpoints.http.streaming import sse_response, until_disconnect
+from endpoints.http.streaming import EventStream, sse_response, until_disconnect
 from common.generation import embeddings
+from common.generation.hooks import EmbeddingHooks
 from endpoints.http.deps import RouteDialect, get_config, lease_embedding_model, lease_model, log_unknown_fields
 from endpoints.openai.embedding_serving import embeddings_body
+from endpoints.http.request_context import request_hooks
 from endpoints.http.route import GenerateDeps, api_router, generate_deps
 from endpoints.kobold import serving
 from endpoints.kobold.genkeys import AbortOutcome, GenEntry, GenRegistry, get_registry, owner_of
@@ -71,11 +73,13 @@ async def server_version(request: Request) -> dict[str, Any]:
 
 
 @router.post("/api/extra/embeddings")
-async def embeddings_route(body: KoboldEmbeddingRequest, request: Request) -> JSONResponse:
+async def embeddings_route(
+    body: KoboldEmbeddingRequest, request: Request, hooks: EmbeddingHooks = Depends(request_hooks)
+) -> JSONResponse:
     """KoboldCpp's embeddings (SillyTavern's vector storage): OpenAI's answer shape; long inputs are cut."""
     log_unknown_fields(body, "/api/extra/embeddings")
     with await lease_embedding_model(request, body.model) as lease:
-        result = await embeddings.embed(lease.model, body.input, truncate=body.truncate)
+        result = await embeddings.embed(lease.model, body.input, hooks=hooks, truncate=body.truncate)
         return JSONResponse(embeddings_body(result, lease.model.name))
 
 
@@ -129,7 +133,11 @@ async def generate(
         return JSONResponse(await until_disconnect(deps.request, work))
 
 
-@router.post("/api/extra/generate/stream")
+@router.post(
+    "/api/extra/generate/stream", response_class=EventStream,
+    response_description="Server-sent events: `event: message` frames of `{token, finish_reason}`; a failure "
+    "ends the stream with an `event: error` frame in KoboldAI's error shape.",
+)
 async def generate_stream(
     body: GenerateRequest, registry: GenRegistry = Depends(get_registry), deps: GenerateDeps = Depends(generate_deps)
 ) -> Response:

@@ -12,8 +12,10 @@ from starlette.responses import JSONResponse
 
 from common.errors import BadRequestError, Dialect
 from common.generation import embeddings
+from common.generation.hooks import EmbeddingHooks
 from endpoints.http.deps import RouteDialect, lease_embedding_model, log_unknown_fields
 from endpoints.http.names import ModelName
+from endpoints.http.request_context import request_hooks
 from endpoints.http.route import api_router
 from endpoints.http.wire import WireModel
 from endpoints.openai.embedding_protocol import RerankRequest
@@ -33,7 +35,9 @@ class EmbeddingContentRequest(WireModel):
 
 @router.post("/embedding")
 @router.post("/embeddings")
-async def embedding(body: EmbeddingContentRequest, request: Request) -> JSONResponse:
+async def embedding(
+    body: EmbeddingContentRequest, request: Request, hooks: EmbeddingHooks = Depends(request_hooks)
+) -> JSONResponse:
     log_unknown_fields(body, request.url.path)
     if body.embd_normalize != 2:
         raise BadRequestError(
@@ -41,14 +45,16 @@ async def embedding(body: EmbeddingContentRequest, request: Request) -> JSONResp
             "(embd_normalize 2). Leave it out or send 2.", param="embd_normalize",
         )
     with await lease_embedding_model(request, body.model) as lease:
-        result = await embeddings.embed(lease.model, body.content, field="content", truncate=body.truncate)
+        result = await embeddings.embed(lease.model, body.content, hooks=hooks, field="content", truncate=body.truncate)
     return JSONResponse([{"index": i, "embedding": [v]} for i, v in enumerate(result.vectors.tolist())])
 
 
 @router.post("/rerank")
-async def rerank(body: RerankRequest, request: Request) -> dict[str, Any]:
+async def rerank(
+    body: RerankRequest, request: Request, hooks: EmbeddingHooks = Depends(request_hooks)
+) -> dict[str, Any]:
     log_unknown_fields(body, "/rerank")
     with await lease_embedding_model(request, body.model, task="rerank") as lease:
-        ranking = await embeddings.rerank(lease.model, body.query, body.documents, top_n=body.top_n)
+        ranking = await embeddings.rerank(lease.model, body.query, body.documents, hooks=hooks, top_n=body.top_n)
         return rerank_body(ranking, lease.model.name, body.documents, return_documents=body.return_documents,
                            request_id=f"rerank-{uuid.uuid4().hex[:16]}")

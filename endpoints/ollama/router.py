@@ -20,14 +20,16 @@ from endpoints.http.auth import require_admin
 from common.config.loader import ParleyConfig
 from common.formats.constraints import ConstraintSpec
 from common.downloads.jobs import DownloadManager
-from common.errors import APIError, BadRequestError, Dialect, ModelNotFoundError
+from common.errors import APIError, BadRequestError, Dialect
 from common.generation import embeddings
+from common.generation.hooks import EmbeddingHooks
 from common.generation.pipeline import start_generation
 from common.generation.images import ImagePolicy, ImageSource, resolve
 from common.models.manager import LoadedModel, ModelFile, ModelLease, ModelManager
 from endpoints.http.streaming import ndjson_response
 from endpoints.http.deps import RouteDialect, get_downloads, get_models, log_unknown_fields
 from endpoints.http.json_body import StrictJSONRoute
+from endpoints.http.request_context import request_hooks
 from endpoints.http.route import GenerateDeps, answer, api_router, generate_deps
 from endpoints.ollama import serving
 from endpoints.ollama.mapping import (
@@ -48,7 +50,7 @@ OLLAMA_VERSION = "0.6.3"
 # Unknown paths under /api/ answer in Ollama's shape too (KoboldAI claims its longer prefixes).
 OLLAMA = RouteDialect(Dialect.OLLAMA, max_tokens="options.num_predict", claims=("/api/",))
 
-router = APIRouter(tags=["Ollama"], route_class=StrictJSONRoute)
+router = APIRouter(tags=["Ollama"], route_class=StrictJSONRoute)  # the probe at `/`, without a key
 api = api_router(OLLAMA, prefix="/api")
 
 
@@ -170,19 +172,23 @@ async def version() -> JSONResponse:
 
 
 @api.post("/embed")
-async def embed(body: EmbedRequest, request: Request, models: ModelManager = Depends(get_models)) -> JSONResponse:
+async def embed(
+    body: EmbedRequest, models: ModelManager = Depends(get_models), hooks: EmbeddingHooks = Depends(request_hooks)
+) -> JSONResponse:
     """Vectors for `input` (a string or a list); a request without input only loads the model."""
     log_unknown_fields(body, "/api/embed")
     timing = serving.Timing()
     with await _use_embedding_model(models, body, timing) as lease:
         if body.input is None:
             return JSONResponse(serving.embed_body(lease.model.name, None, timing))
-        result = await embeddings.embed(lease.model, body.input, truncate=body.truncate)
+        result = await embeddings.embed(lease.model, body.input, hooks=hooks, truncate=body.truncate)
         return JSONResponse(serving.embed_body(lease.model.name, result, timing))
 
 
 @api.post("/embeddings")
-async def embeddings_legacy(body: EmbedRequest, models: ModelManager = Depends(get_models)) -> JSONResponse:
+async def embeddings_legacy(
+    body: EmbedRequest, models: ModelManager = Depends(get_models), hooks: EmbeddingHooks = Depends(request_hooks)
+) -> JSONResponse:
     """The older route: one `prompt`, one `embedding`; an empty prompt only loads the model."""
     log_unknown_fields(body, "/api/embeddings")
     with await _use_embedding_model(models, body, serving.Timing()) as lease:
@@ -190,21 +196,19 @@ async def embeddings_legacy(body: EmbedRequest, models: ModelManager = Depends(g
             return JSONResponse({"embedding": []})
         if not isinstance(body.prompt, str):
             raise BadRequestError("`prompt` must be a string; send a list of texts to /api/embed.", param="prompt")
-        result = await embeddings.embed(lease.model, body.prompt, field="prompt", truncate=body.truncate)
+        result = await embeddings.embed(lease.model, body.prompt, hooks=hooks, field="prompt", truncate=body.truncate)
         return JSONResponse({"embedding": result.vectors[0].tolist()})
 
 
 async def _use_embedding_model(models: ModelManager, body: EmbedRequest, timing: serving.Timing) -> ModelLease:
-    """A lease on the named embedding model, loaded on demand as Ollama does; keep_alive applies to it."""
+    """A lease on the named embedding model, loaded on demand as Ollama does; keep_alive applies to it.
+    A name that is not here is a 404, as on /api/chat and /api/generate."""
     seconds = keep_alive_seconds(body.keep_alive)
     started = time.perf_counter()
     before = set(models.loaded)
-    name = body.model or None
-    if name:
-        try:
-            name = find_model_file(models, name).name  # `name:latest` and pulled repos, as on the other routes
-        except ModelNotFoundError:
-            pass  # a name this server does not have (`nomic-embed-text`) means the default embedding model
+    # The names the other Ollama routes resolve (`name:latest`, pulled repos); an unknown one is their 404.
+    # No model at all means the default embedding model.
+    name = find_model_file(models, body.model).name if body.model else None
     lease = await models.acquire_embedding(name, always_load=True)
     if lease.model.name not in before:
         timing.load_ns = int((time.perf_counter() - started) * 1e9)
@@ -260,4 +264,4 @@ async def blobs(digest: str) -> Response:
     raise _not_supported("Uploading a blob")
 
 
-router.include_router(api)
+routers = (router, api)  # the app includes both (endpoints/app.py), recording each route's dialect

@@ -300,6 +300,8 @@ def test_empty_prompt_loads_and_keep_alive_zero_unloads(client: TestClient) -> N
      "cannot read images"),
     ("/api/embed", {"model": NAME, "input": "hi"}, 400, "does not support embeddings"),
     ("/api/embeddings", {"model": NAME, "prompt": "hi"}, 400, "does not support embeddings"),
+    ("/api/embed", {"model": "nomic-embed-text", "input": "hi"}, 404, "model 'nomic-embed-text' not found"),
+    ("/api/embeddings", {"model": "nomic-embed-text:v1.5", "prompt": "hi"}, 404, "POST /api/pull"),
     ("/api/pull", {"model": "llama3"}, 400, "hf.co/<owner>/<repo>"),
     ("/api/copy", {"source": NAME, "destination": "x"}, 501, "model directory"),
     ("/api/create", {"model": "x"}, 501, "not supported"),

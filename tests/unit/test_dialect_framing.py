@@ -204,6 +204,15 @@ def test_kobold_stream_is_message_events_without_done(server: FakeServer) -> Non
     assert {f["finish_reason"] for f in frames[:-1]} == {None}
 
 
+def test_kobold_stream_is_declared_as_event_stream_in_openapi(server: FakeServer) -> None:
+    """The schema says what the wire carries: SSE, not the JSON FastAPI declares by default."""
+    schema = server.client.get("/openapi.json").json()
+    ok = schema["paths"]["/api/extra/generate/stream"]["post"]["responses"]["200"]
+    assert list(ok["content"]) == ["text/event-stream"], ok
+    r = server.client.post("/api/extra/generate/stream", json={"prompt": "hi", "max_length": 5})
+    assert r.headers["content-type"].split(";")[0] in ok["content"]
+
+
 def test_kobold_max_length_ends_with_length(server: FakeServer) -> None:
     r = server.client.post("/api/extra/generate/stream", json={"prompt": "hi", "max_length": 2})
     frames = [json.loads(e["data"]) for e in sse_events(r.text)]
@@ -226,6 +235,58 @@ def test_kobold_unload_mid_generation_is_a_503(server: FakeServer) -> None:
     r = server.client.post("/api/v1/generate", json={"prompt": "please unload", "max_length": 50})
     assert r.status_code == 503, r.text
     assert r.json()["detail"]["type"] == "model_not_loaded"
+
+
+# -- a model that is not loaded: 503 with Retry-After in every dialect --------------------------------
+UNLOAD_ROUTES = [
+    ("/v1/chat/completions", chat("please unload")),
+    ("/v1/messages", {"model": "fake", "max_tokens": 20, "messages": [{"role": "user", "content": "please unload"}]}),
+    ("/api/chat", chat("please unload", stream=False)),
+    ("/api/v1/generate", {"prompt": "please unload", "max_length": 50}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), UNLOAD_ROUTES, ids=[p for p, _ in UNLOAD_ROUTES])
+def test_unloaded_model_503_says_when_to_retry(server: FakeServer, path: str, body: dict[str, Any]) -> None:
+    r = server.client.post(path, json=body)
+    assert r.status_code == 503, r.text
+    assert int(r.headers["retry-after"]) >= 1, "a 503 for a model that is not loaded must say when to retry"
+
+
+def test_loading_model_503_says_when_to_retry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests that cannot wait for the start-up load get a 503 with Retry-After, in their dialect's shape."""
+    from fastapi.testclient import TestClient
+
+    from endpoints.app import create_app
+    from tests.conftest import make_config
+    from tests.fake_engine import install_fake_loader
+
+    gate = threading.Event()
+
+    def held() -> FakeEngine:
+        assert gate.wait(30), "the test never let the load finish"
+        return scripted()
+
+    install_fake_loader(monkeypatch, held)
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    (model_dir / "fake.gguf").write_bytes(b"")
+    config = make_config(tmp_path, model_dir, network={"disable_auth": True}, model={"model_name": "fake"})
+    with TestClient(create_app(config)) as client:
+        try:
+            answers = {
+                "openai": client.get("/v1/model"),
+                "anthropic": client.post("/v1/messages", json={"model": "x", "max_tokens": 5,
+                                                               "messages": [{"role": "user", "content": "hi"}]}),
+                "kobold": client.post("/api/v1/generate", json={"prompt": "hi"}),
+            }
+        finally:
+            gate.set()
+    for dialect, r in answers.items():
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, (dialect, r.headers, r.text)
+    assert answers["openai"].json()["error"]["code"] == "model_not_loaded"
+    assert answers["anthropic"].json()["error"]["type"] == "overloaded_error"
+    assert answers["kobold"].json()["detail"]["type"] == "model_not_loaded"
 
 
 # -- a real unload through the manager --------------------------------------------------------

@@ -13,6 +13,7 @@ from backends.base import EngineStats, ModelInfo
 from backends.embedding import EmbeddingEngine, EmbedInput, EmbedResult, RerankResult, normalize_rows
 from common.errors import BadRequestError, ContextLengthExceededError
 from common.generation import embeddings
+from common.generation.hooks import NO_HOOKS
 
 CLS, SEP = 1, 2
 
@@ -97,35 +98,35 @@ def test_vocabulary_and_length() -> None:
 
 async def test_dimensions_truncate_and_renormalise() -> None:
     engine = WordEngine()
-    full = await embeddings.embed(model(engine), ["a bb ccc"])
-    short = await embeddings.embed(model(engine), ["a bb ccc"], dimensions=3)
+    full = await embeddings.embed(model(engine), ["a bb ccc"], hooks=NO_HOOKS)
+    short = await embeddings.embed(model(engine), ["a bb ccc"], hooks=NO_HOOKS, dimensions=3)
     assert short.vectors.shape == (1, 3) and abs(np.linalg.norm(short.vectors[0]) - 1) < 1e-6
     assert np.allclose(short.vectors[0], full.vectors[0][:3] / np.linalg.norm(full.vectors[0][:3]))
     assert full.prompt_tokens == 5
     for bad in (0, 9, -1):
         with pytest.raises(BadRequestError) as info:
-            await embeddings.embed(model(engine), "x", dimensions=bad)
+            await embeddings.embed(model(engine), "x", hooks=NO_HOOKS, dimensions=bad)
         assert info.value.param == "dimensions"
 
 
 async def test_rerank_by_cosine_and_by_cross_encoder() -> None:
     docs = ["zzzzzz", "a bb", {"text": "a bb ccc"}]
-    ranked = await embeddings.rerank(model(WordEngine()), "a bb ccc", docs)
+    ranked = await embeddings.rerank(model(WordEngine()), "a bb ccc", docs, hooks=NO_HOOKS)
     assert ranked.by_cosine and [r.index for r in ranked.results] == [2, 1, 0]
     assert ranked.results[0].score == pytest.approx(1.0)
-    top = await embeddings.rerank(model(WordEngine("rerank")), "q", docs, top_n=1)
+    top = await embeddings.rerank(model(WordEngine("rerank")), "q", docs, hooks=NO_HOOKS, top_n=1)
     assert not top.by_cosine and [r.index for r in top.results] == [2]
     for query, documents, top_n, param in (("", ["a"], None, "query"), ("q", "a", None, "documents"),
                                            ("q", ["a", 1], None, "documents[1]"), ("q", ["a"], 0, "top_n")):
         with pytest.raises(BadRequestError) as info:
-            await embeddings.rerank(model(WordEngine()), query, documents, top_n=top_n)
+            await embeddings.rerank(model(WordEngine()), query, documents, hooks=NO_HOOKS, top_n=top_n)
         assert info.value.param == param
 
 
 async def test_a_chat_engine_gives_no_embeddings() -> None:
     chat = SimpleNamespace(name="chat", engine=object())
     with pytest.raises(BadRequestError) as info:
-        await embeddings.embed(chat, "x")
+        await embeddings.embed(chat, "x", hooks=NO_HOOKS)
     assert info.value.param == "model"
     with pytest.raises(BadRequestError) as info:
         WordEngine().submit(None)  # type: ignore[arg-type]

@@ -92,7 +92,7 @@ def test_token_budget_is_charged_after_the_fact_and_refuses_the_next_request(clo
     refusal = limiter.admit(s)
     assert refusal is not None and refusal.kind is LimitKind.TOKENS
     assert refusal.retry_after == 6  # 50 tokens of debt, plus the one needed, at 10 per second
-    assert "600 generated tokens per minute" in refusal.message("alice")
+    assert "600 tokens per minute (generated, or read by embeddings)" in refusal.message("alice")
     clock.now += 5
     assert limiter.admit(s) is not None  # 0.0 left: spent
     clock.now += 0.1
@@ -211,15 +211,14 @@ def test_without_auth_the_defaults_apply_per_client_address() -> None:
 def test_the_length_field_is_named_per_dialect(path: str, param: str) -> None:
     from fastapi import FastAPI
 
-    from endpoints.http.deps import dialect_at
+    from endpoints.http.deps import dialect_at, include_routers
     from endpoints.kobold.router import router as kobold_router
     from endpoints.llamacpp.router import router as llamacpp_router
-    from endpoints.ollama.router import router as ollama_router
+    from endpoints.ollama.router import routers as ollama_routers
     from endpoints.openai.router import router as openai_router
 
     app = FastAPI()
-    for router in (openai_router, llamacpp_router, ollama_router, kobold_router):
-        app.include_router(router)
+    include_routers(app, openai_router, llamacpp_router, *ollama_routers, kobold_router)
     assert dialect_at(app, "POST", path).max_tokens == param
 
 

@@ -40,15 +40,14 @@ def test_dialect_by_route() -> None:
     from fastapi import FastAPI
 
     from endpoints.core.router import router as core_router
-    from endpoints.http.deps import dialect_at
+    from endpoints.http.deps import dialect_at, include_routers
     from endpoints.kobold.router import router as kobold_router
     from endpoints.llamacpp.router import router as llamacpp_router
-    from endpoints.ollama.router import router as ollama_router
+    from endpoints.ollama.router import routers as ollama_routers
     from endpoints.openai.router import router as openai_router
 
     app = FastAPI()
-    for router in (core_router, openai_router, llamacpp_router, ollama_router, kobold_router):
-        app.include_router(router)
+    include_routers(app, core_router, openai_router, llamacpp_router, *ollama_routers, kobold_router)
     expected = {
         ("POST", "/v1/chat/completions"): Dialect.OPENAI,
         ("POST", "/infill"): Dialect.LLAMACPP,
@@ -68,3 +67,38 @@ def test_dialect_by_route() -> None:
     }
     for (method, path), dialect in expected.items():
         assert dialect_at(app, method, path).dialect is dialect, (method, path)
+
+
+def test_dialects_are_recorded_as_routers_are_included() -> None:
+    """The app records each route's dialect when it includes the routers (app.state.dialects), so finding a
+    request's dialect never looks inside FastAPI's included-router entries (a private attribute)."""
+    from pathlib import Path
+
+    from fastapi import APIRouter, FastAPI
+
+    from endpoints.http.deps import DialectRoutes, RouteDialect, dialect_at, include_routers
+    from endpoints.http.route import api_router
+
+    kobold = RouteDialect(Dialect.KOBOLD, claims=("/k/",))
+    outer, inner = APIRouter(), api_router(kobold, prefix="/k")
+
+    @inner.post("/go")
+    async def go() -> None:
+        return None
+
+    app = FastAPI()
+    include_routers(app, inner)
+    assert isinstance(app.state.dialects, DialectRoutes) and len(app.state.dialects.routes) == 1
+    assert dialect_at(app, "POST", "/k/go") is kobold
+    assert dialect_at(app, "GET", "/k/go") is kobold  # a 405 answers in the route's dialect
+    assert dialect_at(app, "POST", "/k/elsewhere") is kobold  # claimed prefix
+    assert dialect_at(app, "POST", "/elsewhere").dialect is Dialect.OPENAI
+    assert dialect_at(FastAPI(), "POST", "/k/go").dialect is Dialect.OPENAI  # nothing recorded: the default
+
+    outer.include_router(inner)
+    with pytest.raises(TypeError, match="include that sub-router at the app"):
+        include_routers(FastAPI(), outer)  # its routes' dialects could not be recorded
+
+    endpoints = Path(__file__).resolve().parents[2] / "endpoints"
+    readers = [p.name for p in endpoints.rglob("*.py") if "original_router" in p.read_text(encoding="utf-8")]
+    assert not readers, f"{readers} read FastAPI's private original_router; use app.state.dialects"
