@@ -121,7 +121,8 @@ class LimitsConfig(_Section):
     )
     default_tokens_per_minute: int | None = Field(
         None, ge=1,
-        description="Generated tokens per minute for API keys without their own tokens_per_minute in the keys "
+        description="Tokens per minute (generated, or read by embeddings) for API keys without their own "
+        "tokens_per_minute in the keys "
         "file (per client address when auth is disabled). null: unlimited.",
     )
     store: str = Field(

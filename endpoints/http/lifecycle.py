@@ -73,7 +73,7 @@ class Lifecycle:
 
     def refusal(self) -> ServiceUnavailableError:
         return ServiceUnavailableError(
-            "The server is shutting down and accepts no new generations. Retry after the Retry-After "
+            "The server is shutting down and accepts no new requests. Retry after the Retry-After "
             "seconds (another instance, or this one after its restart, will answer).",
             code="server_draining",
             retry_after=self.retry_after(),

@@ -77,7 +77,7 @@ class EngineCollector(Collector):
         yield rate
         yield GaugeMetricFamily("parley_models_loaded", "Models loaded now.", value=len(loaded))
         yield GaugeMetricFamily(
-            "parley_generations_in_flight", "Generation requests admitted and not finished yet.",
+            "parley_generations_in_flight", "Generation and embedding requests admitted and not finished yet.",
             value=self._in_flight(),
         )
         yield GaugeMetricFamily(

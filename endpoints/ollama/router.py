@@ -259,7 +259,8 @@ async def push() -> Response:
     raise _not_supported("Pushing a model")
 
 
-@api.api_route("/blobs/{digest}", methods=["HEAD", "POST"])
+@api.head("/blobs/{digest}")
+@api.post("/blobs/{digest}")
 async def blobs(digest: str) -> Response:
     raise _not_supported("Uploading a blob")
 
