@@ -70,10 +70,18 @@ class _OwningStreamingResponse(StreamingResponse):
 
 
 class EventStream(StreamingResponse):
-    """For `response_class=` on a route that always streams: the OpenAPI schema then declares its 200 as
-    `text/event-stream` (what `sse_response` sends) instead of JSON."""
+    """For `response_class=` on a route that always streams, with `event_stream_200` in its `responses=`.
 
-    media_type = "text/event-stream"
+    It has no media type of its own, so FastAPI gives the 200 no JSON body and
+    keeps the route's 4xx/5xx as the JSON error bodies they are on the wire
+    (a media type here would be stamped on those too)."""
+
+    media_type = None
+
+
+def event_stream_200(description: str) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entry declaring the 200 as server-sent events (what `sse_response` sends)."""
+    return {200: {"description": description, "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 def sse_response(

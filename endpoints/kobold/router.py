@@ -20,7 +20,7 @@ from common.generation.images import ImagePolicy, resolve
 from common.generation.pipeline import Generation, start_generation
 from common.generation.prompts import text_prompt, tokenize_images
 from common.models.manager import ModelLease
-from endpoints.http.streaming import EventStream, sse_response, until_disconnect
+from endpoints.http.streaming import EventStream, event_stream_200, sse_response, until_disconnect
 from common.generation import embeddings
 from common.generation.hooks import EmbeddingHooks
 from endpoints.http.deps import RouteDialect, get_config, lease_embedding_model, lease_model, log_unknown_fields
@@ -135,8 +135,8 @@ async def generate(
 
 @router.post(
     "/api/extra/generate/stream", response_class=EventStream,
-    response_description="Server-sent events: `event: message` frames of `{token, finish_reason}`; a failure "
-    "ends the stream with an `event: error` frame in KoboldAI's error shape.",
+    responses=event_stream_200("Server-sent events: `event: message` frames of `{token, finish_reason}`; a "
+                               "failure ends the stream with an `event: error` frame in KoboldAI's error shape."),
 )
 async def generate_stream(
     body: GenerateRequest, registry: GenRegistry = Depends(get_registry), deps: GenerateDeps = Depends(generate_deps)

@@ -211,6 +211,10 @@ def test_kobold_stream_is_declared_as_event_stream_in_openapi(server: FakeServer
     assert list(ok["content"]) == ["text/event-stream"], ok
     r = server.client.post("/api/extra/generate/stream", json={"prompt": "hi", "max_length": 5})
     assert r.headers["content-type"].split(";")[0] in ok["content"]
+    client_error = schema["paths"]["/api/extra/generate/stream"]["post"]["responses"]["4XX"]
+    assert list(client_error["content"]) == ["application/json"], client_error  # errors stay JSON
+    r = server.client.post("/api/extra/generate/stream", json={"prompt": "hi", "n": 2})
+    assert r.status_code == 400 and r.headers["content-type"].split(";")[0] in client_error["content"]
 
 
 def test_kobold_max_length_ends_with_length(server: FakeServer) -> None:
