@@ -7,8 +7,8 @@ Each server gets the same model, thread count, slot count and context, and the
 same closed-loop load of streaming /v1/completions with EOS banned so lengths
 match, at concurrency 1, 4 and 16, on two workloads:
 
-- prefill-heavy: ~200-token prompts (unique per request, so no free cache hits), 128 output tokens;
-- decode-heavy: ~20-token prompts, 256 output tokens (where a server's per-token cost shows).
+- prefill-heavy: ~176-token prompts (unique per request, so no free cache hits), 128 output tokens;
+- decode-heavy: ~24-token prompts, 256 output tokens (where a server's per-token cost shows).
 
 Also measured per server: cold TTFT as the median over unique ~500- and
 ~1,500-token prompts; the TTFT of a second request sharing a ~1,500-token
@@ -126,14 +126,15 @@ def paired(results: dict[str, list[dict[str, object]]], a: str, b: str, pick) ->
 
 
 def report(names: list[str], med: dict[str, dict], results: dict[str, list[dict[str, object]]],
-           limits: dict[str, dict[int, raw_limit.LimitRow]], cold_limit: dict[int, float]) -> str:
+           limits: dict[str, dict[int, raw_limit.LimitRow]], cold_limit: dict[int, float],
+           prompt_lengths: dict[str, int]) -> str:
     """Markdown tables; the Parley/peer columns are medians of per-round ratios."""
     peer = next((n for n in names if n != "parley"), None)
     both = peer in med and "parley" in med
     lines: list[str] = []
     for wl in WORKLOADS:
         lim = limits.get(wl.name, {})
-        lines += ["", f"### {wl.name}: ~{wl.prompt_words * 13 // 10}-word prompts, {wl.max_tokens} output tokens", "",
+        lines += ["", f"### {wl.name}: ~{prompt_lengths[wl.name]}-token prompts, {wl.max_tokens} output tokens", "",
                   "| server | conc | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | failed | limit tok/s | of limit "
                   f"| Parley/{peer or 'peer'} |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name in names:
@@ -223,7 +224,8 @@ def main() -> None:
     med = {name: merge_rounds(results[name]) for name in names if name in results}
     print(f"\nmodel {args.model.name}, {args.threads} threads, {args.slots} slots, ctx {args.ctx}, "
           f"median of {args.rounds} round(s); limit = llama-batched-bench on the same shapes")
-    print(report([n for n in names if n in med], med, results, limits, cold_limit))
+    lengths = {wl.name: prompt_tokens(args.model, wl.prompt_words) for wl in WORKLOADS}
+    print(report([n for n in names if n in med], med, results, limits, cold_limit, lengths))
     shutil.rmtree(tmp, ignore_errors=True)
 
 
