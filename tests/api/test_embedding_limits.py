@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.api.test_rate_limits import error_text
 from tests.conftest import make_config
 from tests.embedding_models import EMBED_GGUF, make_embedding_models
 
@@ -62,15 +62,7 @@ def refusal_text(dialect: str, r: httpx.Response) -> str:
     """The 429's message, checking the dialect's error shape on the way."""
     assert r.status_code == 429, r.text
     assert int(r.headers["retry-after"]) >= 1
-    body: Any = r.json()
-    if dialect == "openai":
-        assert body["error"]["code"] == "rate_limit_exceeded"
-        return body["error"]["message"]
-    if dialect == "kobold":
-        assert body["detail"]["type"] == "rate_limit_exceeded"
-        return body["detail"]["msg"]
-    assert set(body) == {"error"} and isinstance(body["error"], str)
-    return body["error"]
+    return error_text(dialect, r)
 
 
 @pytest.mark.parametrize("dialect", list(ROUTES))
