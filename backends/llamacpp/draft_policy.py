@@ -1,20 +1,25 @@
 """How many speculative guesses a step may carry, from what guessing has cost and gained on this engine.
 
 A guessed position is scored in the same batch as the real tokens, so it costs
-about what one more batch token costs, plus the drafter's own time. It pays
-only when it is accepted often enough: acceptance x (seconds per token of a
-step without guesses) > (seconds per extra batch token) + (drafting seconds per
-guess). On CPUs at high concurrency a batch token costs nearly a whole token,
-so guesses must almost always land; at one stream they are cheaper.
+about what one more batch token costs, plus the drafter's own time. The k-th
+guess of a sequence yields a token only when it and every guess before it are
+kept, so what decides the cap is the marginal guess: P(the first k guesses all
+kept) x (seconds per token of a step without guesses) > (seconds per extra
+batch token) + (drafting seconds per guess). (The average acceptance over all
+guessed positions overstates the last ones, and a cap set by it lost 10-20% in
+simulation when acceptance fell along the guess.) On CPUs at high concurrency a
+batch token costs nearly a whole token, so guesses must almost always land; at
+one stream they are cheaper.
 
 `DraftPolicy` keeps exponential moving averages of:
 - step time against batch size, over decode-only steps (a running linear fit:
   intercept = the step's fixed cost, slope = the cost of one more token);
-- the acceptance rate of guessed positions;
+- for each guess position k, the share of sequences guessing that far whose
+  first k guesses were all kept (`record`, per sequence);
 - the drafter's seconds per guessed position.
 
 After each step that carried guesses it moves the guess-length cap one up when
-guessing paid and one down when it did not. At 0 nothing is guessed, except a
+its marginal guess paid and one down when it did not. At 0 nothing is guessed, except a
 one-token probe every `probe_every` decode steps, which doubles (up to a limit)
 each time a probe does not pay, so a drafter that never pays costs almost
 nothing, and one whose text starts copying the input is found again.
@@ -34,7 +39,7 @@ class DraftPolicy:
 
     __slots__ = (
         "cap", "probe_every", "_max", "_steps", "_mx", "_my", "_mxx", "_mxy", "_slope", "_intercept",
-        "_accept", "_draft_cost", "_idle", "_probing",
+        "_kept", "_step_tries", "_step_hits", "_draft_cost", "_idle", "_probing",
     )
 
     def __init__(self, draft_max: int) -> None:
@@ -45,7 +50,9 @@ class DraftPolicy:
         self._mx = self._my = self._mxx = self._mxy = 0.0
         self._slope: float | None = None  # seconds per extra batch token
         self._intercept = 0.0  # seconds a decode step costs regardless of its size
-        self._accept: float | None = None  # accepted / guessed positions
+        self._kept: list[float | None] = [None] * self._max  # [k-1]: P(first k guesses kept | k guessed)
+        self._step_tries = [0] * self._max  # this step's sequences that guessed at least k
+        self._step_hits = [0] * self._max  # ... and kept their first k
         self._draft_cost = 0.0  # drafter seconds per guessed position
         self._idle = 0  # decode steps since the cap fell to 0 or the last probe
         self._probing = False
@@ -64,6 +71,12 @@ class DraftPolicy:
             return 1
         return 0
 
+    def record(self, guessed: int, kept: int) -> None:
+        """One sequence's guesses in this step: how many it carried and how many were kept (a prefix)."""
+        for k in range(min(guessed, self._max)):
+            self._step_tries[k] += 1
+            self._step_hits[k] += k < kept
+
     def observe(self, n_tokens: int, n_seqs: int, seconds: float, drafted: int, accepted: int,
                 draft_seconds: float) -> None:
         """One decode-only step: its batch size, its decoding sequences, its time (decode and sampling),
@@ -74,17 +87,23 @@ class DraftPolicy:
         if not drafted:
             return
         a = _ALPHA
-        rate = accepted / drafted
         per_guess = draft_seconds / drafted
         probing, self._probing = self._probing, False
-        first = self._accept is None
-        # A probe's result replaces the acceptance measured before drafting stopped (the text has moved on).
-        self._accept = rate if first or probing else (1 - a) * self._accept + a * rate
+        first = self._draft_cost == 0.0
         self._draft_cost = per_guess if first else (1 - a) * self._draft_cost + a * per_guess
+        for k, tries in enumerate(self._step_tries):
+            if tries:
+                rate = self._step_hits[k] / tries
+                old = self._kept[k]
+                # A probe's result replaces what was measured before drafting stopped (the text has moved on).
+                self._kept[k] = rate if old is None or probing else (1 - a) * old + a * rate
+        self._step_tries = [0] * self._max
+        self._step_hits = [0] * self._max
         if self._slope is None:
             return  # not enough steps to know the cost yet
         plain = self._intercept + self._slope * n_seqs  # this step without guesses
-        pays = self._accept * plain / n_seqs > self._slope + self._draft_cost
+        marginal = self._marginal()
+        pays = marginal is not None and marginal * plain / n_seqs > self._slope + self._draft_cost
         if pays:
             self.cap = min(self._max, self.cap + 1)
             self.probe_every = _PROBE_FIRST
@@ -92,6 +111,14 @@ class DraftPolicy:
             self.cap = max(0, self.cap - 1)
             if probing:
                 self.probe_every = min(2 * self.probe_every, _PROBE_LONGEST)
+
+    def _marginal(self) -> float | None:
+        """P(kept) of the last guess the cap allows (one while probing); a position never guessed yet
+        borrows the nearest one before it."""
+        k = max(self.cap, 1) - 1
+        while k > 0 and self._kept[k] is None:
+            k -= 1
+        return self._kept[k] if self._max else None
 
     def _fit(self, x: float, y: float) -> None:
         a = _ALPHA if self._steps else 1.0
@@ -117,6 +144,6 @@ class DraftPolicy:
             "probe_every": self.probe_every,
             "slope_s": self._slope,
             "intercept_s": self._intercept,
-            "acceptance": self._accept,
+            "acceptance": self._marginal(),
             "draft_s_per_guess": self._draft_cost,
         }

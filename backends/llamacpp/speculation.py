@@ -67,6 +67,7 @@ class Speculation:
             break
         job.n_drafted += len(drafts)
         job.n_accepted += accepted
+        self.policy.record(len(drafts), accepted)
         # Guess as far as guesses have been landing: double after a full hit, else one past the hits.
         # Each guessed position costs nearly a token's compute on CPUs, so misses are not free.
         job.draft_len = min(2 * len(drafts), self._draft_max) if accepted == len(drafts) else accepted + 1
