@@ -53,7 +53,7 @@ class DraftPolicy:
         self._kept: list[float | None] = [None] * self._max  # [k-1]: P(first k guesses kept | k guessed)
         self._step_tries = [0] * self._max  # this step's sequences that guessed at least k
         self._step_hits = [0] * self._max  # ... and kept their first k
-        self._draft_cost = 0.0  # drafter seconds per guessed position
+        self._draft_cost: float | None = None  # drafter seconds per guessed position
         self._idle = 0  # decode steps since the cap fell to 0 or the last probe
         self._probing = False
 
@@ -89,8 +89,8 @@ class DraftPolicy:
         a = _ALPHA
         per_guess = draft_seconds / drafted
         probing, self._probing = self._probing, False
-        first = self._draft_cost == 0.0
-        self._draft_cost = per_guess if first else (1 - a) * self._draft_cost + a * per_guess
+        old_cost = self._draft_cost
+        self._draft_cost = cost = per_guess if old_cost is None else (1 - a) * old_cost + a * per_guess
         for k, tries in enumerate(self._step_tries):
             if tries:
                 rate = self._step_hits[k] / tries
@@ -103,7 +103,7 @@ class DraftPolicy:
             return  # not enough steps to know the cost yet
         plain = self._intercept + self._slope * n_seqs  # this step without guesses
         marginal = self._marginal()
-        pays = marginal is not None and marginal * plain / n_seqs > self._slope + self._draft_cost
+        pays = marginal is not None and marginal * plain / n_seqs > self._slope + cost
         if pays:
             self.cap = min(self._max, self.cap + 1)
             self.probe_every = _PROBE_FIRST
