@@ -248,8 +248,7 @@ def refuse_hopeless(model: LoadedModel, text: str, param: str) -> None:
     """Refuse, before tokenizing, a text that cannot fit the context even if every token were the
     vocabulary's longest: tokenizing megabytes would hold the server for seconds only to say so."""
     n_ctx = model.info.n_ctx
-    # A token covers at most max_token_bytes bytes, and a character is at least one byte.
-    if len(text) > n_ctx * model.max_token_bytes:
+    if not model.may_fit(len(text), n_ctx):
         raise ContextLengthExceededError(
             f"This model's maximum context length is {n_ctx} tokens, and this prompt of {len(text):,} "
             f"characters needs more than {n_ctx} tokens. Shorten the prompt or the conversation, or load "

@@ -59,6 +59,14 @@ class LoadedModel:
     def idle_seconds(self) -> float:
         return 0.0 if self.active else max(0.0, time.monotonic() - self.last_used)
 
+    def may_fit(self, chars: int, tokens: int) -> bool:
+        """False only when a text of `chars` characters certainly needs more than `tokens` tokens.
+
+        A character is at least one byte and a token covers at most the longest token text of the
+        vocabulary, which is read (a fraction of a second) only when a text is longer than `tokens`
+        characters, so ordinary requests never pay for it."""
+        return chars <= tokens or chars <= tokens * self.max_token_bytes
+
     @property
     def max_token_bytes(self) -> int:
         """Bytes of the longest token text in the vocabulary (read once)."""

@@ -171,9 +171,8 @@ def plan_run(model: LoadedModel, settings: RunSettings, history: list[dict[str, 
         history = history[-settings.truncation.last_messages:]
     reserve = settings.max_completion_tokens or config.model.default_max_tokens or max(16, n_ctx // 4)
     budget = min(n_ctx - min(reserve, n_ctx // 2), settings.max_prompt_tokens or n_ctx)
-    # Cheap first cut by characters (a token covers at most max_token_bytes characters).
-    limit = budget * model.max_token_bytes
-    while len(history) > 1 and sum(len(str(m.get("content") or "")) for m in history) > limit:
+    # Cheap first cut by characters: drop what certainly cannot fit before tokenizing.
+    while len(history) > 1 and not model.may_fit(sum(len(str(m.get("content") or "")) for m in history), budget):
         history = history[1:]
     system = [{"role": "system", "content": settings.instructions}] if settings.instructions else []
     dropped = 0

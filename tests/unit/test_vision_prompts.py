@@ -31,7 +31,8 @@ TEXT_PARTS_ONLY = (
 def model(source: str) -> Any:
     engine = SimpleNamespace(image_marker=MARKER, tokenize=lambda text, add_bos, special: [1, 2, 3])
     info = SimpleNamespace(bos_token="", eos_token="", add_bos_token=False, n_ctx=4096)
-    return SimpleNamespace(template=ChatTemplate.from_string(source), info=info, engine=engine, max_token_bytes=64)
+    return SimpleNamespace(template=ChatTemplate.from_string(source), info=info, engine=engine,
+                           may_fit=lambda chars, tokens: chars <= tokens * 64)
 
 
 def image(i: int) -> ImageInput:
