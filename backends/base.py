@@ -340,6 +340,7 @@ class LoadOptions:
     draft_mode: str = "none"  # none | ngram | model
     draft_model_path: str | None = None
     draft_max_tokens: int = 8
+    draft_adaptive: bool = True  # llama.cpp: the guess length follows what guessing pays; False: always the max
     pooling: str | None = None  # embedding models: mean | cls | last | rank; None: what the model declares
     device: str | None = None  # torch engines (infinity): cpu | cuda | auto; None: the embeddings config's
     mmproj: str | None = None  # vision projector GGUF; None: look for mmproj*.gguf beside the model; "none": off

@@ -22,7 +22,11 @@ After each step that carried guesses it moves the guess-length cap one up when
 its marginal guess paid and one down when it did not. At 0 nothing is guessed, except a
 one-token probe every `probe_every` decode steps, which doubles (up to a limit)
 each time a probe does not pay, so a drafter that never pays costs almost
-nothing, and one whose text starts copying the input is found again.
+nothing, and one whose text starts copying the input is found again. A drafter
+too slow to pay even when every guess lands (a draft model about as costly as
+the model itself) is not probed at all at that many sequences: a draft model's
+probe must first catch up on every token since it last drafted, which costs
+about a third of the steps it skipped.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ _ALPHA = 0.1  # weight of the newest step in every average
 _MIN_FIT_STEPS = 8  # steps before the cost fit is trusted (until then: every other step guesses at the cap)
 _MIN_VARIANCE = 0.25  # batch sizes must vary this much (tokens^2) to refit the slope
 _PROBE_FIRST = 16
+_CAP_FIRST = 2
 _PROBE_LONGEST = 512
 
 
@@ -39,12 +44,16 @@ class DraftPolicy:
 
     __slots__ = (
         "cap", "probe_every", "_max", "_steps", "_mx", "_my", "_mxx", "_mxy", "_slope", "_intercept",
-        "_kept", "_step_tries", "_step_hits", "_draft_cost", "_idle", "_probing",
+        "_kept", "_step_tries", "_step_hits", "_draft_cost", "_idle", "_probing", "_adaptive",
     )
 
-    def __init__(self, draft_max: int) -> None:
+    def __init__(self, draft_max: int, *, adaptive: bool = True) -> None:
+        """`adaptive` False: every step may guess `draft_max` (the estimates are still kept, for logs)."""
+        self._adaptive = adaptive
         self._max = max(0, draft_max)
-        self.cap = self._max  # guesses per sequence this step may carry
+        # Guesses per sequence this step may carry: it starts low and climbs one a step while guesses pay,
+        # so learning what they cost spends little on a drafter that turns out not to pay.
+        self.cap = min(self._max, _CAP_FIRST)
         self.probe_every = _PROBE_FIRST
         self._steps = 0
         self._mx = self._my = self._mxx = self._mxy = 0.0
@@ -57,15 +66,17 @@ class DraftPolicy:
         self._idle = 0  # decode steps since the cap fell to 0 or the last probe
         self._probing = False
 
-    def limit(self) -> int:
-        """The most guesses one sequence may carry this step (0: draft nothing)."""
+    def limit(self, n_seqs: int = 1) -> int:
+        """The most guesses each of `n_seqs` decoding sequences may carry this step (0: draft nothing)."""
+        if not self._adaptive:
+            return self._max
         if self._slope is None:  # the cost of a batch token is not known yet: alternate sizes to learn it
             self._idle ^= 1
             return self.cap if self._idle else 0
         if self.cap > 0:
             return self.cap
         self._idle += 1
-        if self._idle >= self.probe_every:
+        if self._idle >= self.probe_every and self._could_pay(n_seqs):
             self._idle = 0
             self._probing = True
             return 1
@@ -78,19 +89,22 @@ class DraftPolicy:
             self._step_hits[k] += k < kept
 
     def observe(self, n_tokens: int, n_seqs: int, seconds: float, drafted: int, accepted: int,
-                draft_seconds: float) -> None:
-        """One decode-only step: its batch size, its decoding sequences, its time (decode and sampling),
-        and the guesses it carried, how many were kept and how long drafting them took."""
+                draft_seconds: float | None) -> None:
+        """One decode-only step: its batch size, its decoding sequences, its time (decode and sampling,
+        not drafting), and the guesses it carried, how many were kept and how long drafting them took
+        (None: drafting also caught up on a prompt or a pause, so it says nothing of a guess's cost)."""
         if n_seqs <= 0 or seconds <= 0.0:
             return
         self._fit(float(n_tokens), seconds)
         if not drafted:
             return
         a = _ALPHA
-        per_guess = draft_seconds / drafted
         probing, self._probing = self._probing, False
-        old_cost = self._draft_cost
-        self._draft_cost = cost = per_guess if old_cost is None else (1 - a) * old_cost + a * per_guess
+        if draft_seconds is not None:
+            per_guess = draft_seconds / drafted
+            old_cost = self._draft_cost
+            self._draft_cost = per_guess if old_cost is None else (1 - a) * old_cost + a * per_guess
+        cost = self._draft_cost or 0.0
         for k, tries in enumerate(self._step_tries):
             if tries:
                 rate = self._step_hits[k] / tries
@@ -111,6 +125,13 @@ class DraftPolicy:
             self.cap = max(0, self.cap - 1)
             if probing:
                 self.probe_every = min(2 * self.probe_every, _PROBE_LONGEST)
+
+    def _could_pay(self, n_seqs: int) -> bool:
+        """Whether a guess would pay at `n_seqs` sequences if it were always kept."""
+        if self._draft_cost is None or self._slope is None:
+            return True
+        n = max(1, n_seqs)
+        return (self._intercept + self._slope * n) / n > self._slope + self._draft_cost
 
     def _marginal(self) -> float | None:
         """P(kept) of the last guess the cap allows (one while probing); a position never guessed yet
@@ -140,7 +161,7 @@ class DraftPolicy:
     def snapshot(self) -> dict[str, float | int | None]:
         """The current estimates (for logs and tests)."""
         return {
-            "cap": self.cap,
+            "cap": self.cap if self._adaptive else self._max,
             "probe_every": self.probe_every,
             "slope_s": self._slope,
             "intercept_s": self._intercept,

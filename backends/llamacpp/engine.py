@@ -68,7 +68,8 @@ class LlamaCppEngine(GgufText, Engine):
             self.info.modalities = ("text", "vision")
         self._inbox = Inbox(capacity=native.n_slots + options.max_queue)
         self._scheduler = Scheduler(
-            native, self._inbox, self._adapters, self._drafter, options.draft_max_tokens, encoder=self._encoder
+            native, self._inbox, self._adapters, self._drafter, options.draft_max_tokens, encoder=self._encoder,
+            draft_adaptive=options.draft_adaptive,
         )
         self._thread = threading.Thread(target=self._scheduler.run, name=f"llamacpp-{name}", daemon=True)
         self._thread.start()

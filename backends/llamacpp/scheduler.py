@@ -48,6 +48,7 @@ class Scheduler:
         drafter: Drafter | None,
         draft_max: int,
         encoder: ImageEncoder | None = None,
+        draft_adaptive: bool = True,
     ) -> None:
         self.native = native
         self._media = (  # images: None when the model has no projector
@@ -57,7 +58,7 @@ class Scheduler:
         self._parking = Parking(native.ctx, native.mem, self.slots, max_tokens=native.n_ctx)
         self._inbox = inbox
         self._adapters = adapters
-        self._spec = Speculation(drafter, draft_max, native.mem) if drafter is not None else None
+        self._spec = Speculation(drafter, draft_max, native.mem, draft_adaptive) if drafter is not None else None
         self._batch = NativeBatch(native.n_batch)
         self._eog = frozenset(native.eog_tokens)  # the same set llama_vocab_is_eog answers, without a call per token
         self._unread: deque[Message] = deque()  # taken from the inbox, not yet handled

@@ -20,21 +20,23 @@ from backends.llamacpp.speculative import Drafter
 class Speculation:
     """One per engine with a drafter; used only on the scheduler thread."""
 
-    def __init__(self, drafter: Drafter, draft_max: int, mem: int) -> None:
+    def __init__(self, drafter: Drafter, draft_max: int, mem: int, adaptive: bool = True) -> None:
         self._drafter = drafter
         self._draft_max = draft_max
         self._mem = mem
-        self.policy = DraftPolicy(draft_max)
+        self.policy = DraftPolicy(draft_max, adaptive=adaptive)
         self.draft_seconds = 0.0  # drafting time of the current step
+        self.steady = True  # the current step's drafting fed no more than guesses and the last step's tokens
         self.drafted_count = 0
         self.accepted_count = 0
 
     def draft(self, active: list[Job], budget: int) -> dict[Job, list[int]]:
         """Guesses for the sequences of `active` that are decoding (not prefilling), within `budget` tokens."""
         self.draft_seconds = 0.0
+        self.steady = True
         decoding = [j for j in active if len(j.context) - j.n_cached == 1 and j.n_generated > 0 and j.remaining > 1
                     and not j.spans]
-        cap = self.policy.limit() if decoding else 0  # what guessing has been worth lately
+        cap = self.policy.limit(len(decoding)) if decoding else 0  # what guessing has been worth lately
         wants = [(j, min(j.draft_len or cap, cap, j.remaining - 1)) for j in decoding]
         room = budget - len(wants)
         if not cap or room <= 0:
@@ -42,6 +44,7 @@ class Speculation:
         t0 = time.perf_counter()
         got = self._drafter.propose([(j.slot.seq, j.context, k, j.ngram) for j, k in wants])
         self.draft_seconds = time.perf_counter() - t0
+        self.steady = self._drafter.caught_up <= self._draft_max + 1
         out: dict[Job, list[int]] = {}
         for job, _ in wants:
             guess = got.get(job.slot.seq, [])[: max(0, room)]
@@ -81,5 +84,8 @@ class Speculation:
             job.n_cached = keep
 
     def observe(self, n_tokens: int, n_seqs: int, seconds: float, drafted: int, accepted: int) -> None:
-        """A decode-only step ended: teach the policy what it cost and what its guesses earned."""
-        self.policy.observe(n_tokens, n_seqs, seconds, drafted, accepted, self.draft_seconds)
+        """A decode-only step ended (`seconds`: its time, drafting included): teach the policy what it
+        cost and what its guesses earned. Drafting that caught up on a prompt or on the tokens of a pause
+        is left out of the drafter's cost per guess."""
+        self.policy.observe(n_tokens, n_seqs, seconds - self.draft_seconds, drafted, accepted,
+                            self.draft_seconds if self.steady else None)

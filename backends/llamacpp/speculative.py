@@ -82,6 +82,7 @@ class DraftError(Exception):
 
 class NgramDrafter:
     kind = "ngram"
+    caught_up = 0  # it keeps no state of its own to bring up to date
 
     def propose(self, wants: list[tuple[int, list[int], int, NgramIndex]]) -> dict[int, list[int]]:
         """wants: (slot, context, max tokens, that sequence's index) -> guesses per slot."""
@@ -118,6 +119,7 @@ class ModelDrafter:
             raise
         self.tokens: list[list[int]] = [[] for _ in range(target.n_slots)]
         self.batch = NativeBatch(self.native.n_batch)
+        self.caught_up = 0  # the most tokens one sequence had to be fed before guessing, last propose
 
     def forget(self, seq: int) -> None:
         lc.llama_memory_seq_rm(self.native.mem, seq, -1, -1)
@@ -128,6 +130,7 @@ class ModelDrafter:
         batch.clear()
         budget = batch.capacity
         rows: list[tuple[int, int, int]] = []  # (seq, batch index of its logits, tokens wanted)
+        self.caught_up = 0
         for seq, context, k, _ in wants:
             have = self.tokens[seq]
             keep = min(common_prefix(have, context), len(context) - 1)
@@ -137,6 +140,7 @@ class ModelDrafter:
                     keep = 0
                 del have[keep:]
             feed = context[keep:]
+            self.caught_up = max(self.caught_up, len(feed))
             if budget <= 0:
                 continue
             if len(feed) > budget:  # a long prompt catches up over several steps; no guesses yet

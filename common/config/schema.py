@@ -255,6 +255,12 @@ class DraftModelConfig(_Section):
         "prompt.",
     )
     draft_max_tokens: int = Field(8, ge=1, le=64, description="Tokens drafted per step.")
+    draft_adaptive: bool = Field(
+        True,
+        description="llama.cpp: guess only as far as guessing pays, from measured costs and acceptance (it "
+        "turns a draft model off where it is slower than decoding). false guesses draft_max_tokens every step, "
+        "to measure a drafter.",
+    )
 
 
 class LoraEntry(_Section):

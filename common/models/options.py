@@ -39,6 +39,7 @@ def load_options_from(config: ParleyConfig) -> LoadOptions:
         prompt_template=m.prompt_template,
         draft_mode=d.draft_mode,
         draft_max_tokens=d.draft_max_tokens,
+        draft_adaptive=d.draft_adaptive,
         device=None if config.embeddings.embeddings_device == "cpu" else config.embeddings.embeddings_device,
         mmproj=m.mmproj,
     )

@@ -17,6 +17,7 @@ class DraftModelLoad(WireModel):
     draft_model_name: str | None = Field(None, min_length=1)
     draft_mode: Literal["none", "model", "ngram"] | None = None
     draft_max_tokens: int | None = Field(None, ge=1, le=64)
+    draft_adaptive: bool | None = None
 
 
 # Context sizes past this overflow llama.cpp's 32-bit counts long before any model needs them.

@@ -129,6 +129,8 @@ async def load_model(
             draft_options(Path(config.draft_model.draft_model_dir), d.draft_mode, d.draft_model_name,
                           d.draft_max_tokens, models.default_options)
         )
+        if d.draft_adaptive is not None:
+            overrides["draft_adaptive"] = d.draft_adaptive
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

@@ -104,7 +104,9 @@ def test_ngram_drafting_gives_the_plain_output(model_path: Path, plain, kind: st
 
 
 def test_draft_model_gives_the_plain_output_and_mostly_agrees(model_path: Path, plain) -> None:
-    spec = _outputs(model_path, GREEDY, draft_mode="model", draft_model_path=str(model_path), draft_max_tokens=4)
+    # Guessing at full length every step: the adaptive policy rightly turns a drafter as slow as the model off.
+    spec = _outputs(model_path, GREEDY, draft_mode="model", draft_model_path=str(model_path), draft_max_tokens=4,
+                    draft_adaptive=False)
     _assert_plain_output(spec, plain["greedy"], sampled=False)
     drafted = sum(f.usage.draft_tokens for _, f in spec)
     accepted = sum(f.usage.accepted_draft_tokens for _, f in spec)
@@ -159,3 +161,26 @@ def test_speculation_through_the_api_reports_acceptance(model_dir: Path, tmp_pat
             headers=keys.admin_headers(),
         )
         assert r.status_code == 404 and r.json()["error"]["param"] == "draft_model_name"
+
+
+def test_a_load_can_ask_for_guesses_at_full_length(model_dir: Path, tmp_path: Path) -> None:
+    """`draft_adaptive: false` through the admin load: a draft model the policy would turn off guesses every step."""
+    from endpoints.app import create_app
+    from tests.api.test_core_api import load_events
+
+    config = make_config(tmp_path, model_dir, draft_model={"draft_model_dir": str(model_dir)})
+    with TestClient(create_app(config)) as client:
+        wait_loaded(client)
+        keys = Keys(tmp_path / "api_tokens.yml")
+        status, events = load_events(client, {"model_name": MODEL_NAME, "draft_model": {
+            "draft_model_name": MODEL_NAME, "draft_max_tokens": 3, "draft_adaptive": False}}, keys.admin_headers())
+        assert status == 200 and events[-1]["status"] == "finished", events
+        r = client.post(
+            "/v1/completions",
+            json={"model": MODEL_NAME, "prompt": PROMPTS[2], "max_tokens": 24, "temperature": 0, "ignore_eos": True},
+            headers=keys.api_headers(),
+        )
+        assert r.status_code == 200, r.text
+        spec = r.json()["usage"]["speculative"]
+        # Every decode step carried 3 guesses (or fewer near the end); the model agrees with itself.
+        assert spec["draft_tokens"] >= 15 and spec["accepted_tokens"] >= 0.8 * spec["draft_tokens"]

@@ -13,14 +13,15 @@ from backends.llamacpp.draft_policy import DraftPolicy
 def _run(policy: DraftPolicy, steps: int, *, n_seqs: int, fixed: float, per_token: float, acceptance: float,
          draft_per_guess: float = 0.0, decay: float = 1.0, cost: Callable[[int], float] | None = None,
          seed: int = 0) -> tuple[list[int], float]:
-    """Drive the policy with steps whose time is fixed + per_token * batch size (or `cost`); the guess at
-    position i (from 0) is kept with probability acceptance * decay**i while all before it were kept.
-    Returns the caps it chose and the tokens emitted per second."""
+    """Drive the policy with steps whose time is fixed + per_token * batch size (or `cost`), plus
+    draft_per_guess for each guess; the guess at position i (from 0) is kept with probability
+    acceptance * decay**i while all before it were kept. Returns the caps it chose and the tokens
+    emitted per second (drafting included)."""
     rng = random.Random(seed)
     caps = []
     seconds = emitted = 0.0
     for _ in range(steps):
-        k = policy.limit()
+        k = policy.limit(n_seqs)
         caps.append(k)
         accepted = 0
         for _ in range(n_seqs if k else 0):
@@ -33,7 +34,7 @@ def _run(policy: DraftPolicy, steps: int, *, n_seqs: int, fixed: float, per_toke
         n_tokens = n_seqs + drafted
         step = cost(n_tokens) if cost else fixed + per_token * n_tokens
         policy.observe(n_tokens, n_seqs, step, drafted, accepted, draft_per_guess * drafted)
-        seconds += step
+        seconds += step + draft_per_guess * drafted
         emitted += n_seqs + accepted
     return caps, emitted / seconds
 
@@ -59,6 +60,37 @@ def test_a_costly_drafter_is_turned_off_even_when_it_is_always_right() -> None:
     assert sum(caps[-200:]) <= 10
 
 
+def test_a_drafter_that_could_not_pay_even_if_always_right_is_not_probed() -> None:
+    """A draft model as slow as the model: a guess costs more than the token it could save, so probing it
+    (which for a draft model means catching up on every skipped token) would only lose."""
+    policy = DraftPolicy(4)
+    _run(policy, 200, n_seqs=1, fixed=0.004, per_token=0.005, acceptance=1.0, draft_per_guess=0.009)
+    caps, rate = _run(policy, 3000, n_seqs=1, fixed=0.004, per_token=0.005, acceptance=1.0, draft_per_guess=0.009)
+    assert sum(caps) == 0
+    assert rate == pytest.approx(1 / 0.009)
+
+
+def test_probes_follow_the_concurrency_at_which_a_guess_could_pay() -> None:
+    """A drafter that pays for one stream (a guess costs 8 ms, a token 9 ms) but not for sixteen (a token's
+    share of the step is 5.25 ms): no probes while 16 decode, drafting again once one does."""
+    policy = DraftPolicy(4)
+    _run(policy, 300, n_seqs=1, fixed=0.004, per_token=0.005, acceptance=1.0, draft_per_guess=0.003)
+    caps, _ = _run(policy, 600, n_seqs=16, fixed=0.004, per_token=0.005, acceptance=1.0, draft_per_guess=0.003)
+    assert sum(caps[-500:]) == 0
+    caps, _ = _run(policy, 600, n_seqs=1, fixed=0.004, per_token=0.005, acceptance=1.0, draft_per_guess=0.003)
+    assert caps[-20:] == [4] * 20
+
+
+def test_drafting_that_caught_up_is_not_charged_as_the_cost_of_a_guess() -> None:
+    """A draft model's first step of a request feeds it the whole prompt: that time is not a guess's cost."""
+    policy = DraftPolicy(4)
+    _run(policy, 100, n_seqs=1, fixed=0.004, per_token=0.005, acceptance=1.0, draft_per_guess=0.001)
+    before = policy.snapshot()["draft_s_per_guess"]
+    policy.record(4, 4)
+    policy.observe(5, 1, 0.03, 4, 4, None)  # a step whose drafting also fed a 300-token prompt
+    assert policy.snapshot()["draft_s_per_guess"] == before == pytest.approx(0.001)
+
+
 def test_drafting_comes_back_when_guesses_start_to_land() -> None:
     policy = DraftPolicy(8)
     _run(policy, 300, n_seqs=1, fixed=0.004, per_token=0.005, acceptance=0.1)
@@ -78,3 +110,10 @@ def test_drafting_is_never_slower_than_not_drafting(acceptance: float, decay: fl
     _, rate = _run(DraftPolicy(8), 3000, n_seqs=4, fixed=0.0, per_token=0.0, acceptance=acceptance, decay=decay,
                    cost=cost)
     assert rate >= 0.97 * 4 / cost(4)
+
+
+def test_a_fixed_policy_always_guesses_the_ceiling() -> None:
+    policy = DraftPolicy(4, adaptive=False)
+    caps, _ = _run(policy, 300, n_seqs=4, fixed=0.004, per_token=0.005, acceptance=0.1, draft_per_guess=0.01)
+    assert caps == [4] * 300
+    assert policy.snapshot()["cap"] == 4
