@@ -10,7 +10,8 @@ tokens, since their attention spans the whole pass) into one
 pooled vector (or, with rank pooling, one score) per sequence with
 `llama_get_embeddings_seq`. Encoder models (BERT) have no KV cache and run
 with `llama_encode`; decoder embedding models (Qwen3-Embedding and the like)
-run with `llama_decode`, and their cache is cleared after every pass.
+run with `llama_decode`, and their cache is cleared after every pass. The
+pass itself runs on the process's compute thread (compute.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from loguru import logger
 
 from backends.base import EngineStats, LoadOptions, ModelInfo
+from backends.llamacpp.compute import ComputeThread
 from backends.embedding import EmbeddingEngine, EmbedInput, EmbedResult, RerankResult, normalize_rows
 from backends.llamacpp.native import GgufModel, GgufText, LoadError, NativeBatch, context_params
 from common.errors import BadRequestError, ModelNotLoadedError
@@ -107,6 +109,7 @@ class _Worker:
 
     def __init__(self, native: EmbeddingNative) -> None:
         self.native = native
+        self.compute = ComputeThread.shared()
         self.inbox: queue.SimpleQueue[_Work | _Stop] = queue.SimpleQueue()
         self.active = 0  # sequences in the pass running now
         self.waiting = 0  # requests not finished
@@ -155,7 +158,7 @@ class _Worker:
             return [(w, i) for w, i in pending if w is not work]
         self.active = len(chosen)
         try:
-            rows = self.native.forward([w.inputs[i] for w, i in chosen])
+            rows = self.compute.call(self.native.forward, [w.inputs[i] for w, i in chosen])
         except Exception as exc:  # noqa: BLE001 - every request in the pass hears of it
             logger.exception("Embedding pass failed")
             for work in {w for w, _ in chosen}:

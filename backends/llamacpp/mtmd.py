@@ -26,6 +26,7 @@ from llama_cpp import mtmd_cpp as mt
 from loguru import logger
 
 from backends.base import ImageInput, MediaPrompt, MediaSpan
+from backends.llamacpp.compute import ComputeThread
 
 _TEXT_CHUNK = 0  # MTMD_INPUT_CHUNK_TYPE_TEXT
 _IMAGE_CHUNK = 1  # MTMD_INPUT_CHUNK_TYPE_IMAGE
@@ -70,7 +71,8 @@ class Projector:
         params.n_threads = n_threads
         params.print_timings = False
         params.warmup = True
-        ctx = mt.mtmd_init_from_file(str(path).encode(), model, params)
+        # Its warm-up computes a graph: on the compute thread, like every graph (compute.py).
+        ctx = ComputeThread.shared().call(mt.mtmd_init_from_file, str(path).encode(), model, params)
         if not ctx:
             raise ProjectorError(
                 f"libmtmd could not load the projector '{path.name}'. Check that it is an mmproj GGUF made for "
@@ -155,7 +157,7 @@ class Projector:
     def encode(self, chunk: int, n_tokens: int, n_embd: int) -> np.ndarray:
         """Blocking: run the vision tower on one image chunk; (n_tokens, n_embd) float32 embeddings."""
         with self._lock:
-            rc = mt.mtmd_encode_chunk(self.ctx, chunk)
+            rc = ComputeThread.shared().call(mt.mtmd_encode_chunk, self.ctx, chunk)
             if rc != 0:
                 raise RuntimeError(f"libmtmd failed to encode the image (code {rc})")
             out = mt.mtmd_get_output_embd(self.ctx)

@@ -3,7 +3,9 @@
 A `Scheduler` runs on the engine's one thread, which owns the llama.cpp context
 and every `Job` and `Slot`. Event loops reach it only through its `Inbox`
 (engine_thread.py); it hands events back with `loop.call_soon_threadsafe`. Each pass:
-take messages, admit waiting jobs, run one step, deliver the events.
+take messages, admit waiting jobs, run one step, deliver the events. The step
+itself (batch, decode, sampling) runs on the process's compute thread
+(compute.py) while the engine thread waits, so one thread computes for every model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from backends.engine_thread import (
     Cancel, Command, Inbox, InboxClosed, Message, RequestHandle, Submit, deliver_all, timed_usage,
 )
 from backends.llamacpp.admission import choose_slot, should_wait_for_sharer
+from backends.llamacpp.compute import ComputeThread
 from backends.llamacpp.job import Job, Slot, SlotState
 from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraKey
 from backends.llamacpp.media import MediaFeeder, text_end
@@ -48,9 +51,11 @@ class Scheduler:
         drafter: Drafter | None,
         draft_max: int,
         encoder: ImageEncoder | None = None,
+        compute: ComputeThread | None = None,
         draft_adaptive: bool = True,
     ) -> None:
         self.native = native
+        self._compute = compute or ComputeThread.shared()
         self._media = (  # images: None when the model has no projector
             MediaFeeder(encoder, native.n_batch, self._run_between_steps, self._fail_image) if encoder else None
         )
@@ -82,7 +87,7 @@ class Scheduler:
                     self._on_message(unread.popleft())
                 self._admit()
                 if self._has_active():
-                    self._step()
+                    self._compute.call(self._step)
                 self._deliver()
         except Exception as exc:  # noqa: BLE001 - the engine must report, not vanish
             logger.exception("llama.cpp scheduler failed")
