@@ -139,7 +139,9 @@ class InboxFull(Exception):
 class Inbox:
     """Thread-safe: any event loop posts; the engine thread takes and retires."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, wake: Callable[[], None] | None = None) -> None:
+        """`wake`: also called after every post and the close (a thread serving several inboxes)."""
+        self._wake = wake
         self._cv = threading.Condition(threading.Lock())
         self._messages: deque[Any] = deque()
         self._closed = False
@@ -165,6 +167,8 @@ class Inbox:
                 self._outstanding += 1
             self._messages.append(message)
             self._cv.notify()
+        if self._wake is not None:
+            self._wake()
 
     def submit(self, job: Any, model: str) -> None:
         """Post `Submit(job)`, saying what to do when the engine is full or closing."""
@@ -199,6 +203,10 @@ class Inbox:
             self._messages.clear()
             return messages
 
+    def pending(self) -> bool:
+        """Whether a take would return something (messages, or None once closed)."""
+        return bool(self._messages) or self._closed
+
     def wait(self, timeout: float) -> None:
         """Sleep until a post, the close, or `timeout` seconds (engine thread, when it polls)."""
         with self._cv:
@@ -217,7 +225,9 @@ class Inbox:
                 return False
             self._closed = True
             self._cv.notify()
-            return True
+        if self._wake is not None:
+            self._wake()
+        return True
 
     def drain(self) -> list[Any]:
         """What was posted before the close (engine thread, once closed)."""

@@ -1,9 +1,10 @@
 """The llama.cpp engine: a continuous-batching scheduler over one llama.cpp context.
 
 This module is the event-loop side: submission, cancellation, LoRA and cache
-commands, stats and close. Everything it asks of the scheduler thread goes
-through the `Inbox` as a typed message (engine_thread.py); the `Scheduler` it owns
-(scheduler.py) does the work on its thread:
+commands, stats and close. Everything it asks of the scheduler goes through the
+`Inbox` as a typed message (engine_thread.py); the `Scheduler` it owns
+(scheduler.py) does the work on the process's llama.cpp compute thread
+(compute.py), in turns with other models' schedulers:
 
 1. admit waiting requests into free sequence slots, reusing the longest cached
    prefix (the slot's own, or another slot's via llama_memory_seq_cp, which
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from backends.base import (
     MediaPrompt,
 )
 from backends.engine_thread import Inbox, InboxClosed, InboxFull, RequestHandle, Submit, call_on_thread
+from backends.llamacpp.compute import ComputeThread
 from backends.llamacpp.job import Job
 from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraError, LoraKey, lora_key
 from backends.llamacpp.mtmd import ImageEncoder, Projector, ProjectorError, n_embd_of, route_logs
@@ -66,13 +67,13 @@ class LlamaCppEngine(GgufText, Engine):
         self._encoder = _load_projector(native, options)
         if self._encoder is not None:
             self.info.modalities = ("text", "vision")
-        self._inbox = Inbox(capacity=native.n_slots + options.max_queue)
+        compute = ComputeThread.shared()
+        self._inbox = Inbox(capacity=native.n_slots + options.max_queue, wake=compute.wake)
         self._scheduler = Scheduler(
             native, self._inbox, self._adapters, self._drafter, options.draft_max_tokens, encoder=self._encoder,
             draft_adaptive=options.draft_adaptive,
         )
-        self._thread = threading.Thread(target=self._scheduler.run, name=f"llamacpp-{name}", daemon=True)
-        self._thread.start()
+        compute.attach(self._scheduler)
 
     @classmethod
     def load(
@@ -144,7 +145,7 @@ class LlamaCppEngine(GgufText, Engine):
     async def close(self) -> None:
         if not self._inbox.close():
             return
-        await asyncio.to_thread(self._thread.join)
+        await asyncio.to_thread(self._scheduler.ended.wait)
         if self._encoder is not None:
             await asyncio.to_thread(self._encoder.close)
         self._adapters.free_all()

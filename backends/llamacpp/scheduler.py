@@ -1,15 +1,16 @@
 """The scheduler of the llama.cpp engine: admission, batching, sampling, speculation.
 
-A `Scheduler` runs on the engine's one thread, which owns the llama.cpp context
-and every `Job` and `Slot`. Event loops reach it only through its `Inbox`
-(engine_thread.py); it hands events back with `loop.call_soon_threadsafe`. Each pass:
-take messages, admit waiting jobs, run one step, deliver the events. The step
-itself (batch, decode, sampling) runs on the process's compute thread
-(compute.py) while the engine thread waits, so one thread computes for every model.
+A `Scheduler` runs on the process's llama.cpp compute thread (compute.py),
+taking turns with the other models' schedulers there; that thread owns the
+llama.cpp context and every `Job` and `Slot`. Event loops reach it only through
+its `Inbox` (engine_thread.py), whose posts wake the thread; it hands events
+back with `loop.call_soon_threadsafe`. Each pass: take messages, admit waiting
+jobs, run one step, deliver the events.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,7 +24,6 @@ from backends.engine_thread import (
     Cancel, Command, Inbox, InboxClosed, Message, RequestHandle, Submit, deliver_all, timed_usage,
 )
 from backends.llamacpp.admission import choose_slot, should_wait_for_sharer
-from backends.llamacpp.compute import ComputeThread
 from backends.llamacpp.job import Job, Slot, SlotState
 from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraKey
 from backends.llamacpp.media import MediaFeeder, text_end
@@ -51,11 +51,9 @@ class Scheduler:
         drafter: Drafter | None,
         draft_max: int,
         encoder: ImageEncoder | None = None,
-        compute: ComputeThread | None = None,
         draft_adaptive: bool = True,
     ) -> None:
         self.native = native
-        self._compute = compute or ComputeThread.shared()
         self._media = (  # images: None when the model has no projector
             MediaFeeder(encoder, native.n_batch, self._run_between_steps, self._fail_image) if encoder else None
         )
@@ -72,29 +70,33 @@ class Scheduler:
         self._lora_turn = 0
         self.finished_count = 0
         self.generated_count = 0
+        self.ended = threading.Event()  # set once the inbox closed (or a step failed) and every request ended
 
-    # -- the thread's loop ----------------------------------------------------
-    def run(self) -> None:
-        """The thread's body: until the inbox closes (or a step fails)."""
+    # -- the compute thread's turns (compute.EngineLoop) ------------------------------
+    def ready(self) -> bool:
+        return self._inbox.pending() or self._has_work()
+
+    def run_pass(self) -> bool:
+        """Messages, admission, one step, delivery; False once the engine has ended."""
         try:
-            while True:
-                messages = self._inbox.take(wait=not self._has_work())
-                if messages is None:
-                    break
-                unread = self._unread
-                unread.extend(messages)
-                while unread:
-                    self._on_message(unread.popleft())
-                self._admit()
-                if self._has_active():
-                    self._compute.call(self._step)
-                self._deliver()
+            messages = self._inbox.take(wait=False)
+            if messages is None:
+                self._shut_down(FinishReason.UNLOAD, "The model was unloaded.")
+                return False
+            unread = self._unread
+            unread.extend(messages)
+            while unread:
+                self._on_message(unread.popleft())
+            self._admit()
+            if self._has_active():
+                self._step()
+            self._deliver()
+            return True
         except Exception as exc:  # noqa: BLE001 - the engine must report, not vanish
             logger.exception("llama.cpp scheduler failed")
             self._inbox.close()
             self._shut_down(FinishReason.ERROR, f"The engine failed: {exc}. Reload the model.")
-        else:
-            self._shut_down(FinishReason.UNLOAD, "The model was unloaded.")
+            return False
 
     def _on_message(self, message: Message) -> None:
         if isinstance(message, Submit):
@@ -133,6 +135,7 @@ class Scheduler:
             self._finish(job, reason, error=message)
         self._waiting.clear()
         self._deliver()
+        self.ended.set()
 
     # -- commands (the engine runs these on this thread through the inbox) ----
     def unload_loras(self, gone: set[str]) -> list[str]:

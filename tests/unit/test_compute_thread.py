@@ -4,6 +4,8 @@ with results and errors handed back."""
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -55,3 +57,61 @@ def test_calls_from_many_threads_never_overlap() -> None:
 
 def test_the_process_has_one_shared_instance() -> None:
     assert ComputeThread.shared() is ComputeThread.shared()
+
+
+def wait_until(done: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, "the compute thread did not get to it"
+        time.sleep(0.005)
+
+
+class Loop:
+    """An engine loop with `work` passes to run; records on which thread each pass ran."""
+
+    def __init__(self, work: int) -> None:
+        self.work = work
+        self.closed = False
+        self.threads: list[int] = []
+        self.ended = threading.Event()
+
+    def ready(self) -> bool:
+        return self.work > 0 or self.closed
+
+    def run_pass(self) -> bool:
+        self.threads.append(threading.get_ident())
+        if self.closed:
+            self.ended.set()
+            return False
+        self.work -= 1
+        return True
+
+
+def test_attached_loops_take_turns_on_the_thread_until_they_end() -> None:
+    compute = ComputeThread()
+    a, b = Loop(5), Loop(3)
+    compute.attach(a)
+    compute.attach(b)
+    assert compute.call(lambda: a.work + b.work) >= 0  # calls run between passes
+    wait_until(lambda: a.work == b.work == 0)
+    assert set(a.threads) == set(b.threads) == {compute.ident}
+    a.closed = True
+    compute.wake()
+    assert a.ended.wait(5)
+    passes = len(a.threads)
+    b.work = 2  # a was dropped: only b runs now
+    compute.wake()
+    wait_until(lambda: b.work == 0)
+    assert len(a.threads) == passes
+
+
+def test_an_idle_thread_sleeps_until_woken() -> None:
+    compute = ComputeThread()
+    loop = Loop(0)
+    compute.attach(loop)
+    time.sleep(0.05)
+    assert compute.call(lambda: len(loop.threads)) == 0  # never ready: never run
+    loop.work = 1
+    compute.wake()
+    wait_until(lambda: loop.work == 0)
+    assert loop.threads == [compute.ident]
