@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from loguru import logger
+
 T = TypeVar("T")
 
 
@@ -111,9 +113,15 @@ class ComputeThread:
                 finally:
                     item.done.release()
             for loop in list(loops):
-                if loop.ready():
+                try:
+                    if not loop.ready():
+                        continue
                     worked = True
-                    if not loop.run_pass():
-                        loops.remove(loop)
+                    alive = loop.run_pass()
+                except Exception:  # noqa: BLE001 - a loop reports its own failures; one that raises is dropped
+                    logger.exception("an engine loop failed outside its own error handling; it stops")
+                    alive = False
+                if not alive:
+                    loops.remove(loop)
             if not worked:
                 wake.wait()

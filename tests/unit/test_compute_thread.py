@@ -115,3 +115,23 @@ def test_an_idle_thread_sleeps_until_woken() -> None:
     compute.wake()
     wait_until(lambda: loop.work == 0)
     assert loop.threads == [compute.ident]
+
+
+def test_a_loop_that_raises_is_dropped_and_the_thread_keeps_serving() -> None:
+    compute = ComputeThread()
+
+    class Broken(Loop):
+        def run_pass(self) -> bool:
+            self.threads.append(threading.get_ident())
+            raise RuntimeError("bug")
+
+    broken, good = Broken(1), Loop(2)
+    compute.attach(broken)
+    compute.attach(good)
+    wait_until(lambda: good.work == 0)
+    broken.work = 1
+    good.work = 1
+    compute.wake()
+    wait_until(lambda: good.work == 0)
+    assert len(broken.threads) == 1
+    assert compute.call(lambda: 3) == 3
