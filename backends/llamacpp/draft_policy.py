@@ -88,11 +88,12 @@ class DraftPolicy:
             self._step_tries[k] += 1
             self._step_hits[k] += k < kept
 
-    def observe(self, n_tokens: int, n_seqs: int, seconds: float, drafted: int, accepted: int,
+    def observe(self, n_tokens: int, n_seqs: int, seconds: float, drafted: int,
                 draft_seconds: float | None) -> None:
         """One decode-only step: its batch size, its decoding sequences, its time (decode and sampling,
-        not drafting), and the guesses it carried, how many were kept and how long drafting them took
-        (None: drafting also caught up on a prompt or a pause, so it says nothing of a guess's cost)."""
+        not drafting), the guesses it carried (what was kept came through `record`) and how long drafting
+        them took (None: drafting also caught up on a prompt or a pause, so it says nothing of a guess's
+        cost)."""
         if n_seqs <= 0 or seconds <= 0.0:
             return
         self._fit(float(n_tokens), seconds)

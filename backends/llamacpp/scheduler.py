@@ -285,7 +285,7 @@ class Scheduler:
         # freeing room then retrying keeps every step productive.
         t0 = time.perf_counter()
         spec = self._spec
-        drafted, accepted = (spec.drafted_count, spec.accepted_count) if spec else (0, 0)
+        drafted = spec.drafted_count if spec else 0
         while True:
             fed, sample_at, key = self._fill_batch()
             if not fed:
@@ -309,8 +309,7 @@ class Scheduler:
             else:
                 self._sample(job, idx)
         if spec is not None and all(take == 1 for _, take, _ in fed):  # decode-only steps teach the policy
-            spec.observe(self._batch.n, len(fed), time.perf_counter() - t0, spec.drafted_count - drafted,
-                         spec.accepted_count - accepted)
+            spec.observe(self._batch.n, len(fed), time.perf_counter() - t0, spec.drafted_count - drafted)
 
     def _fill_batch(self) -> tuple[list[tuple[Job, int, list[int]]], list[tuple[Job, int, list[int]]], LoraKey]:
         batch = self._batch

@@ -83,9 +83,9 @@ class Speculation:
         if job.state is not SlotState.DONE:
             job.n_cached = keep
 
-    def observe(self, n_tokens: int, n_seqs: int, seconds: float, drafted: int, accepted: int) -> None:
+    def observe(self, n_tokens: int, n_seqs: int, seconds: float, drafted: int) -> None:
         """A decode-only step ended (`seconds`: its time, drafting included): teach the policy what it
         cost and what its guesses earned. Drafting that caught up on a prompt or on the tokens of a pause
         is left out of the drafter's cost per guess."""
-        self.policy.observe(n_tokens, n_seqs, seconds - self.draft_seconds, drafted, accepted,
+        self.policy.observe(n_tokens, n_seqs, seconds - self.draft_seconds, drafted,
                             self.draft_seconds if self.steady else None)

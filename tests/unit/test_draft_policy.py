@@ -33,7 +33,7 @@ def _run(policy: DraftPolicy, steps: int, *, n_seqs: int, fixed: float, per_toke
         drafted = k * n_seqs
         n_tokens = n_seqs + drafted
         step = cost(n_tokens) if cost else fixed + per_token * n_tokens
-        policy.observe(n_tokens, n_seqs, step, drafted, accepted, draft_per_guess * drafted)
+        policy.observe(n_tokens, n_seqs, step, drafted, draft_per_guess * drafted)
         seconds += step + draft_per_guess * drafted
         emitted += n_seqs + accepted
     return caps, emitted / seconds
@@ -87,7 +87,7 @@ def test_drafting_that_caught_up_is_not_charged_as_the_cost_of_a_guess() -> None
     _run(policy, 100, n_seqs=1, fixed=0.004, per_token=0.005, acceptance=1.0, draft_per_guess=0.001)
     before = policy.snapshot()["draft_s_per_guess"]
     policy.record(4, 4)
-    policy.observe(5, 1, 0.03, 4, 4, None)  # a step whose drafting also fed a 300-token prompt
+    policy.observe(5, 1, 0.03, 4, None)  # a step whose drafting also fed a 300-token prompt
     assert policy.snapshot()["draft_s_per_guess"] == before == pytest.approx(0.001)
 
 
