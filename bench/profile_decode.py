@@ -117,17 +117,16 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true", help="run the workload only (for perf stat/record)")
     ap.add_argument("--dump", default="", help="write the scheduler thread's pstats here")
     args = ap.parse_args()
-    run = scheduler_module.Scheduler.run
+    run_pass = scheduler_module.Scheduler.run_pass
 
-    def profiled(self: scheduler_module.Scheduler) -> None:
+    def profiled(self: scheduler_module.Scheduler) -> bool:
+        # the engine's scheduler runs one pass at a time on the shared compute thread: profile each pass
         t0 = time.thread_time()
-        if args.no_profile:
-            run(self)
-        else:
-            SCHED_PROF.runcall(run, self)
+        alive = run_pass(self) if args.no_profile else SCHED_PROF.runcall(run_pass, self)
         CPU["run"] += time.thread_time() - t0
+        return alive
 
-    scheduler_module.Scheduler.run = profiled  # type: ignore[method-assign]
+    scheduler_module.Scheduler.run_pass = profiled  # type: ignore[method-assign]
     # ctypes calls are invisible to cProfile: wrap the two native calls that do the model's work.
     decode, sample = lc.llama_decode, lc.llama_sampler_sample
 
