@@ -9,7 +9,6 @@ and reports aggregate output tokens/s, TTFT and inter-token latency.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -21,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from sse_client import Sample, StreamError, stream_completion
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -140,69 +141,30 @@ def make_servers(model: Path, threads: int, slots: int, ctx: int, names: list[st
     return out
 
 
-@dataclass
-class Sample:
-    ttft: float
-    gaps: list[float]
-    tokens: int
-
-
-async def one_request(client: httpx.AsyncClient, base: str, text: str, max_tokens: int) -> Sample:
-    """One streamed completion; a connection the server closed before answering is retried once, fresh
-    (llama-server's HTTP layer sometimes drops a kept-alive connection between requests)."""
-    try:
-        return await _one_request(client, base, text, max_tokens)
-    except httpx.RemoteProtocolError:
-        async with httpx.AsyncClient() as fresh:
-            return await _one_request(fresh, base, text, max_tokens)
-
-
-async def _one_request(client: httpx.AsyncClient, base: str, text: str, max_tokens: int) -> Sample:
+async def one_request(base: str, text: str, max_tokens: int) -> Sample:
+    """One streamed completion (sampled at temperature 0.8, EOS ignored so lengths match), timed frame by frame."""
     body = {"prompt": text, "max_tokens": max_tokens, "temperature": 0.8, "stream": True, "ignore_eos": True,
             "logit_bias": {"0": -100, "2": -100}, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    first = None
-    last = start
-    gaps: list[float] = []
-    chunks = 0
-    usage_tokens = None
-    async with client.stream("POST", base + "/v1/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("usage"):
-                usage_tokens = data["usage"].get("completion_tokens")
-            if not data.get("choices") or not data["choices"][0].get("text"):
-                continue
-            now = time.perf_counter()
-            if first is None:
-                first = now
-            else:
-                gaps.append(now - last)
-            last = now
-            chunks += 1
-    return Sample((first or last) - start, gaps, usage_tokens or chunks)
+    return await stream_completion(base, body)
 
 
 async def load_phase(base: str, concurrency: int, per_worker: int, max_tokens: int, seed: int,
                      prompt_words: int) -> dict[str, float]:
     samples: list[Sample] = []
     errors = 0
-    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4)) as client:
-        async def worker(w: int) -> None:
-            nonlocal errors
-            for k in range(per_worker):
-                try:
-                    text = prompt(seed + w * 100 + k, prompt_words)
-                    samples.append(await one_request(client, base, text, max_tokens))
-                except httpx.HTTPError:
-                    errors += 1  # a peer that breaks under load: counted, not fatal
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        wall = time.perf_counter() - start
+    async def worker(w: int) -> None:
+        nonlocal errors
+        for k in range(per_worker):
+            try:
+                text = prompt(seed + w * 100 + k, prompt_words)
+                samples.append(await one_request(base, text, max_tokens))
+            except (StreamError, OSError, asyncio.TimeoutError):
+                errors += 1  # a peer that breaks under load: counted, not fatal
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    wall = time.perf_counter() - start
     if not samples:
         return {"tok_s": 0.0, "ttft_p50": 0.0, "ttft_p99": 0.0, "itl_p50": 0.0, "tokens": 0, "errors": errors}
     ttfts = sorted(s.ttft for s in samples)
@@ -219,10 +181,7 @@ async def load_phase(base: str, concurrency: int, per_worker: int, max_tokens: i
 
 async def cold_ttft(base: str, n_words: int, count: int, seed: int) -> float:
     """Median TTFT over `count` unique prompts of about n_words * 1.3 tokens, one at a time, one output token."""
-    ttfts = []
-    async with httpx.AsyncClient() as client:
-        for i in range(count):
-            ttfts.append((await one_request(client, base, prompt(seed + i, n_words), 1)).ttft)
+    ttfts = [(await one_request(base, prompt(seed + i, n_words), 1)).ttft for i in range(count)]
     return statistics.median(ttfts)
 
 

@@ -18,7 +18,8 @@ its rate is the physical limit, printed beside every figure with each
 server's fraction of it. In each round every server is loaded at once and
 the phases run on them in turn (order flipping every round), with the limit
 measured in the same round, so a machine drifting in speed shifts all of them
-alike; medians over rounds are reported.
+alike; medians over rounds are reported. The client (sse_client.py) is a raw
+asyncio connection, cheap per frame: it shares the cores it measures.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 import raw_limit
+from sse_client import StreamError
 from harness import (DEFAULT_MODEL, WORDS, Server, cold_ttft, load_phase, make_servers, median_of, one_request,
                      prompt)
 
@@ -61,9 +61,8 @@ def prompt_tokens(model: Path, words: int) -> int:
 
 async def prefix_phase(base: str, seed: int) -> dict[str, float]:
     system = "System instructions. " + " ".join(WORDS[(seed + k) % len(WORDS)] for k in range(1300)) + "\n"
-    async with httpx.AsyncClient() as client:
-        a = await one_request(client, base, system + "User: first question.", 8)
-        b = await one_request(client, base, system + "User: another question.", 8)
+    a = await one_request(base, system + "User: first question.", 8)
+    b = await one_request(base, system + "User: another question.", 8)
     return {"ttft_first": a.ttft, "ttft_second": b.ttft, "ratio": b.ttft / a.ttft}
 
 
@@ -89,13 +88,13 @@ async def bench_round(servers: list[Server], args: argparse.Namespace, rnd: int)
             try:
                 out[srv.name]["cold"][tokens] = await cold_ttft(srv.base, words, args.cold_prompts,
                                                                 100_000 * rnd + 50_000 + tokens)
-            except httpx.HTTPError as exc:  # a peer that fails here is reported, not fatal to the run
+            except (StreamError, OSError) as exc:  # a peer that fails here is reported, not fatal to the run
                 print(f"  {srv.name} cold TTFT ({tokens} tokens) failed: {exc!r}", flush=True)
                 out[srv.name]["cold"][tokens] = nan
     for srv in servers:
         try:
             out[srv.name]["prefix"] = await prefix_phase(srv.base, 100_000 * rnd)
-        except httpx.HTTPError as exc:
+        except (StreamError, OSError) as exc:
             print(f"  {srv.name} shared-prefix phase failed: {exc!r}", flush=True)
             out[srv.name]["prefix"] = {"ttft_first": nan, "ttft_second": nan, "ratio": nan}
         r = out[srv.name]
