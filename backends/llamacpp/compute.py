@@ -16,6 +16,10 @@ threads (the embedding worker, the image encoder, a projector's warm-up) hand
 their computations over with `call`, at a few tens of microseconds each; they
 run between scheduler passes.
 
+`contended` tells those other threads whether engine loops are running passes
+now, so that they keep each handed-over computation short meanwhile (the
+embedding worker shrinks its passes: a stream waits for each of them).
+
 `ComputeThread.shared()` is the process's instance: libgomp's thread count is
 per process, so the thread that answers it is too.
 """
@@ -64,6 +68,7 @@ class ComputeThread:
         self._calls: deque[_Call] = deque()
         self._loops: list[EngineLoop] = []
         self._wake = threading.Event()
+        self.contended = False  # an engine loop ran a pass in the thread's last turn (read from any thread)
         self._thread = threading.Thread(target=self._serve, name="llamacpp-compute", daemon=True)
         self._thread.start()
         self.ident = self._thread.ident
@@ -112,16 +117,20 @@ class ComputeThread:
                     item.error = exc
                 finally:
                     item.done.release()
+            passes = False
             for loop in list(loops):
                 try:
                     if not loop.ready():
                         continue
-                    worked = True
+                    worked = passes = True
+                    self.contended = True  # before the pass: its events may reach another thread first
                     alive = loop.run_pass()
                 except Exception:  # noqa: BLE001 - a loop reports its own failures; one that raises is dropped
                     logger.exception("an engine loop failed outside its own error handling; it stops")
                     alive = False
                 if not alive:
                     loops.remove(loop)
+            if not passes:
+                self.contended = False
             if not worked:
                 wake.wait()

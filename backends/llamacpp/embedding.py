@@ -11,7 +11,10 @@ pooled vector (or, with rank pooling, one score) per sequence with
 `llama_get_embeddings_seq`. Encoder models (BERT) have no KV cache and run
 with `llama_encode`; decoder embedding models (Qwen3-Embedding and the like)
 run with `llama_decode`, and their cache is cleared after every pass. The
-pass itself runs on the process's compute thread (compute.py).
+pass itself runs on the process's compute thread (compute.py), between the
+chat models' steps: while those are generating, a pass takes only about
+SHARED_PASS_SECONDS of work (`pass_budget`), so a streaming reply waits for
+one short pass at a time instead of for a whole batch of long inputs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import asyncio
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +45,19 @@ MIN_BATCH_TOKENS = 2048
 # An encoder attends over the whole packed batch (masked per sequence), so its cost grows with the square of
 # the tokens in a pass: passes of about this many tokens keep that waste small while still batching.
 ENCODER_PASS_TOKENS = 1024
+# While chat models generate on the compute thread, an embedding pass takes about this much time (or one input),
+# and before its speed is known, this many tokens.
+SHARED_PASS_SECONDS = 0.05
+SHARED_PASS_FIRST_TOKENS = 256
+
+
+def pass_budget(full: int, contended: bool, tokens_per_second: float) -> int:
+    """Tokens one pass may take: `full` while nothing else computes; while engine loops run passes, what the
+    model embeds in SHARED_PASS_SECONDS at its measured speed (the caller still takes one input of any size)."""
+    if not contended:
+        return full
+    share = int(tokens_per_second * SHARED_PASS_SECONDS) if tokens_per_second > 0 else SHARED_PASS_FIRST_TOKENS
+    return max(1, min(full, share))
 
 
 @dataclass(eq=False)
@@ -114,6 +131,8 @@ class _Worker:
         self.active = 0  # sequences in the pass running now
         self.waiting = 0  # requests not finished
         self.requests_finished = 0
+        self.passes = 0
+        self.tokens_per_second = 0.0  # measured over the last passes (0: none yet)
 
     def run(self) -> None:
         pending: list[tuple[_Work, int]] = []  # (request, input index) not yet computed
@@ -146,9 +165,11 @@ class _Worker:
     def _pass(self, pending: list[tuple[_Work, int]]) -> list[tuple[_Work, int]]:
         chosen: list[tuple[_Work, int]] = []
         tokens = 0
+        budget = pass_budget(self.native.pass_tokens, self.compute.contended, self.tokens_per_second)
         for work, i in pending:
             n = len(work.inputs[i])
-            if len(chosen) >= self.native.n_seq or tokens + n > self.native.pass_tokens:
+            full = len(chosen) >= self.native.n_seq or tokens + n > self.native.pass_tokens
+            if full or (chosen and tokens + n > budget):
                 break
             chosen.append((work, i))
             tokens += n
@@ -158,7 +179,7 @@ class _Worker:
             return [(w, i) for w, i in pending if w is not work]
         self.active = len(chosen)
         try:
-            rows = self.compute.call(self.native.forward, [w.inputs[i] for w, i in chosen])
+            rows = self.compute.call(self._timed_forward, [w.inputs[i] for w, i in chosen], tokens)
         except Exception as exc:  # noqa: BLE001 - every request in the pass hears of it
             logger.exception("Embedding pass failed")
             for work in {w for w, _ in chosen}:
@@ -173,6 +194,15 @@ class _Worker:
             if work.left == 0:
                 self._resolve(work, work.out)
         return pending[len(chosen):]
+
+    def _timed_forward(self, sequences: list[tuple[int, ...]], tokens: int) -> np.ndarray:
+        """The pass, on the compute thread; its speed sets later passes' share while chat models generate."""
+        start = time.perf_counter()
+        rows = self.native.forward(sequences)
+        rate = tokens / max(time.perf_counter() - start, 1e-6)
+        self.tokens_per_second = rate if not self.tokens_per_second else 0.5 * (self.tokens_per_second + rate)
+        self.passes += 1
+        return rows
 
     def _resolve(self, work: _Work, result: np.ndarray | BaseException) -> None:
         self.requests_finished += 1

@@ -135,3 +135,32 @@ def test_a_loop_that_raises_is_dropped_and_the_thread_keeps_serving() -> None:
     wait_until(lambda: good.work == 0)
     assert len(broken.threads) == 1
     assert compute.call(lambda: 3) == 3
+
+
+def test_contended_is_set_from_before_a_pass_until_a_turn_runs_none() -> None:
+    compute = ComputeThread()
+    seen: list[bool] = []
+
+    class Watching(Loop):
+        def run_pass(self) -> bool:
+            seen.append(compute.contended)  # what another thread reads while this pass delivers
+            return super().run_pass()
+
+    loop = Watching(3)
+    assert not compute.contended
+    compute.attach(loop)
+    wait_until(lambda: loop.work == 0)
+    assert seen == [True, True, True]
+    compute.call(lambda: None)  # runs in a turn where no loop is ready: that turn clears the flag
+    wait_until(lambda: not compute.contended)
+
+
+def test_an_embedding_pass_is_cut_to_its_share_only_while_engine_loops_run() -> None:
+    from backends.llamacpp.embedding import SHARED_PASS_FIRST_TOKENS, SHARED_PASS_SECONDS, pass_budget
+
+    assert pass_budget(1024, False, 0.0) == 1024
+    assert pass_budget(1024, False, 100.0) == 1024
+    assert pass_budget(1024, True, 0.0) == SHARED_PASS_FIRST_TOKENS  # speed not measured yet
+    assert pass_budget(1024, True, 4000.0) == int(4000 * SHARED_PASS_SECONDS)
+    assert pass_budget(1024, True, 1e9) == 1024  # never more than a whole pass
+    assert pass_budget(1024, True, 1.0) == 1  # at least something (and the worker always takes one input)
