@@ -10,7 +10,8 @@ to what a client on another machine would see.
 
 Only what the serving benchmarks need: HTTP/1.1 to a loopback address, one
 request per connection (`Connection: close`), a chunked or close-delimited
-body of `data: ...` frames of /v1/completions (text in `"text"`).
+body of `data: ...` frames of /v1/completions (text in `"text"`) or
+/v1/chat/completions (in `"content"`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ class Sample:
     ttft: float  # seconds from sending the request to the first frame with text
     gaps: list[float]  # seconds between consecutive frames with text
     tokens: int  # completion tokens (from the usage frame, else frames with text)
+
+
+def _has_text(data: bytes) -> bool:
+    """A completion frame with text, or a chat frame with content (not a role-only or finish frame)."""
+    if b'"text":"' in data:
+        return b'"text":""' not in data
+    return b'"content":"' in data and b'"content":""' not in data
 
 
 class _Stream(asyncio.Protocol):
@@ -114,7 +122,7 @@ class _Stream(asyncio.Protocol):
             data = frame[at + 6 :]
             if b'"usage":{' in data:
                 self._usage = json.loads(data)["usage"].get("completion_tokens")
-            if b'"text":"' not in data or b'"text":""' in data:  # a completion frame with no text
+            if not _has_text(data):
                 continue
             if self._first is None:
                 self._first = now

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 import os
 import shutil
 import statistics
@@ -25,12 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from bench.serve import DEFAULT_MODEL, Server, free_port  # noqa: E402
+from harness import DEFAULT_MODEL, Server, free_port  # noqa: E402
+from sse_client import stream_completion  # noqa: E402
 from tests.fixtures.vision import PROJECTOR_NAME, sample_image, write_projector  # noqa: E402
 
 
@@ -72,38 +71,25 @@ def body(i: int, max_tokens: int) -> dict[str, object]:
     }
 
 
-async def one(client: httpx.AsyncClient, base: str, i: int, max_tokens: int) -> tuple[float, int]:
-    start = time.perf_counter()
-    first = None
-    tokens = 0
-    async with client.stream("POST", base + "/v1/chat/completions", json=body(i, max_tokens), timeout=600) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            data = json.loads(line[6:])
-            if data.get("usage"):
-                tokens = data["usage"].get("completion_tokens") or tokens
-            choices = data.get("choices") or []
-            if choices and (choices[0].get("delta") or {}).get("content") and first is None:
-                first = time.perf_counter()
-    return (first or time.perf_counter()) - start, tokens
+async def one(base: str, i: int, max_tokens: int) -> tuple[float, int]:
+    sample = await stream_completion(base, body(i, max_tokens), "/v1/chat/completions")
+    return sample.ttft, sample.tokens
 
 
 async def phase(base: str, concurrency: int, n: int, max_tokens: int, seed: int) -> dict[str, float]:
     ttfts: list[float] = []
     tokens = 0
-    async with httpx.AsyncClient() as client:
-        async def worker(w: int) -> None:
-            nonlocal tokens
-            for k in range(n):
-                t, got = await one(client, base, seed + w * 100 + k, max_tokens)
-                ttfts.append(t)
-                tokens += got
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        wall = time.perf_counter() - start
+    async def worker(w: int) -> None:
+        nonlocal tokens
+        for k in range(n):
+            t, got = await one(base, seed + w * 100 + k, max_tokens)
+            ttfts.append(t)
+            tokens += got
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    wall = time.perf_counter() - start
     return {"tok_s": tokens / wall, "req_s": concurrency * n / wall, "ttft_p50": statistics.median(ttfts)}
 
 

@@ -95,3 +95,15 @@ def test_an_error_status_raises_with_the_status() -> None:
 
     with pytest.raises(StreamError, match="HTTP 503"):
         asyncio.run(run())
+
+
+def test_chat_frames_count_by_their_content() -> None:
+    chat = [
+        b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n\n',  # role only: no token
+        b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\n',
+        b'data: {"choices":[{"delta":{"content":" there"}}]}\n\n',
+        b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    sample = _feed(HEAD + chunked(chat), 9)
+    assert sample.tokens == 2 and len(sample.gaps) == 1
