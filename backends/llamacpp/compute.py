@@ -68,7 +68,7 @@ class ComputeThread:
         self._calls: deque[_Call] = deque()
         self._loops: list[EngineLoop] = []
         self._wake = threading.Event()
-        self.contended = False  # an engine loop ran a pass in the thread's last turn (read from any thread)
+        self.contended = False  # from the start of a pass until a turn runs none (read from any thread)
         self._thread = threading.Thread(target=self._serve, name="llamacpp-compute", daemon=True)
         self._thread.start()
         self.ident = self._thread.ident
