@@ -31,3 +31,41 @@ def test_limit_is_output_tokens_over_prefill_plus_decode_time():
     row = raw_limit.parse(TABLE)[1]
     # 16 clients x 128 tokens in 22.2 s of llama.cpp's own compute
     assert row.output_tok_s == pytest.approx(16 * 128 / 22.2)
+
+
+def _round(parley: float, peer: float, limit: float) -> dict[str, dict]:
+    """One round's results for one cell (prefill-heavy, 4 clients) and the cold prompts."""
+    import serve
+
+    def server(tok_s: float) -> dict:
+        phase = {"tok_s": tok_s, "ttft_p50": 0.5, "ttft_p99": 0.9, "itl_p50": 0.01, "errors": 0, "tokens": 512}
+        return {"rss_idle": 600.0, "rss_loaded": 700.0, "cold": {500: 1.5, 1500: 5.0},
+                "prefix": {"ttft_first": 5.0, "ttft_second": 0.05, "ratio": 0.01},
+                **{wl.name: {4: phase} for wl in serve.WORKLOADS}}
+
+    row = raw_limit.LimitRow(4, 176, 128, t_pp=2.0, s_pp=352.0, t_tg=512 / limit - 2.0, s_tg=100.0)
+    return {"parley": server(parley), "llama-server": server(peer),
+            serve.LIMIT: {**{wl.name: {4: row} for wl in serve.WORKLOADS}, "cold": {500: 1.4, 1500: 4.8}}}
+
+
+def test_serve_report_pairs_every_ratio_within_its_round():
+    """A machine twice as fast in round 2 moves both servers and the limit alike: the paired ratios hold."""
+    import serve
+
+    rounds = [_round(80.0, 100.0, 100.0), _round(180.0, 200.0, 200.0), _round(90.0, 100.0, 100.0)]
+    results = {name: [r[name] for r in rounds] for name in rounds[0]}
+    med = {name: serve.merge_rounds(results[name]) for name in ("parley", "llama-server")}
+    text = serve.report(["parley", "llama-server"], med, results, {wl.name: 176 for wl in serve.WORKLOADS})
+    parley_row = next(line for line in text.splitlines() if line.startswith("| parley | 4 |"))
+    cells = [c.strip() for c in parley_row.strip("|").split("|")]
+    # tok/s median 90; limit median 100; of limit median(0.8, 0.9, 0.9); vs peer median(0.8, 0.9, 0.9)
+    assert cells[2] == "90.0" and cells[7] == "100.0" and cells[8] == "0.90" and cells[9] == "0.90x"
+    assert "raw prefill bound ms (500 / 1,500)" in text and "| 1400 / 4800 |" in text
+
+
+def test_serve_measures_the_limit_between_the_servers():
+    import serve
+
+    a, b = object(), object()
+    assert serve.between([a, b], print) == [a, print, b]
+    assert serve.between([a], print) == [a, print]
