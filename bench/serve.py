@@ -74,10 +74,11 @@ async def prefix_phase(base: str, seed: int) -> dict[str, float]:
     return {"ttft_first": a.ttft, "ttft_second": b.ttft, "ratio": b.ttft / a.ttft}
 
 
-def between(servers: list[Server], limit: Callable[[], None]) -> list[Server | Callable[[], None]]:
-    """A cell's running order: the servers, with the measurement of the cell's limit in the middle."""
+def between(servers: list[Server], limit: Callable[[], None] | None) -> list[Server | Callable[[], None]]:
+    """A cell's running order: the servers, with the measurement of the cell's limit (if any) in the middle."""
     order: list[Server | Callable[[], None]] = list(servers)
-    order.insert(max(1, len(order) // 2), limit)
+    if limit is not None:
+        order.insert(max(1, len(order) // 2), limit)
     return order
 
 
@@ -97,7 +98,7 @@ async def bench_round(servers: list[Server], args: argparse.Namespace, rnd: int,
                 limits.setdefault(wl.name, {})[c] = row
                 print(f"  limit {wl.name} c={c}: {row.output_tok_s:.1f} tok/s", flush=True)
 
-            for step in between(servers, limit) if not args.no_limit else servers:
+            for step in between(servers, None if args.no_limit else limit):
                 if not isinstance(step, Server):
                     step()
                     continue
@@ -112,7 +113,7 @@ async def bench_round(servers: list[Server], args: argparse.Namespace, rnd: int,
         def cold_limit(tokens: int = tokens) -> None:
             limits["cold"][tokens] = raw_limit.measure(args.model, args.threads, args.ctx, tokens, 1, [1])[1].t_pp
 
-        for step in between(servers, cold_limit) if not args.no_limit else servers:
+        for step in between(servers, None if args.no_limit else cold_limit):
             if not isinstance(step, Server):
                 step()
                 continue
@@ -134,10 +135,6 @@ async def bench_round(servers: list[Server], args: argparse.Namespace, rnd: int,
     if not args.no_limit:
         out[LIMIT] = limits
     return out
-
-
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b > 0 else ""
 
 
 def paired(results: dict[str, list[dict[str, object]]], a: str, b: str, pick_a, pick_b=None) -> float:

