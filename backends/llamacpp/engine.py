@@ -44,6 +44,7 @@ from backends.base import (
     MediaPrompt,
 )
 from backends.engine_thread import Inbox, InboxClosed, InboxFull, RequestHandle, Submit, call_on_thread
+from backends.llamacpp import fastdraw
 from backends.llamacpp.compute import ComputeThread
 from backends.llamacpp.job import Job
 from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraError, LoraKey, lora_key
@@ -69,9 +70,13 @@ class LlamaCppEngine(GgufText, Engine):
             self.info.modalities = ("text", "vision")
         compute = ComputeThread.shared()
         self._inbox = Inbox(capacity=native.n_slots + options.max_queue, wake=compute.wake)
+        kernel = fastdraw.load()
+        if kernel is None:
+            logger.info("Sampling plain-temperature requests with numpy: the compiled sampler is not built "
+                        "(`python -m backends.llamacpp.fastdraw` builds it; start.sh does).")
         self._scheduler = Scheduler(
             native, self._inbox, self._adapters, self._drafter, options.draft_max_tokens, encoder=self._encoder,
-            draft_adaptive=options.draft_adaptive,
+            draft_adaptive=options.draft_adaptive, draw_kernel=kernel,
         )
         compute.attach(self._scheduler)
 

@@ -24,6 +24,7 @@ from backends.engine_thread import (
     Cancel, Command, Inbox, InboxClosed, Message, RequestHandle, Submit, deliver_all, timed_usage,
 )
 from backends.llamacpp.admission import choose_slot, should_wait_for_sharer
+from backends.llamacpp.fastdraw import DrawKernel
 from backends.llamacpp.job import Job, Slot, SlotState
 from backends.llamacpp.lora import NO_LORA, AdapterStore, LoraKey
 from backends.llamacpp.media import MediaFeeder, text_end
@@ -52,8 +53,10 @@ class Scheduler:
         draft_max: int,
         encoder: ImageEncoder | None = None,
         draft_adaptive: bool = True,
+        draw_kernel: DrawKernel | None = None,
     ) -> None:
         self.native = native
+        self._draw_kernel = draw_kernel  # the compiled draw for plain-temperature chains (None: numpy)
         self._media = (  # images: None when the model has no projector
             MediaFeeder(encoder, native.n_batch, self._run_between_steps, self._fail_image) if encoder else None
         )
@@ -271,7 +274,8 @@ class Scheduler:
         job.t_admit = time.perf_counter()
         n = self.native
         job.chain = build_chain(
-            job.params, vocab=n.vocab, n_vocab=n.n_vocab, n_ctx=n.n_ctx, eog_tokens=n.eog_tokens
+            job.params, vocab=n.vocab, n_vocab=n.n_vocab, n_ctx=n.n_ctx, eog_tokens=n.eog_tokens,
+            kernel=self._draw_kernel,
         )
 
     def _step(self) -> None:
