@@ -145,6 +145,7 @@ class Inbox:
         self._cv = threading.Condition(threading.Lock())
         self._messages: deque[Any] = deque()
         self._closed = False
+        self.failure: str | None = None  # why the engine thread stopped, when it failed rather than closed
         self._capacity = capacity  # most requests queued or running at once
         self._outstanding = 0  # submitted and not yet finished
 
@@ -181,7 +182,17 @@ class Inbox:
                 code="server_busy",
             ) from None
         except InboxClosed:
-            raise ModelNotLoadedError(f"Model '{model}' is unloading. Load a model and retry.") from None
+            raise self.refusal(model) from None
+
+    def refusal(self, model: str) -> ServiceUnavailableError:
+        """What a request posted after the close gets: the engine failed, or the model is unloading."""
+        if self.failure is not None:
+            return ServiceUnavailableError(
+                f"Model '{model}' stopped serving after an engine failure ({self.failure}). Reload it "
+                "(POST /v1/model/load, or unload it and send the request again); the server log has the traceback.",
+                code="engine_failed",
+            )
+        return ModelNotLoadedError(f"Model '{model}' is unloading. Load a model and retry.")
 
     def cancel(self, handle: RequestHandle) -> None:
         """Post `Cancel(handle)`; nothing once closed (the thread ends every request as it stops)."""
@@ -218,12 +229,16 @@ class Inbox:
         with self._cv:
             self._outstanding -= 1
 
-    def close(self) -> bool:
-        """Refuse further posts and wake the engine thread; False when already closed."""
+    def close(self, failure: str | None = None) -> bool:
+        """Refuse further posts and wake the engine thread; False when already closed.
+
+        `failure`: the engine thread stopped on this error, which later posts are told (see `refusal`).
+        """
         with self._cv:
             if self._closed:
                 return False
             self._closed = True
+            self.failure = failure
             self._cv.notify()
         if self._wake is not None:
             self._wake()
@@ -262,7 +277,7 @@ async def call_on_thread(inbox: Inbox, command: Callable[[], object], model: str
     try:
         inbox.post(Command(run, abandon))
     except InboxClosed:
-        raise ModelNotLoadedError(f"Model '{model}' is unloading. Load a model and retry.") from None
+        raise inbox.refusal(model) from None
     return await done
 
 

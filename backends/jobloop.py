@@ -100,7 +100,7 @@ class JobLoop:
                 self._deliver()
         except Exception as exc:  # noqa: BLE001 - the engine must report, not vanish
             logger.exception("generator loop failed")
-            failed = f"The engine failed: {exc}. Reload the model."
+            failed = f"{type(exc).__name__}: {exc}"
         self._shut_down(failed)
 
     def _on_message(self, message: Message) -> None:
@@ -179,10 +179,10 @@ class JobLoop:
         deliver_all(outbox.items())
 
     def _shut_down(self, failed: str | None) -> None:
-        self.inbox.close()
+        self.inbox.close(failure=failed)
         left = self.inbox.drain()
         reason = FinishReason.ERROR if failed else FinishReason.UNLOAD
-        message = failed or "The model was unloaded."
+        message = f"The engine failed: {failed}. Reload the model." if failed else "The model was unloaded."
         for entry in list(self._entries.values()):
             try:
                 self.generator.cancel(entry.job)

@@ -53,7 +53,7 @@ from backends.llamacpp.native import LOG_CALLBACK, GgufText, NativeModel
 from backends.llamacpp.sampler import UNSUPPORTED
 from backends.llamacpp.scheduler import Scheduler
 from backends.llamacpp.speculative import Drafter, make_drafter
-from common.errors import BadRequestError, ModelNotLoadedError, ServiceUnavailableError
+from common.errors import BadRequestError, ServiceUnavailableError
 
 
 class LlamaCppEngine(GgufText, Engine):
@@ -70,6 +70,7 @@ class LlamaCppEngine(GgufText, Engine):
             self.info.modalities = ("text", "vision")
         compute = ComputeThread.shared()
         self._inbox = Inbox(capacity=native.n_slots + options.max_queue, wake=compute.wake)
+        self._closing = False
         kernel = fastdraw.load()
         if kernel is None:
             logger.info("Sampling plain-temperature requests with numpy: the compiled sampler is not built "
@@ -119,7 +120,7 @@ class LlamaCppEngine(GgufText, Engine):
                 code="server_busy",
             ) from None
         except InboxClosed:
-            raise ModelNotLoadedError(f"Model '{self.info.name}' is unloading. Load a model and retry.") from None
+            raise self._inbox.refusal(self.info.name) from None
         return handle
 
     def stats(self) -> EngineStats:
@@ -148,8 +149,11 @@ class LlamaCppEngine(GgufText, Engine):
             ) from None
 
     async def close(self) -> None:
-        if not self._inbox.close():
+        # The inbox may be closed already by a failed scheduler: the model and context still need freeing.
+        if self._closing:
             return
+        self._closing = True
+        self._inbox.close()
         await asyncio.to_thread(self._scheduler.ended.wait)
         if self._encoder is not None:
             await asyncio.to_thread(self._encoder.close)

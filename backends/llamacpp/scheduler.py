@@ -97,7 +97,7 @@ class Scheduler:
             return True
         except Exception as exc:  # noqa: BLE001 - the engine must report, not vanish
             logger.exception("llama.cpp scheduler failed")
-            self._inbox.close()
+            self._inbox.close(failure=f"{type(exc).__name__}: {exc}")
             self._shut_down(FinishReason.ERROR, f"The engine failed: {exc}. Reload the model.")
             return False
 
@@ -213,25 +213,37 @@ class Scheduler:
             if not free:
                 break
             job = self._waiting.popleft()
-            if should_wait_for_sharer(job, self.slots):
-                job.state = SlotState.WAITING_FOR_SHARER
-                deferred.append(job)
-                continue
-            job.state = SlotState.QUEUED
-            slot, own, source, shared = choose_slot(job, free, self.slots)
-            # A copied prefix is in the cache already (sources are never parked); a parked own prefix comes back in.
-            if source is not None and shared > own:
-                need = len(job.context) - shared
-            else:
-                need = len(job.context) - (own if slot.parked is None else 0)
-            if job.preempted and self._has_active():
-                # It ran the cache full once: come back only when everyone can finish.
-                need += job.remaining + sum(s.job.remaining for s in self.slots if s.job is not None)
-            if not self._make_room(need, slot):
-                self._waiting.appendleft(job)
+            try:
+                placed = self._admit_one(job, free, deferred)
+            except BaseException:  # back in the queue unless placed, so that the shutdown that follows ends it
+                if job.slot is None and job not in deferred:
+                    self._waiting.appendleft(job)
+                raise
+            if not placed:
                 break
-            self._place(job, slot, own, source, shared)
         self._waiting.extendleft(reversed(deferred))
+
+    def _admit_one(self, job: Job, free: list[Slot], deferred: list[Job]) -> bool:
+        """Place `job` in one of the `free` slots, or defer it; False (job back in front) when the cache is full."""
+        if should_wait_for_sharer(job, self.slots):
+            job.state = SlotState.WAITING_FOR_SHARER
+            deferred.append(job)
+            return True
+        job.state = SlotState.QUEUED
+        slot, own, source, shared = choose_slot(job, free, self.slots)
+        # A copied prefix is in the cache already (sources are never parked); a parked own prefix comes back in.
+        if source is not None and shared > own:
+            need = len(job.context) - shared
+        else:
+            need = len(job.context) - (own if slot.parked is None else 0)
+        if job.preempted and self._has_active():
+            # It ran the cache full once: come back only when everyone can finish.
+            need += job.remaining + sum(s.job.remaining for s in self.slots if s.job is not None)
+        if not self._make_room(need, slot):
+            self._waiting.appendleft(job)
+            return False
+        self._place(job, slot, own, source, shared)
+        return True
 
     def _make_room(self, need: int, target: Slot) -> bool:
         """Evict idle cached prefixes (least recently used first) until `need` cells fit."""

@@ -256,7 +256,7 @@ class Batcher:
 
     def shut_down(self, failed: bool) -> None:
         """The manager's thread ended (closed, or it failed): end whatever is left."""
-        self.inbox.close()
+        self.inbox.close(failure="transformers' generation loop stopped on its own" if failed else None)
         for message in self.inbox.drain():
             if isinstance(message, Submit):
                 self.waiting.append(message.job)
