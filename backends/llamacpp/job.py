@@ -10,6 +10,7 @@ import ctypes
 import enum
 import time
 from collections import deque
+from collections.abc import Callable
 
 import llama_cpp as lc
 import numpy as np
@@ -123,6 +124,25 @@ class Job:
         )
 
 
+class ParkedKV:
+    """One sequence's KV in host memory: the first `size` bytes of `buffer` (parking.py makes these).
+
+    `release` hands the buffer back to whoever lent it, so that the next park reuses memory already
+    mapped instead of faulting in fresh pages.
+    """
+
+    __slots__ = ("buffer", "size", "_give_back")
+
+    def __init__(self, buffer: ctypes.Array[ctypes.c_uint8], size: int,
+                 give_back: Callable[[ctypes.Array[ctypes.c_uint8]], None]) -> None:
+        self.buffer = buffer
+        self.size = size
+        self._give_back = give_back
+
+    def release(self) -> None:
+        self._give_back(self.buffer)
+
+
 class Slot:
     """One KV sequence: the tokens it holds and, for exact reuse, the logits its last prompt gave."""
 
@@ -138,9 +158,9 @@ class Slot:
         # A later request with the same prompt samples its first token from them instead of
         # recomputing the last prompt token in another batch shape (which rounds differently).
         self.saved: tuple[int, np.ndarray] | None = None
-        # (buffer, size): the sequence's KV copied to host memory while the slot idles (parking.py);
+        # The sequence's KV copied to host memory while the slot idles (parking.py);
         # `tokens` still says what it holds, and no cell of the cache does.
-        self.parked: tuple[ctypes.Array[ctypes.c_uint8], int] | None = None
+        self.parked: ParkedKV | None = None
 
     @property
     def state(self) -> SlotState:
@@ -153,6 +173,7 @@ class Slot:
         A parked prefix is restored before any request uses it, so cutting one drops it whole.
         """
         if self.parked is not None:
+            self.parked.release()
             self.parked = None
             n = 0
         if n > 0 and lc.llama_memory_seq_rm(mem, self.seq, n, -1):

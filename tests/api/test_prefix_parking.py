@@ -105,3 +105,22 @@ async def test_parked_prefixes_never_hold_more_tokens_than_the_cache(engine: Lla
     _, fin = await run(engine, prompts[-2], max_tokens=2)
     assert fin.usage.cached_tokens == len(prompts[-2])
     engine.check_consistency()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_park_reuses_the_host_buffer_a_restored_prefix_left(engine: LlamaCppEngine) -> None:
+    await engine.clear_cache()
+    parking = engine._scheduler._parking
+    first = prompt(engine, 6, "How many ships passed?")
+    other = prompt(engine, 5, "What do they bake?", OTHER)
+    await run(engine, first)
+    await run(engine, other)  # parks the first prefix in a fresh buffer
+    reused = parking.buffers.reused_count
+    # The first prefix comes back (its buffer is freed for reuse), and the other one is parked into that buffer.
+    _, fin = await run(engine, first)
+    assert fin.usage.cached_tokens == len(first)
+    assert parking.buffers.reused_count == reused + 1
+    # And the prefix parked in the reused buffer is intact: it comes back whole.
+    _, fin = await run(engine, other)
+    assert fin.usage.cached_tokens == len(other)
+    engine.check_consistency()
