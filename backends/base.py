@@ -232,6 +232,7 @@ class EngineStats:
     tokens_generated: int = 0
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
+    failure: str | None = None  # the error that stopped the engine's thread; it serves nothing until reloaded
 
 
 class GenerationHandle(abc.ABC):

@@ -85,6 +85,7 @@ class JobLoop:
             kv_cells_used=0,
             requests_finished=self.finished_count,
             tokens_generated=self.generated_count,
+            failure=self.inbox.failure,
         )
 
     # -- the loop's thread -----------------------------------------------------------------

@@ -188,6 +188,7 @@ class Scheduler:
             tokens_generated=self.generated_count,
             draft_tokens=self._spec.drafted_count if self._spec else 0,
             accepted_draft_tokens=self._spec.accepted_count if self._spec else 0,
+            failure=self._inbox.failure,
         )
 
     # -- admission -------------------------------------------------------------

@@ -283,4 +283,5 @@ class Batcher:
             kv_cells_used=used,
             requests_finished=self.finished_count,
             tokens_generated=self.generated_count,
+            failure=self.inbox.failure,
         )

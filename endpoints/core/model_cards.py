@@ -109,7 +109,8 @@ async def model_list(models: ModelManager, *, whole_directory: bool) -> list[dic
 def health_entry(model: LoadedModel) -> dict[str, Any]:
     st = model.engine.stats()
     return {
-        "state": "loaded",
+        "state": "failed" if st.failure else "loaded",
+        "failure": st.failure,
         "active_requests": model.active,
         "idle_seconds": round(model.idle_seconds(), 1),
         "keep_alive": model.keep_alive,

@@ -61,6 +61,11 @@ async def health(request: Request, models: ModelManager = Depends(get_models)) -
         issues.append({"time": _now(), "description": "A model is loading."})
     elif not models.loaded and not models.idle_unloaded:
         issues.append({"time": _now(), "description": "No model is loaded; POST /v1/model/load."})
+    for name, entry in entries.items():
+        if entry.get("failure"):
+            status = "unhealthy" if status == "healthy" else status
+            issues.append({"time": _now(), "description": f"Model '{name}' stopped after an engine failure "
+                           f"({entry['failure']}); reload it with POST /v1/model/load, or restart the server."})
     code = 503 if status != "healthy" else 200
     # Live asyncio tasks: flat when idle; a count that grows with traffic is a leak (the soak test watches it).
     tasks = len(asyncio.all_tasks())

@@ -2,20 +2,24 @@
 
 The failure is made inside admission, where a request is between the queue and
 a slot: it must end like the others, not wait forever. Closing the failed
-engine still frees the model.
+engine still frees the model; over HTTP, /health says which model failed and
+a reload brings it back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from backends.base import Finished, FinishReason, GenerationRequest, LoadOptions
 from backends.llamacpp.engine import LlamaCppEngine
 from backends.sampling import SamplingParams
 from common.errors import ServiceUnavailableError
+from tests.conftest import MODEL_NAME, make_config, wait_loaded
 
 
 async def collect(engine: LlamaCppEngine, tokens: list[int]) -> list[object]:
@@ -57,3 +61,46 @@ async def test_a_failure_while_admitting_ends_the_request_and_is_named_afterward
     finally:
         await engine.close()
     assert freed == [True], "closing a failed engine must still free the model and its context"
+
+
+def test_over_http_a_failed_engine_shows_in_health_refuses_clearly_and_a_reload_recovers(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from endpoints.app import create_app
+
+    config = make_config(tmp_path, model_dir, network={"disable_auth": True})
+    with TestClient(create_app(config)) as client:
+        wait_loaded(client)
+        assert client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+        engine = client.app.state.models.loaded[MODEL_NAME].engine
+
+        def broken(keep: object) -> None:
+            raise RuntimeError("parking broke")
+
+        monkeypatch.setattr(engine._scheduler._parking, "park_idle", broken)
+        # A stream caught by the failure ends with the dialect's error frame, then [DONE].
+        with client.stream("POST", "/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "stream": True}) as r:
+            data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and data[-1] == "[DONE]"
+        assert "parking broke" in json.loads(data[-2])["error"]["message"]
+
+        health = client.get("/health")
+        assert health.status_code == 503
+        body = health.json()
+        assert body["status"] == "unhealthy"
+        assert body["models"][MODEL_NAME]["state"] == "failed"
+        assert "RuntimeError: parking broke" in body["models"][MODEL_NAME]["failure"]
+        assert any("reload it" in issue["description"] for issue in body["issues"])
+
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 503
+        error = r.json()["error"]
+        assert error["code"] == "engine_failed" and "parking broke" in error["message"]
+        assert "POST /v1/model/load" in error["message"]
+
+        with client.stream("POST", "/v1/model/load", json={"model_name": MODEL_NAME}) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1]["status"] == "finished"
+        assert client.get("/health").json()["status"] == "healthy"
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 200
