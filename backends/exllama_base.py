@@ -28,7 +28,7 @@ from backends.hf_vocab import HFVocab, HFVocabText
 from backends.sampling import SamplingParams
 from backends.engine_thread import Command, InboxClosed, RequestHandle, call_on_thread
 from backends.jobloop import JobLoop
-from common.errors import BadRequestError, ModelNotLoadedError
+from common.errors import BadRequestError
 
 PAGE_SIZE = 256  # the paged caches of both libraries allocate whole pages of this many tokens
 
@@ -295,7 +295,7 @@ class JobLoopEngine(HFVocabText, Engine):
         try:
             self._loop.inbox.post(Command(run, failed))
         except InboxClosed:
-            raise ModelNotLoadedError(f"Model '{self.info.name}' is unloading.") from None
+            raise self._loop.inbox.refusal(self.info.name) from None
 
     async def on_loop(self, command: Callable[[], object]) -> object:
         """Run `command` on the generator's thread, between iterations."""
