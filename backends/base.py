@@ -101,6 +101,7 @@ class Finished:
     stop_string: str | None = None
     error: str | None = None
     error_status: int | None = None  # an ERROR the client caused (4xx), e.g. as an upstream server judged it
+    error_code: str | None = None  # with error_status: the machine-readable code clients get
 
 
 Event = TextDelta | Finished

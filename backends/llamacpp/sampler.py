@@ -33,6 +33,17 @@ UNSUPPORTED: frozenset[str] = frozenset({"top_a", "tfs", "smoothing_factor"})
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
 
+class NothingToSample(RuntimeError):
+    """Every token was masked out at a step: the request's own constraints leave nothing (its fault, not the engine's)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Every token was masked out at this step, so nothing is left to sample: allowed_tokens, banned_tokens, "
+            "logit_bias, the grammar or JSON schema, banned strings and min_tokens (which forbids ending) together "
+            "exclude the whole vocabulary. Relax one of them."
+        )
+
+
 _BLOCK = 256  # DirectSampler finds a token by cumulative sums over blocks, then within one block
 # Peaks (of logits / temperature) for which exp runs on the values as they are, saving one pass:
 # no overflow (e^80 * 49k fits a float64 sum), and what underflows weighs under e^-67 of the peak.
@@ -72,7 +83,7 @@ class DirectSampler:
             u = self._rng.random() if self._inv_temp else 0.0
             token = self._kernel.draw(logits, self._inv_temp, self._cbias, self._sums, u)
             if token < 0:
-                raise RuntimeError("every token was masked out; nothing is left to sample")
+                raise NothingToSample
             return token
         return self._sample_numpy(logits)
 
@@ -90,7 +101,7 @@ class DirectSampler:
         top = int(z.argmax())
         peak = float(z[top])
         if not math.isfinite(peak):
-            raise RuntimeError("every token was masked out; nothing is left to sample")
+            raise NothingToSample
         if not self._inv_temp:
             return top
         # exp needs no shift by the peak while it can neither overflow nor lose a token that matters:
@@ -148,7 +159,7 @@ class SamplerChain:
         )
         lc.llama_sampler_apply(self.ptr, ctypes.byref(candidates))
         if not 0 <= candidates.selected < candidates.size:
-            raise RuntimeError("the llama.cpp sampler chain selected no token")
+            raise NothingToSample
         token = int(candidates.data[candidates.selected].id)
         lc.llama_sampler_accept(self.ptr, token)
         return token

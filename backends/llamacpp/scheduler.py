@@ -31,7 +31,7 @@ from backends.llamacpp.media import MediaFeeder, text_end
 from backends.llamacpp.mtmd import ImageEncoder
 from backends.llamacpp.native import NativeBatch, NativeModel
 from backends.llamacpp.parking import Parking
-from backends.llamacpp.sampler import build_chain
+from backends.llamacpp.sampler import NothingToSample, build_chain
 from backends.llamacpp.speculation import Speculation
 from backends.llamacpp.speculative import Drafter
 from backends.logprobs import log_softmax, token_logprob
@@ -445,7 +445,20 @@ class Scheduler:
         logger.debug("KV cache full: preempted {} to recompute later", job.request.request_id)
 
     def _sample(self, job: Job, idx: int) -> None:
-        """Sample the job's next token from batch row `idx`, or from its saved logits (idx -1)."""
+        """Sample the job's next token from batch row `idx`, or from its saved logits (idx -1).
+
+        A failure here is the request's own: it ends that request, never the engine's other requests.
+        """
+        try:
+            self._sample_token(job, idx)
+        except NothingToSample as exc:
+            self._finish(job, FinishReason.ERROR, error=str(exc), error_status=400, error_code="nothing_to_sample")
+        except Exception as exc:  # noqa: BLE001 - one request's sampling must not stop the engine
+            logger.exception("{}: sampling failed", job.request.request_id)
+            self._finish(job, FinishReason.ERROR, error=f"Sampling failed for this request ({type(exc).__name__}: "
+                         f"{exc}). Retry it; if it fails again, report it with the request body.")
+
+    def _sample_token(self, job: Job, idx: int) -> None:
         assert job.chain is not None and job.slot is not None
         params = job.params
         logprobs = None
@@ -542,6 +555,8 @@ class Scheduler:
         *,
         stop_string: str | None = None,
         error: str | None = None,
+        error_status: int | None = None,
+        error_code: str | None = None,
     ) -> None:
         """End the job (wherever it is: the caller takes a waiting job out of the queue)."""
         if job.state is SlotState.DONE:
@@ -567,7 +582,9 @@ class Scheduler:
         )
         self.finished_count += 1
         self._inbox.retire()
-        self._outbox.setdefault(job, []).append(Finished(reason, usage, stop_string=stop_string, error=error))
+        self._outbox.setdefault(job, []).append(
+            Finished(reason, usage, stop_string=stop_string, error=error, error_status=error_status, error_code=error_code)
+        )
 
     def _deliver(self) -> None:
         """Hand this pass's events to their event loops: one call per loop."""

@@ -128,7 +128,8 @@ class Generation:
         if finish.reason is FinishReason.ERROR and finish.error_status == 503:
             return ServiceUnavailableError(finish.error or "The engine is busy. Retry shortly.", retry_after=2)
         if finish.reason is FinishReason.ERROR and finish.error_status is not None:
-            return APIError(finish.error or "The request was refused.", status=finish.error_status, code="upstream_refused")
+            return APIError(finish.error or "The request was refused.", status=finish.error_status,
+                            code=finish.error_code or "upstream_refused")
         if finish.reason is FinishReason.ERROR:
             return EngineError(
                 finish.error or "The engine failed while generating. Retry the request; reload the model if it persists."
@@ -210,6 +211,12 @@ def _check_token_ids(params: SamplingParams, n_vocab: int, known: bool = True) -
                 "look ids up with /v1/token/encode.",
                 param=name,
             )
+    if params.allowed_tokens and set(params.allowed_tokens) <= set(params.banned_tokens):
+        raise BadRequestError(
+            "Every token in 'allowed_tokens' is also in 'banned_tokens', so nothing could be sampled. "
+            "Remove the overlap from one of them.",
+            param="allowed_tokens",
+        )
 
 
 def _fit(

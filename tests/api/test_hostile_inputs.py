@@ -486,6 +486,26 @@ def test_unknown_routes_answer_in_shape(app_env: tuple[TestClient, Keys]) -> Non
     assert r.status_code == 405 and "DELETE" in error_text(r, OPENAI)
 
 
+def test_constraints_that_leave_nothing_to_sample_end_only_that_request(app_env: tuple[TestClient, Keys]) -> None:
+    client, keys = app_env
+    # Visible in the request itself: refused before it starts, naming the field.
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "allowed_tokens": [5],
+                                             "banned_tokens": [5, 6]}, headers=headers(keys))
+    assert "allowed_tokens" in error_text(r, OPENAI)
+    # Visible only while sampling: the end of turn is the one token allowed, and min_tokens forbids ending.
+    body = {"prompt": "Hi", "max_tokens": 4, "min_tokens": 2, "allowed_tokens": [2]}
+    r = client.post("/v1/completions", json=body, headers=headers(keys))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "nothing_to_sample"
+    assert "min_tokens" in r.json()["error"]["message"]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}, headers=headers(keys)) as s:
+        data = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]" and "nothing is left to sample" in json.loads(data[-2])["error"]["message"]
+    # The engine serves on, for everyone.
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=headers(keys))
+    assert r.status_code == 200
+    assert client.get("/health").json()["models"][MODEL_NAME]["state"] == "loaded"
+
+
 # -- still serving -------------------------------------------------------------------------------
 def test_still_serving_after_the_battery(app_env: tuple[TestClient, Keys]) -> None:
     client, keys = app_env
