@@ -1,4 +1,4 @@
-"""`SamplingParams`: every generation knob once, with its bounds.
+"""`SamplingParams`: every generation knob once, with its bounds; `NothingToSample` when they exclude every token.
 
 Each API's `mapping.py` builds one of these from its own field names; each
 backend's `sampler.py` turns it into native settings. Defaults are neutral
@@ -15,6 +15,17 @@ from typing import Any
 from common.errors import BadRequestError
 
 DEFAULT_DRY_BREAKERS: tuple[str, ...] = ("\n", ":", '"', "*")
+
+
+class NothingToSample(RuntimeError):
+    """Every token was masked out at a step: the request's own constraints leave nothing (its fault, not the engine's)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Every token was masked out at this step, so nothing is left to sample: allowed_tokens, banned_tokens, "
+            "logit_bias, the grammar or JSON schema, banned strings and min_tokens (which forbids ending) together "
+            "exclude the whole vocabulary. Relax one of them."
+        )
 
 
 @dataclass(frozen=True)

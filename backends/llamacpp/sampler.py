@@ -24,24 +24,13 @@ import llama_cpp as lc
 import numpy as np
 
 from backends.llamacpp.fastdraw import DrawBias, DrawKernel, block_sums
-from backends.sampling import SamplingParams
+from backends.sampling import NothingToSample, SamplingParams
 
 # Knobs with no native llama.cpp sampler: accepted, logged, not applied.
 UNSUPPORTED: frozenset[str] = frozenset({"top_a", "tfs", "smoothing_factor"})
 
 # llama_token_data: (id, logit, p), as the C struct lays it out.
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
-
-
-class NothingToSample(RuntimeError):
-    """Every token was masked out at a step: the request's own constraints leave nothing (its fault, not the engine's)."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "Every token was masked out at this step, so nothing is left to sample: allowed_tokens, banned_tokens, "
-            "logit_bias, the grammar or JSON schema, banned strings and min_tokens (which forbids ending) together "
-            "exclude the whole vocabulary. Relax one of them."
-        )
 
 
 _BLOCK = 256  # DirectSampler finds a token by cumulative sums over blocks, then within one block

@@ -31,10 +31,11 @@ from backends.llamacpp.media import MediaFeeder, text_end
 from backends.llamacpp.mtmd import ImageEncoder
 from backends.llamacpp.native import NativeBatch, NativeModel
 from backends.llamacpp.parking import Parking
-from backends.llamacpp.sampler import NothingToSample, build_chain
+from backends.llamacpp.sampler import build_chain
 from backends.llamacpp.speculation import Speculation
 from backends.llamacpp.speculative import Drafter
 from backends.logprobs import log_softmax, token_logprob
+from backends.sampling import NothingToSample
 from backends.text_stream import Release, Rewind, StopHit, text_delta
 
 # Rewinds for banned strings one request may make before it is ended.

@@ -34,10 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from loguru import logger
 
 from backends.base import EngineStats, Event, Finished, FinishReason
 from backends.engine_thread import Cancel, Inbox, RequestHandle, Submit, deliver_all, timed_usage
 from backends.logprobs import log_softmax, token_logprob
+from backends.sampling import NothingToSample
 from backends.text_stream import Release, StopHit, text_delta
 from backends.transformers.job import TfJob
 from backends.transformers.sampler import RowSampler
@@ -182,7 +184,16 @@ class Batcher:
             if job is None or job.done:
                 continue
             row = scores[indices[i]]
-            token = self._sample(job, row)
+            try:
+                token = self._sample(job, row)
+            except NothingToSample as exc:  # this request's own constraints: it ends, the batch goes on
+                self._finish(job, FinishReason.ERROR, error=str(exc), error_status=400, error_code="nothing_to_sample")
+                token = None
+            except Exception as exc:  # noqa: BLE001 - one request's sampling must not stop the loop
+                logger.exception("{}: sampling failed", job.rid)
+                self._finish(job, FinishReason.ERROR, error=f"Sampling failed for this request "
+                             f"({type(exc).__name__}: {exc}). Retry it; if it fails again, report it with the request.")
+                token = None
             if token is not None:
                 row.fill_(-math.inf)
                 row[token] = 0.0
@@ -233,7 +244,7 @@ class Batcher:
             self._outbox.setdefault(job, []).append(delta)
 
     def _finish(self, job: TfJob, reason: FinishReason, *, stop_string: str | None = None,
-                error: str | None = None) -> None:
+                error: str | None = None, error_status: int | None = None, error_code: str | None = None) -> None:
         if job.done:
             return
         job.done = True
@@ -246,7 +257,9 @@ class Batcher:
         usage = timed_usage(job.n_prompt, job.n_generated, job.t_submit, job.t_admit, job.t_first)
         self.finished_count += 1
         self.inbox.retire()
-        self._outbox.setdefault(job, []).append(Finished(reason, usage, stop_string=stop_string, error=error))
+        self._outbox.setdefault(job, []).append(
+            Finished(reason, usage, stop_string=stop_string, error=error, error_status=error_status, error_code=error_code)
+        )
 
     def _deliver(self) -> None:
         if not self._outbox:

@@ -25,7 +25,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from backends.sampling import SamplingParams
+from backends.sampling import NothingToSample, SamplingParams
 
 UNSUPPORTED: frozenset[str] = frozenset({
     "frequency_penalty", "presence_penalty", "dry_multiplier", "xtc_probability", "mirostat_mode",
@@ -97,6 +97,8 @@ class RowSampler:
             window = history[-self.history_window:] if self.history_window else history
             ids = torch.tensor([window or [0]], dtype=torch.long, device=scores.device)
             scores = self.processors(ids, scores)
+        if not bool(torch.isfinite(scores).any()):
+            raise NothingToSample
         if self.greedy:
             return int(torch.argmax(scores, dim=-1).item())
         probs = torch.softmax(scores, dim=-1)

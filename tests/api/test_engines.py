@@ -192,6 +192,24 @@ async def test_banned_strings_are_avoided_or_refused(engine: Engine) -> None:
     assert banned.lower() not in text.lower()
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+async def test_constraints_that_leave_nothing_to_sample_end_only_that_request(engine: Engine, temperature: float) -> None:
+    if engine.info.backend not in ("llamacpp", "transformers"):
+        pytest.skip("exllama samples inside its library's generator, for every job at once: a failing step "
+                    "cannot be pinned on one request there")
+    tokens = prompt(engine, QUESTION)
+    # The end of turn is the only token allowed, and min_tokens forbids ending: nothing is left.
+    _, _, fin = await run(engine, tokens, max_tokens=4, min_tokens=2, allowed_tokens=(engine.info.eos_token_id,),
+                          temperature=temperature)
+    assert fin.reason is FinishReason.ERROR
+    assert fin.error_status == 400 and fin.error_code == "nothing_to_sample"
+    assert fin.error is not None and "min_tokens" in fin.error
+    # The engine serves the next request.
+    text, _, fin = await run(engine, tokens, max_tokens=4)
+    assert fin.reason in (FinishReason.STOP, FinishReason.LENGTH) and engine.stats().failure is None
+    await wait_idle(engine)
+
+
 # -- the real transformers engine against llama.cpp ------------------------------------------------
 needs_smollm2 = pytest.mark.skipif(bool(REAL), reason="the GPU check runs the contract only")
 
