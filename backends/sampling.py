@@ -1,4 +1,4 @@
-"""`SamplingParams`: every generation knob once, with its bounds; `NothingToSample` when they exclude every token.
+"""`SamplingParams`: every generation knob once, with its bounds; how a request whose sampling fails ends.
 
 Each API's `mapping.py` builds one of these from its own field names; each
 backend's `sampler.py` turns it into native settings. Defaults are neutral
@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any
+
+from loguru import logger
 
 from common.errors import BadRequestError
 
@@ -26,6 +28,17 @@ class NothingToSample(RuntimeError):
             "logit_bias, the grammar or JSON schema, banned strings and min_tokens (which forbids ending) together "
             "exclude the whole vocabulary. Relax one of them."
         )
+
+
+def sampling_failure(exc: Exception, request_id: str) -> dict[str, Any]:
+    """How a request whose sampling raised `exc` ends, as keyword arguments for its Finished: by its own
+    constraints (400 nothing_to_sample), or by an unexpected error (logged with its traceback). Either way
+    only that request ends; the engine serves on."""
+    if isinstance(exc, NothingToSample):
+        return {"error": str(exc), "error_status": 400, "error_code": "nothing_to_sample"}
+    logger.opt(exception=exc).error("{}: sampling failed", request_id)
+    return {"error": f"Sampling failed for this request ({type(exc).__name__}: {exc}). Retry it; "
+                     "if it fails again, report it with the request body."}
 
 
 @dataclass(frozen=True)

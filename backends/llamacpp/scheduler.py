@@ -35,7 +35,7 @@ from backends.llamacpp.sampler import build_chain
 from backends.llamacpp.speculation import Speculation
 from backends.llamacpp.speculative import Drafter
 from backends.logprobs import log_softmax, token_logprob
-from backends.sampling import NothingToSample
+from backends.sampling import sampling_failure
 from backends.text_stream import Release, Rewind, StopHit, text_delta
 
 # Rewinds for banned strings one request may make before it is ended.
@@ -452,12 +452,8 @@ class Scheduler:
         """
         try:
             self._sample_token(job, idx)
-        except NothingToSample as exc:
-            self._finish(job, FinishReason.ERROR, error=str(exc), error_status=400, error_code="nothing_to_sample")
         except Exception as exc:  # noqa: BLE001 - one request's sampling must not stop the engine
-            logger.exception("{}: sampling failed", job.request.request_id)
-            self._finish(job, FinishReason.ERROR, error=f"Sampling failed for this request ({type(exc).__name__}: "
-                         f"{exc}). Retry it; if it fails again, report it with the request body.")
+            self._finish(job, FinishReason.ERROR, **sampling_failure(exc, job.request.request_id))
 
     def _sample_token(self, job: Job, idx: int) -> None:
         assert job.chain is not None and job.slot is not None

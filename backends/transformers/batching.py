@@ -34,12 +34,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from loguru import logger
 
 from backends.base import EngineStats, Event, Finished, FinishReason
 from backends.engine_thread import Cancel, Inbox, RequestHandle, Submit, deliver_all, timed_usage
 from backends.logprobs import log_softmax, token_logprob
-from backends.sampling import NothingToSample
+from backends.sampling import sampling_failure
 from backends.text_stream import Release, StopHit, text_delta
 from backends.transformers.job import TfJob
 from backends.transformers.sampler import RowSampler
@@ -186,13 +185,8 @@ class Batcher:
             row = scores[indices[i]]
             try:
                 token = self._sample(job, row)
-            except NothingToSample as exc:  # this request's own constraints: it ends, the batch goes on
-                self._finish(job, FinishReason.ERROR, error=str(exc), error_status=400, error_code="nothing_to_sample")
-                token = None
             except Exception as exc:  # noqa: BLE001 - one request's sampling must not stop the loop
-                logger.exception("{}: sampling failed", job.rid)
-                self._finish(job, FinishReason.ERROR, error=f"Sampling failed for this request "
-                             f"({type(exc).__name__}: {exc}). Retry it; if it fails again, report it with the request.")
+                self._finish(job, FinishReason.ERROR, **sampling_failure(exc, job.rid))
                 token = None
             if token is not None:
                 row.fill_(-math.inf)

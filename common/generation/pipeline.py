@@ -190,7 +190,8 @@ async def start_generation(
 
 def _check_token_ids(params: SamplingParams, n_vocab: int, known: bool = True) -> None:
     """Token ids in sampling fields must exist: an unknown id would be silently ignored (or, in
-    allowed_tokens, leave nothing to sample). `known` False: the vocabulary is another server's."""
+    allowed_tokens, leave nothing to sample), and allowed_tokens must not all be banned.
+    `known` False: the vocabulary is another server's."""
     fields = (
         ("logit_bias", tuple(params.logit_bias)),
         ("banned_tokens", params.banned_tokens),
